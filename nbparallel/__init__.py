@@ -1,0 +1,51 @@
+"""nbparallel: parallel and GPU computing from notebook cells, on ipyparallel engines.
+
+Load the magics with ``%load_ext nbparallel`` (the "Python 3 (nbparallel)" kernel does it for you)::
+
+    %%scatter a --gather b
+    b = a * 2
+
+Every magic has a Python twin: :func:`scatter`, :func:`pmap`, :func:`start`, :func:`connect`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    NbparallelError,
+    PartitionError,
+    PmapError,
+    PoolError,
+    RemoteError,
+    UsageError,
+)
+from .pmap import pmap
+from .pool import Pool, connect, current, start, stop
+from .scatter import scatter
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NbparallelError",
+    "PartitionError",
+    "PmapError",
+    "Pool",
+    "PoolError",
+    "RemoteError",
+    "UsageError",
+    "connect",
+    "current",
+    "load_ipython_extension",
+    "pmap",
+    "scatter",
+    "start",
+    "stop",
+]
+
+
+def load_ipython_extension(ipython: Any) -> None:
+    """Register ``%%scatter``, ``%%pmap`` and ``%nbp`` (called by ``%load_ext nbparallel``)."""
+    from .magics import NbparallelMagics
+
+    ipython.register_magics(NbparallelMagics)

@@ -1,0 +1,145 @@
+"""A cell's code as engines will run it: syntax checked here, free names found and packed.
+
+A parallel cell should behave like a local cell, so the notebook names it reads (functions,
+classes, modules, small values) travel with it. Values are serialized with cloudpickle, which
+sends functions and classes defined in the notebook by value and modules by name. Anything larger
+than ``AUTO_SEND_LIMIT`` is refused, because copying it silently to every engine is rarely what the
+user wants: they are told to ``--broadcast`` or scatter it instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping
+
+import cloudpickle
+
+from .errors import UsageError
+
+__all__ = [
+    "AUTO_SEND_LIMIT", "CellCode", "parse_cell", "compile_cell", "free_names", "pack_names",
+    "unpack_names",
+]
+
+#: Bytes above which a notebook value read by a cell is not sent automatically (10 MiB).
+AUTO_SEND_LIMIT = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CellCode:
+    """Source checked for syntax, with the name engines report in tracebacks."""
+
+    source: str
+    filename: str
+    result_expr: bool = False  # the last statement is an expression whose value is the result
+
+
+def _syntax_error(kind: str, exc: SyntaxError, offset: int = 0) -> UsageError:
+    line = (exc.text or "").rstrip("\n")
+    pointer = ""
+    if line and exc.offset:
+        pointer = "\n    " + " " * (exc.offset - 1) + "^"
+    lineno = (exc.lineno or 0) - offset
+    return UsageError(
+        f"the {kind} has a syntax error on line {lineno}: {exc.msg}\n    {line}{pointer}\n"
+        f"Nothing was sent to the engines; fix the line and run the cell again."
+    )
+
+
+def parse_cell(source: str, kind: str, *, result: bool = False) -> tuple[CellCode, ast.Module]:
+    """Check a cell's syntax before anything is sent; ``result`` marks a last-expression value."""
+    try:
+        tree = ast.parse(source, filename=f"<{kind}>", mode="exec")
+    except SyntaxError as exc:
+        raise _syntax_error(kind, exc) from None
+    result_expr = result and bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
+    return CellCode(source, f"<{kind}>", result_expr), tree
+
+
+RESULT_NAME = "__nbparallel_result__"
+
+
+def compile_cell(cell: CellCode) -> Any:
+    """Compile on the engine; a last expression is assigned to ``RESULT_NAME``."""
+    tree = ast.parse(cell.source, filename=cell.filename, mode="exec")
+    if cell.result_expr:
+        last = tree.body[-1]
+        assign = ast.Assign(targets=[ast.Name(RESULT_NAME, ast.Store())], value=last.value)
+        tree.body[-1] = ast.copy_location(assign, last)
+        ast.fix_missing_locations(tree)
+    return compile(tree, cell.filename, "exec")
+
+
+def free_names(tree: ast.AST) -> set[str]:
+    """Names a cell reads that it might not define itself (an over-approximation is harmless)."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Load, ast.Del)):
+            names.add(node.id)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            names.update(node.names)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+    return names - set(dir(builtins))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def pack_names(
+    names: Iterable[str],
+    namespace: Mapping[str, Any],
+    *,
+    skip: Iterable[str] = (),
+    limit: int = AUTO_SEND_LIMIT,
+) -> bytes:
+    """Serialize the notebook values of ``names`` that exist in ``namespace``.
+
+    Names in ``skip`` (scattered, broadcast or provided by the runner) and names the namespace
+    lacks are left out; a missing name then fails on the engine with the usual NameError.
+    """
+    skipped = set(skip)
+    chosen: dict[str, Any] = {}
+    for name in sorted(set(names) - skipped):
+        if name not in namespace or name.startswith("__"):
+            continue
+        value = namespace[name]
+        nbytes = getattr(value, "nbytes", None)
+        if isinstance(nbytes, int) and nbytes > limit:
+            raise _too_big(name, nbytes, limit)
+        chosen[name] = value
+    blobs = {}
+    for name, value in chosen.items():
+        try:
+            blob = cloudpickle.dumps(value)
+        except Exception as exc:  # pickling can fail in many ways, all of them user-facing
+            raise UsageError(
+                f"the cell reads `{name}` from the notebook, but it cannot be sent to engines: "
+                f"{type(exc).__name__}: {exc}. Create it inside the cell instead (for example "
+                f"open files or connections there), or pass what it holds as plain data."
+            ) from None
+        if len(blob) > limit:
+            raise _too_big(name, len(blob), limit)
+        blobs[name] = blob
+    return cloudpickle.dumps(blobs)
+
+
+def _too_big(name: str, size: int, limit: int) -> UsageError:
+    return UsageError(
+        f"the cell reads `{name}` ({_human(size)}) from the notebook, which is over the "
+        f"{_human(limit)} limit for sending names automatically. Say how it should travel: "
+        f"--broadcast {name} sends a full copy to every engine, or list it before the options "
+        f"to split it across engines."
+    )
+
+
+def unpack_names(blob: bytes) -> dict[str, Any]:
+    """Engine side of :func:`pack_names`."""
+    return {name: cloudpickle.loads(b) for name, b in cloudpickle.loads(blob).items()}

@@ -1,0 +1,365 @@
+"""The ``nbparallel`` command: ``nbparallel demo`` and ``nbparallel kernel install``.
+
+``nbparallel demo`` runs the quickstart notebook top to bottom on a fresh local cluster and says
+whether every check in it passed, which is the quickest way to see that an installation works::
+
+    $ nbparallel demo -n 2
+    nbparallel demo: 2 engines, 4 of 4 checks passed, 21.3 s.
+    Executed notebook: 01-quickstart.executed.ipynb
+
+``nbparallel kernel install`` installs the "Python 3 (nbparallel)" kernel spec, which loads the
+magics at kernel start. ``python -m nbparallel`` is the same command.
+
+Each subcommand is added to the parser by one ``_add_<name>`` function, so a new one (``bench``)
+is one more function and one more line in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+__all__ = ["main", "build_parser", "install_kernel_spec", "run_demo", "DemoResult"]
+
+KERNEL_NAME = "nbparallel"
+QUICKSTART = "01-quickstart.ipynb"
+DEMO_ENGINES_ENV = "NBPARALLEL_DEMO_ENGINES"
+CHECK_TAG = "check"
+CELL_TIMEOUT = 600
+
+# Only a fallback: the spec's one source of truth is kernel/kernel.json (shipped as wheel
+# shared-data). This copy is used when neither that file nor its installed copy can be found.
+FALLBACK_KERNEL_SPEC: dict[str, Any] = {
+    "argv": ["python", "-m", "ipykernel_launcher", "-f", "{connection_file}",
+             f"--ext={KERNEL_NAME}"],
+    "display_name": "Python 3 (nbparallel)",
+    "language": "python",
+    "metadata": {"debugger": True},
+}
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# -- entry point -----------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``nbparallel`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help and on bad usage; callers want a code
+        return exc.code if isinstance(exc.code, int) else 2
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        args.help_parser.print_help(sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        print("nbparallel: interrupted.", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``nbparallel`` command, one subparser per subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="nbparallel",
+        description="Parallel computing from Jupyter notebook cells, on ipyparallel engines.",
+        epilog="Run `nbparallel COMMAND --help` for the options of one command.",
+    )
+    parser.set_defaults(help_parser=parser)
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_demo(commands)
+    _add_kernel(commands)
+    return parser
+
+
+# -- nbparallel kernel install ---------------------------------------------------------------
+def _add_kernel(commands: Any) -> None:
+    kernel = commands.add_parser("kernel", help="manage the 'Python 3 (nbparallel)' kernel spec",
+                                 description="Manage the 'Python 3 (nbparallel)' kernel spec.")
+    kernel.set_defaults(help_parser=kernel)
+    actions = kernel.add_subparsers(title="actions", metavar="ACTION")
+    install = actions.add_parser(
+        "install", help="install the kernel spec so Jupyter lists it",
+        description="Install the kernel spec that loads nbparallel's magics at kernel start. "
+                    "Default: into this virtual environment (--sys-prefix) when run from one, "
+                    "else for the current user (--user).")
+    where = install.add_mutually_exclusive_group()
+    where.add_argument("--user", action="store_true", help="install for the current user")
+    where.add_argument("--sys-prefix", action="store_true",
+                       help=f"install into this Python's prefix ({sys.prefix})")
+    where.add_argument("--prefix", metavar="PATH",
+                       help="install into PATH/share/jupyter/kernels")
+    install.add_argument("--name", default=KERNEL_NAME,
+                         help=f"kernel spec name (default: {KERNEL_NAME})")
+    install.set_defaults(handler=_cmd_kernel_install)
+
+
+def _cmd_kernel_install(args: argparse.Namespace) -> int:
+    user, prefix = _install_location(args.user, args.sys_prefix, args.prefix)
+    try:
+        destination = install_kernel_spec(name=args.name, user=user, prefix=prefix)
+    except (OSError, ValueError) as exc:
+        print(f"nbparallel kernel install: could not install the kernel spec {args.name!r}: "
+              f"{exc}. Pick a location you can write to with --user, --sys-prefix or "
+              f"--prefix PATH.", file=sys.stderr)
+        return 1
+    print(f"Installed kernel spec {args.name!r} in {destination}")
+    if not _is_searched(Path(destination).parent):
+        print(f"Note: Jupyter does not search {Path(destination).parent} by default; add "
+              f"{Path(destination).parent.parent} to JUPYTER_PATH to use it.")
+    return 0
+
+
+def _install_location(user: bool, sys_prefix: bool, prefix: str | None) -> tuple[bool, str | None]:
+    """(user, prefix) for KernelSpecManager from the flags; the default depends on the environment."""
+    if prefix:
+        return False, prefix
+    if user:
+        return True, None
+    if sys_prefix or _in_virtualenv():
+        return False, sys.prefix
+    return True, None
+
+
+def _in_virtualenv() -> bool:
+    return sys.prefix != sys.base_prefix
+
+
+def install_kernel_spec(name: str = KERNEL_NAME, *, user: bool = False,
+                        prefix: str | None = None) -> str:
+    """Install the nbparallel kernel spec under ``name``; returns the directory it was written to.
+
+    The spec comes from the package's ``kernel/kernel.json``. Its interpreter is pinned to this
+    Python, as ``ipython kernel install`` does, because a Jupyter server from another environment
+    would otherwise start a ``python`` that may not have nbparallel installed.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    source = _kernel_spec_source()
+    with tempfile.TemporaryDirectory() as tmp:
+        # Always stage a copy: installing replaces the destination, which may be the source itself.
+        staged = Path(tmp) / name
+        if source is not None:
+            shutil.copytree(source, staged)
+            spec = json.loads((staged / "kernel.json").read_text(encoding="utf-8"))
+        else:
+            staged.mkdir()
+            spec = json.loads(json.dumps(FALLBACK_KERNEL_SPEC))
+        if spec["argv"] and spec["argv"][0] in ("python", "python3"):
+            spec["argv"][0] = sys.executable
+        (staged / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+        return KernelSpecManager(log=_quiet_logger()).install_kernel_spec(
+            str(staged), kernel_name=name, user=user, prefix=prefix)
+
+
+def _kernel_spec_source() -> Path | None:
+    """The directory holding the package's kernel.json: source checkout first, then installed."""
+    checkout = _source_checkout()
+    candidates = [checkout / "kernel"] if checkout else []
+    candidates.append(Path(sys.prefix) / "share" / "jupyter" / "kernels" / KERNEL_NAME)
+    for directory in candidates:
+        if (directory / "kernel.json").is_file():
+            return directory
+    return None
+
+
+def _source_checkout() -> Path | None:
+    """The repository root when nbparallel runs from a source checkout (or an editable install)."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() else None
+
+
+def _is_searched(kernels_dir: Path) -> bool:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    dirs = KernelSpecManager().kernel_dirs
+    return any(Path(d).resolve() == kernels_dir.resolve() for d in dirs)
+
+
+def _quiet_logger() -> logging.Logger:
+    # jupyter_client warns through logging when the destination is not searched; we say it in
+    # our own words instead (see _cmd_kernel_install), so its record goes nowhere.
+    logger = logging.getLogger("nbparallel.cli.kernelspec")
+    logger.propagate = False
+    if not logger.handlers:
+        logger.addHandler(logging.NullHandler())
+    return logger
+
+
+def ensure_kernel_spec(say: Callable[[str], None] = print) -> None:
+    """Install the kernel spec into the default location if Jupyter cannot find it."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    if KERNEL_NAME in KernelSpecManager().find_kernel_specs():
+        return
+    user, prefix = _install_location(False, False, None)
+    destination = install_kernel_spec(user=user, prefix=prefix)
+    say(f"nbparallel: the {KERNEL_NAME!r} kernel spec was missing; installed it in {destination}.")
+
+
+# -- nbparallel demo -------------------------------------------------------------------------
+def _add_demo(commands: Any) -> None:
+    demo = commands.add_parser(
+        "demo", help="run the quickstart notebook on a local cluster and report its checks",
+        description="Execute the quickstart notebook with the nbparallel kernel on a fresh local "
+                    "cluster, save the executed notebook, and report how many checks passed.")
+    demo.add_argument("-n", "--engines", type=_positive_int, default=2, metavar="N",
+                      help="number of engines to start (default: 2)")
+    demo.add_argument("--output", type=Path, default=Path(QUICKSTART.replace(".ipynb",
+                                                                             ".executed.ipynb")),
+                      metavar="PATH",
+                      help="where to write the executed notebook (default: ./%(default)s)")
+    demo.set_defaults(handler=_cmd_demo)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What one run of the quickstart notebook did."""
+
+    engines: int
+    checks_passed: int
+    checks_total: int
+    seconds: float
+    output: Path
+    failure: str | None = None  # one paragraph naming the failing cell, or None on success
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.checks_passed == self.checks_total
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    ensure_kernel_spec(say=lambda line: print(line, file=sys.stderr))
+    progress = _Progress(sys.stderr) if sys.stderr.isatty() else None
+    result = run_demo(args.engines, args.output, on_cell=progress)
+    if progress:
+        progress.clear()
+    print(f"nbparallel demo: {result.engines} engines, {result.checks_passed} of "
+          f"{result.checks_total} checks passed, {result.seconds:.1f} s.")
+    print(f"Executed notebook: {result.output}")
+    if result.failure:
+        print(result.failure, file=sys.stderr)
+    elif not result.ok:
+        print(f"nbparallel demo: {result.checks_total - result.checks_passed} check cell(s) did "
+              f"not run; open {result.output} to see which.", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def find_quickstart() -> Path:
+    """The quickstart notebook: ``notebooks/`` of a source checkout, else the packaged copy."""
+    checkout = _source_checkout()
+    if checkout and (checkout / "notebooks" / QUICKSTART).is_file():
+        return checkout / "notebooks" / QUICKSTART
+    packaged = resources.files("nbparallel") / "_data" / QUICKSTART
+    if packaged.is_file():
+        return Path(str(packaged))
+    raise FileNotFoundError(
+        f"the quickstart notebook {QUICKSTART} is neither in a source checkout's notebooks/ nor "
+        f"packaged in nbparallel/_data/; reinstall nbparallel from a wheel or a source checkout.")
+
+
+def run_demo(engines: int, output: Path,
+             on_cell: Callable[[int, int, str], None] | None = None) -> DemoResult:
+    """Execute the quickstart on ``engines`` engines, write it to ``output``, count its checks.
+
+    ``on_cell(position, total, first_line)`` is called before each code cell runs. A failing cell
+    does not raise: it is described in the result's ``failure``, and the notebook is written as far
+    as it ran, so its outputs show the traceback.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(find_quickstart(), as_version=4)
+    code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
+    running: list[int] = []  # index of the cell now running; read when execution fails
+
+    def cell_started(cell: Any, cell_index: int, **_: Any) -> None:
+        running[:] = [cell_index]
+        if on_cell:
+            on_cell(code_cells.index(cell_index) + 1, len(code_cells), _first_line(cell.source))
+
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=KERNEL_NAME,
+                            resources={"metadata": {"path": str(output.parent.resolve())}},
+                            on_cell_execute=cell_started)
+    env = {**os.environ, DEMO_ENGINES_ENV: str(engines)}
+    t0 = time.perf_counter()
+    failure = None
+    try:
+        client.execute(env=env)
+    except Exception as exc:  # every way a run can fail ends in the same report
+        failure = _describe_failure(nb, running[0] if running else None, code_cells, exc, output)
+    seconds = time.perf_counter() - t0
+    nbformat.write(nb, output)
+    passed, total = _count_checks(nb)
+    return DemoResult(engines, passed, total, seconds, output, failure)
+
+
+def _count_checks(nb: Any) -> tuple[int, int]:
+    """(passed, total) over code cells tagged ``check``: passed means it ran without an error."""
+    checks = [c for c in nb.cells
+              if c.cell_type == "code" and CHECK_TAG in c.get("metadata", {}).get("tags", [])]
+    passed = [c for c in checks if c.get("execution_count") is not None
+              and not any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    return len(passed), len(checks)
+
+
+def _describe_failure(nb: Any, index: int | None, code_cells: list[int], exc: Exception,
+                      output: Path) -> str:
+    """One paragraph: which cell failed, with what, and where to read the whole traceback."""
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", None) or _first_line(str(exc))
+    if index is None:
+        return (f"nbparallel demo failed before the first cell ran ({ename}: {evalue}). The "
+                f"{KERNEL_NAME!r} kernel may not start: check that `python -m ipykernel_launcher` "
+                f"works in this environment, or reinstall the spec with `nbparallel kernel "
+                f"install`.")
+    position = code_cells.index(index) + 1
+    return (f"nbparallel demo failed in code cell {position} of {len(code_cells)} "
+            f"(`{_first_line(nb.cells[index].source)}`): {ename}: {evalue}. The notebook as far "
+            f"as it ran is in {output}; open it to read the full traceback. If starting engines "
+            f"failed, try fewer with `nbparallel demo -n 1`.")
+
+
+def _first_line(text: str, width: int = 60) -> str:
+    line = next((s for s in text.strip().splitlines() if s.strip()), "")
+    return line if len(line) <= width else line[: width - 3] + "..."
+
+
+class _Progress:
+    """One self-overwriting status line on a terminal ("cell 3/12: %nbp status")."""
+
+    def __init__(self, stream: Any):
+        self.stream = stream
+        self.width = shutil.get_terminal_size((80, 20)).columns - 1
+
+    def __call__(self, position: int, total: int, first_line: str) -> None:
+        text = f"cell {position}/{total}: {first_line}"[: self.width]
+        self.stream.write("\r" + text.ljust(self.width))
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r" + " " * self.width + "\r")
+        self.stream.flush()

@@ -1,0 +1,1 @@
+"""Code that runs inside engine processes. Only this package and ``pool.py`` know ipyparallel."""

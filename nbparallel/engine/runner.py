@@ -1,0 +1,88 @@
+"""Runs a cell inside an engine process and reports values or the user's own traceback.
+
+These functions are sent to engines by reference (``nbparallel.engine.runner.run_scatter``), so the
+engines need nbparallel installed, as they do in every supported set-up.
+"""
+
+from __future__ import annotations
+
+import builtins
+import linecache
+import os
+import traceback
+from typing import Any
+
+from .. import gpu
+from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
+
+__all__ = ["run_scatter", "run_pmap_chunk", "engine_info"]
+
+
+def _register_source(cell: CellCode) -> None:
+    # Tracebacks read source lines through linecache; register the cell so they show the user's line.
+    lines = cell.source.splitlines(keepends=True)
+    linecache.cache[cell.filename] = (len(cell.source), None, lines, cell.filename)
+
+
+def _failure(exc: BaseException, filename: str, **where: Any) -> dict[str, Any]:
+    tb = exc.__traceback__
+    # Drop the runner's own frames: the traceback starts at the user's cell.
+    while tb is not None and tb.tb_frame.f_code.co_filename != filename:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text, **where}
+
+
+def _base_namespace(names_blob: bytes) -> dict[str, Any]:
+    ns: dict[str, Any] = {"__builtins__": builtins, "__name__": "__nbparallel_cell__"}
+    ns.update(unpack_names(names_blob))
+    ns["xp"] = gpu.array_module()
+    return ns
+
+
+def run_scatter(cell: CellCode, names_blob: bytes, data: dict[str, Any], rank: int, size: int,
+                halo: tuple[int, int], outputs: list[str]) -> dict[str, Any]:
+    """Run a ``%%scatter`` cell on this engine's shard; return the requested output values."""
+    _register_source(cell)
+    ns = _base_namespace(names_blob)
+    ns.update(data)
+    ns.update(rank=rank, size=size, halo=tuple(halo))
+    try:
+        exec(compile_cell(cell), ns)
+    except Exception as exc:  # the user's exception, reported with their own line
+        return {"ok": False, "failure": _failure(exc, cell.filename, rank=rank)}
+    missing = [name for name in outputs if name not in ns]
+    if missing:
+        return {"ok": False, "missing": missing, "rank": rank}
+    return {"ok": True, "values": {name: gpu.to_host(ns[name]) for name in outputs}}
+
+
+def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes,
+                   items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
+    """Run a ``%%pmap`` body once per ``(index, item)``; each result is ``(index, ok, value)``.
+
+    A failing item does not stop the chunk: its value is the failure record instead.
+    """
+    _register_source(cell)
+    base = _base_namespace(names_blob)
+    body = compile_cell(cell)
+    bind = compile(f"{target} = __nbparallel_item__", "<%%pmap target>", "exec")
+    out: list[tuple[int, bool, Any]] = []
+    for index, item in items:
+        ns = dict(base)
+        ns["__nbparallel_item__"] = item
+        try:
+            exec(bind, ns)
+            exec(body, ns)
+        except Exception as exc:  # recorded per item, the rest of the chunk still runs
+            out.append((index, False, _failure(exc, cell.filename, item=index)))
+            continue
+        out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
+    return out
+
+
+def engine_info() -> dict[str, Any]:
+    """Host, pid and device of this engine, for the pool's engine table."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name()}

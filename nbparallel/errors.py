@@ -1,0 +1,128 @@
+"""The exceptions nbparallel raises, one tree so a notebook can catch them all.
+
+::
+
+    NbparallelError
+    ├── UsageError            bad input caught in the notebook, before anything is sent
+    │   └── PartitionError    a value that cannot be split, joined or reduced as asked
+    ├── PoolError             no cluster reachable, unknown or missing engines
+    └── RemoteError           user code raised inside an engine
+        └── PmapError         some %%pmap items failed; the rest of the results are kept
+
+Every message is one paragraph that says what was wrong and how to fix it. When any of these is
+raised by a magic, no notebook variable has been changed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "NbparallelError",
+    "UsageError",
+    "PartitionError",
+    "PoolError",
+    "RemoteError",
+    "RemoteFailure",
+    "PmapError",
+]
+
+
+class NbparallelError(Exception):
+    """Base class of every error nbparallel raises on purpose."""
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython calls this instead of printing our own frames: the message is the whole story
+        # (for remote errors it already holds the user's traceback from the engine).
+        return f"{type(self).__name__}: {self}".splitlines()
+
+
+class UsageError(NbparallelError, ValueError):
+    """The magic or API call was given something it cannot use; nothing was sent to engines."""
+
+
+class PartitionError(UsageError):
+    """A value cannot be split across engines, or results cannot be joined or reduced."""
+
+
+class PoolError(NbparallelError, RuntimeError):
+    """No usable engine pool: nothing to connect to, or engines that do not exist or died."""
+
+
+@dataclass(frozen=True)
+class RemoteFailure:
+    """One exception raised by user code on one engine.
+
+    ``traceback`` holds only the frames of the user's own code (the cell and what it called),
+    never nbparallel's runner frames.
+    """
+
+    engine: int
+    ename: str
+    evalue: str
+    traceback: str
+    rank: int | None = None
+    item: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def where(self) -> str:
+        parts = [f"engine {self.engine}"]
+        if self.rank is not None:
+            parts.append(f"rank {self.rank}")
+        if self.item is not None:
+            parts.append(f"item {self.item}")
+        return ", ".join(parts)
+
+
+class RemoteError(NbparallelError):
+    """User code raised on one or more engines.
+
+    ``failures`` lists every failure; the message shows the first one's traceback, which points at
+    the user's own line, and names the engine (and rank or item) it ran on.
+    """
+
+    def __init__(self, what: str, failures: list[RemoteFailure]):
+        self.failures = list(failures)
+        first = self.failures[0]
+        others = ""
+        if len(self.failures) > 1:
+            where = "; ".join(f.where() for f in self.failures[1:6])
+            more = "" if len(self.failures) <= 6 else f" and {len(self.failures) - 6} more"
+            others = f"\n\nAlso failed: {where}{more}."
+        super().__init__(
+            f"{what} failed on {first.where()}: {first.ename}: {first.evalue}\n\n"
+            f"{first.traceback.rstrip()}{others}"
+        )
+
+    @property
+    def engine(self) -> int:
+        return self.failures[0].engine
+
+
+class PmapError(RemoteError):
+    """Some items of a parallel map failed.
+
+    ``results`` is the full result list in input order, with ``None`` where an item failed;
+    ``failed`` maps each failed item's index to its :class:`RemoteFailure`. Nothing that succeeded
+    is lost::
+
+        try:
+            %pmap ...
+        except PmapError as e:
+            good = [r for i, r in enumerate(e.results) if i not in e.failed]
+    """
+
+    def __init__(self, failures: list[RemoteFailure], results: list[Any], total: int):
+        self.failures = sorted(failures, key=lambda f: f.item if f.item is not None else -1)
+        self.results = results
+        self.failed = {f.item: f for f in self.failures}
+        indices = sorted(self.failed)
+        shown = ", ".join(map(str, indices[:20])) + (" ..." if len(indices) > 20 else "")
+        first = self.failures[0]
+        NbparallelError.__init__(
+            self,
+            f"%%pmap: {len(indices)} of {total} items failed (indices {shown}). The other results "
+            f"are kept in this error's .results (None where an item failed). First failure, on "
+            f"{first.where()}: {first.ename}: {first.evalue}\n\n{first.traceback.rstrip()}",
+        )

@@ -1,0 +1,202 @@
+"""IPython magics: parse the line, call the API, bind results. Nothing else lives here.
+
+``%%scatter``, ``%%pmap`` and ``%nbp``; ``%%scatter?`` shows the generated help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from typing import Any
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from . import pool as pool_mod
+from .errors import UsageError
+from .pmap import PmapSpec, target_names
+from .pmap import run as run_pmap
+from .scatter import ScatterSpec
+from .scatter import run as run_scatter
+
+__all__ = ["NbparallelMagics"]
+
+_PMAP_LINE = re.compile(r"^\s*(?P<target>.+?)\s+in\s+(?P<expr>.+?)\s*->\s*(?P<rest>.*)$")
+
+
+def _engine_option(func: Any) -> Any:
+    return argument("--engines", metavar="SPEC",
+                    help="engines to use, like 0-3,6 (default: all)")(func)
+
+
+@magics_class
+class NbparallelMagics(Magics):
+    """The nbparallel magics; registered by ``%load_ext nbparallel``."""
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _hidden(self) -> list[str]:
+        ns, hidden = self.shell.user_ns, self.shell.user_ns_hidden
+        return [k for k, v in hidden.items() if ns.get(k, object()) is v]
+
+    def _lookup(self, names: list[str], role: str) -> dict[str, Any]:
+        ns = self.shell.user_ns
+        missing = [n for n in names if n not in ns]
+        if missing:
+            listed = ", ".join(f"`{n}`" for n in missing)
+            raise UsageError(
+                f"{listed} ({role}) {'is' if len(missing) == 1 else 'are'} not defined in the "
+                f"notebook. Define {'it' if len(missing) == 1 else 'them'} in a cell above, or "
+                f"check the spelling."
+            )
+        return {n: ns[n] for n in names}
+
+    # -- %%scatter -----------------------------------------------------------------------------
+    @magic_arguments()
+    @argument("names", nargs="*", help="names to split across engines (like numpy.array_split)")
+    @argument("--broadcast", nargs="+", default=[], metavar="NAME",
+              help="names sent whole to every engine")
+    @argument("--gather", nargs="+", default=[], metavar="NAME",
+              help="names joined in rank order and bound in the notebook")
+    @argument("--reduce", nargs="+", default=[], metavar="NAME=OP",
+              help="names combined with sum, prod, min, max, concat or list")
+    @argument("--axis", type=int, default=0, help="axis to split and join along (default 0)")
+    @argument("--halo", type=int, default=0,
+              help="rows each shard also gets from each neighbour; the cell sees halo=(lo, hi)")
+    @_engine_option
+    @cell_magic
+    def scatter(self, line: str, cell: str) -> None:
+        """Run the cell on every engine over shards of the named arrays.
+
+        In the cell: ``rank``, ``size``, ``halo`` and ``xp`` (CuPy on GPU engines, else NumPy)::
+
+            %%scatter a b --broadcast w --gather c --reduce s=sum
+            c = a * w + b
+            s = float(c.sum())
+        """
+        args = parse_argstring(self.scatter, line)
+        spec = ScatterSpec(
+            scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
+            reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
+            engines=args.engines,
+        )
+        spec.check()
+        values = self._lookup(list(spec.scatter), "to scatter")
+        values.update(self._lookup(list(spec.broadcast), "to broadcast"))
+        result = run_scatter(spec, cell, values, self.shell.user_ns, hidden=self._hidden())
+        self.shell.user_ns.update(result)
+
+    # -- %%pmap --------------------------------------------------------------------------------
+    @cell_magic
+    def pmap(self, line: str, cell: str) -> None:
+        """Parallel map: the cell is the body of a function of one item.
+
+        ``%%pmap TARGET in ITERABLE -> NAME [--chunksize N] [--unordered] [--retries N]
+        [--engines SPEC] [--no-progress]``. The last expression is each item's result; NAME gets
+        the list of results in input order::
+
+            %%pmap x in range(1000) -> squares
+            x * x
+        """
+        m = _PMAP_LINE.match(line)
+        if not m:
+            raise UsageError(
+                f"cannot read `%%pmap {line.strip()}`; write `%%pmap x in ITERABLE -> NAME`, for "
+                f"example `%%pmap x in range(1000) -> squares`."
+            )
+        rest = _pmap_parser().parse(m["rest"])
+        if not rest.out.isidentifier():
+            raise UsageError(f"the result name {rest.out!r} after -> is not a valid Python name.")
+        spec = PmapSpec(m["target"], rest.chunksize, not rest.unordered, rest.retries,
+                                 rest.engines, not rest.no_progress)
+        spec.check()
+        target_names(spec.target)
+        items = self.shell.ev(m["expr"])
+        result = run_pmap(spec, cell, items, self.shell.user_ns, hidden=self._hidden())
+        self.shell.user_ns[rest.out] = result
+
+    # -- %nbp ----------------------------------------------------------------------------------
+    @line_magic
+    def nbp(self, line: str) -> Any:
+        """Pool control: ``%nbp start [-n N]``, ``%nbp connect [--profile P] [--cluster-id ID]``,
+        ``%nbp status``, ``%nbp stop``."""
+        args = _nbp_parser().parse(line)
+        if args.command == "start":
+            pool = pool_mod.start(args.n)
+            print(f"nbparallel: started a local cluster of {len(pool.ids)} engines.")
+        elif args.command == "connect":
+            pool = pool_mod.connect(args.profile, args.cluster_id)
+            print(f"nbparallel: connected to {len(pool.ids)} engines.")
+        elif args.command == "status":
+            pool = pool_mod.current()
+            if pool is None:
+                print("nbparallel: no pool yet; `%nbp start` starts one (the first magic does too).")
+                return None
+            print(_status_table(pool))
+        elif args.command == "stop":
+            had = pool_mod.current()
+            pool_mod.stop()
+            print("nbparallel: stopped." if had and had.how == "started" else
+                  "nbparallel: disconnected." if had else "nbparallel: no pool to stop.")
+        return None
+
+
+def _reduce_pairs(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        name, sep, op = item.partition("=")
+        if not sep or not name or not op:
+            raise UsageError(
+                f"cannot read --reduce {item!r}; write NAME=OP, like --reduce s=sum (OP is one of "
+                f"sum, prod, min, max, concat, list)."
+            )
+        pairs.append((name, op))
+    return pairs
+
+
+def _status_table(pool: pool_mod.Pool) -> str:
+    rows = [("engine", "host", "pid", "device", "state")]
+    rows += [(str(e.id), e.host, str(e.pid), e.device, "busy" if e.busy else "idle")
+             for e in pool.status()]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return f"{pool!r}\n" + "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises a UsageError instead of exiting the kernel."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}. Usage: {self.format_usage().strip()}")
+
+    def parse(self, line: str) -> argparse.Namespace:
+        try:
+            words = shlex.split(line)
+        except ValueError as exc:
+            raise UsageError(f"{self.prog}: cannot read {line!r}: {exc}.") from None
+        return self.parse_args(words)
+
+
+def _pmap_parser() -> _Parser:
+    p = _Parser(prog="%%pmap", add_help=False)
+    p.add_argument("out")
+    p.add_argument("--chunksize", type=int, default=None)
+    p.add_argument("--unordered", action="store_true")
+    p.add_argument("--retries", type=int, default=0)
+    p.add_argument("--engines", default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _nbp_parser() -> _Parser:
+    p = _Parser(prog="%nbp", add_help=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    start = sub.add_parser("start", add_help=False)
+    start.add_argument("-n", type=int, default=None, help="engines (default: CPU cores)")
+    connect = sub.add_parser("connect", add_help=False)
+    connect.add_argument("--profile", default=None)
+    connect.add_argument("--cluster-id", default=None)
+    sub.add_parser("status", add_help=False)
+    sub.add_parser("stop", add_help=False)
+    return p

@@ -1,0 +1,168 @@
+"""Task parallelism: a load-balanced parallel map whose body is a cell.
+
+The Python twin of ``%%pmap x in range(1000) -> squares``::
+
+    squares = nbparallel.pmap("x * x", "x", range(1000))
+
+Items travel in chunks so thousands of tiny items cost a few dozen messages, and chunks shrink as
+the work runs out (guided scheduling) so a few slow items still end up balanced across engines.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import sys
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+from . import pool as pool_mod
+from .cellcode import free_names, pack_names, parse_cell
+from .engine.runner import run_pmap_chunk
+from .errors import PmapError, RemoteFailure, UsageError
+from .widgets.progress import progress
+
+__all__ = ["PmapSpec", "pmap", "chunks"]
+
+GUIDED_FACTOR = 4  # each chunk takes about 1/(factor * engines) of the items still to hand out
+
+
+@dataclass(frozen=True)
+class PmapSpec:
+    """Options of ``%%pmap``."""
+
+    target: str
+    chunksize: int | None = None
+    ordered: bool = True
+    retries: int = 0
+    engines: str | None = None
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.chunksize is not None and self.chunksize < 1:
+            raise UsageError(f"--chunksize must be 1 or more, not {self.chunksize}.")
+        if self.retries < 0:
+            raise UsageError(f"--retries must be 0 or more, not {self.retries}.")
+
+
+def target_names(target: str) -> set[str]:
+    """Names bound by a loop target such as ``x`` or ``i, (a, b)``; raises UsageError if invalid."""
+    try:
+        node = ast.parse(f"for {target} in (): pass").body[0]
+    except SyntaxError:
+        raise UsageError(
+            f"{target!r} is not a loop variable; write it as in a for loop, like "
+            f"`%%pmap x in items -> out` or `%%pmap i, row in enumerate(rows) -> out`."
+        ) from None
+    return {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+
+
+def chunks(n_items: int, n_engines: int, chunksize: int | None = None) -> Iterator[range]:
+    """Index ranges to hand out: fixed ``chunksize``, or guided (large first, down to 1)."""
+    start = 0
+    while start < n_items:
+        if chunksize:
+            size = chunksize
+        else:
+            size = max(1, math.ceil((n_items - start) / (GUIDED_FACTOR * n_engines)))
+        yield range(start, min(start + size, n_items))
+        start += size
+
+
+def pmap(
+    body: str,
+    target: str,
+    items: Iterable[Any],
+    *,
+    chunksize: int | None = None,
+    ordered: bool = True,
+    retries: int = 0,
+    engines: str | Sequence[int] | None = None,
+    namespace: Mapping[str, Any] | None = None,
+    hidden: Sequence[str] = (),
+    pool: pool_mod.Pool | None = None,
+    show_progress: bool = True,
+    echo: Callable[[str], None] = print,
+) -> list[Any]:
+    """Run ``body`` once per item of ``items`` with ``target`` bound; return the results.
+
+    The value of the body's last expression is the item's result. Results are in input order
+    (completion order with ``ordered=False``). Items whose engine dies are re-run elsewhere up to
+    ``retries`` times. If any item raises, :class:`~nbparallel.errors.PmapError` lists the failed
+    indices and keeps every successful result in ``.results``.
+
+    >>> nbparallel.pmap("x * x", "x", range(5))
+    [0, 1, 4, 9, 16]
+    """
+    spec = PmapSpec(target, chunksize, ordered, retries, None, show_progress)
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals
+    return run(spec, body, items, namespace, hidden=hidden, engines=engines, pool=pool, echo=echo)
+
+
+def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str, Any], *,
+        hidden: Sequence[str] = (), engines: str | Sequence[int] | None = None,
+        pool: pool_mod.Pool | None = None, echo: Callable[[str], None] = print) -> list[Any]:
+    """Shared by the magic and :func:`pmap`."""
+    spec.check()
+    bound = target_names(spec.target)
+    cell, tree = parse_cell(body, "%%pmap cell", result=True)
+    names_blob = pack_names(free_names(tree), namespace, skip=bound | {"xp"} | set(hidden))
+    try:
+        items = list(items)
+    except TypeError:
+        raise UsageError(
+            f"%%pmap needs something to iterate over, but got a {type(items).__name__}; write "
+            f"`%%pmap x in <list, range or other iterable> -> out`."
+        ) from None
+    pool = pool or pool_mod.ensure(echo)
+    ids = pool.select(engines if engines is not None else spec.engines)
+    if not items:
+        return []
+
+    submitted = {}
+    for r in chunks(len(items), len(ids), spec.chunksize):
+        payload = [(i, items[i]) for i in r]
+        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, payload,
+                            engines=ids, retries=spec.retries)
+        submitted[fut] = r
+    return _collect(pool, spec, submitted, len(items))
+
+
+def _collect(pool: pool_mod.Pool, spec: PmapSpec, submitted: dict[Any, range],
+             total: int) -> list[Any]:
+    results: list[Any] = [None] * total
+    arrival: list[Any] = []
+    failures: list[RemoteFailure] = []
+    bar = progress(total, "%%pmap", spec.progress)
+    done, pending = 0, set(submitted)
+    while pending:
+        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+        for fut in finished:
+            engine = _engine_of(fut)
+            pool.relay_output(fut, engine)
+            try:
+                chunk = fut.result()
+            except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
+                for i in submitted[fut]:
+                    failures.append(pool.failure(exc, engine, item=i))
+                done += len(submitted[fut])
+                continue
+            for index, ok, value in chunk:
+                if ok:
+                    results[index] = value
+                    arrival.append(value)
+                else:
+                    failures.append(RemoteFailure(engine=engine, **value))
+            done += len(chunk)
+        bar.update(done)
+    bar.close(done)
+    if failures:
+        raise PmapError(failures, results, total)
+    return results if spec.ordered else arrival
+
+
+def _engine_of(fut: Any) -> int:
+    engine_id = getattr(fut, "engine_id", None)
+    return engine_id if isinstance(engine_id, int) else -1

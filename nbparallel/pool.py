@@ -1,0 +1,311 @@
+"""The engine pool: start an embedded cluster or connect to one, list engines, submit work.
+
+This module and ``engine/`` are the only ones that know ipyparallel's API. Everything above it
+asks a :class:`Pool` to run a function on an engine and gets back a future.
+
+In a notebook::
+
+    import nbparallel
+    pool = nbparallel.start(n=2)        # or %nbp start -n 2
+    pool.status()                       # engine id, host, pid, device, busy/idle
+    pool.stop()                         # only stops what nbparallel started
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import PoolError, RemoteFailure, UsageError
+from .partition import parse_engines
+
+__all__ = ["EngineInfo", "Pool", "start", "connect", "current", "ensure", "stop"]
+
+CONNECT_TIMEOUT = 5.0
+ENGINE_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """One row of ``%nbp status``."""
+
+    id: int
+    host: str
+    pid: int
+    device: str
+    busy: bool
+
+
+class Pool:
+    """A connection to ipyparallel engines, and the cluster behind it if nbparallel started it."""
+
+    def __init__(self, client: Any, cluster: Any | None = None, how: str = "connected"):
+        self.client = client
+        self.cluster = cluster
+        self.how = how
+        self._info: dict[int, dict[str, Any]] = {}
+        self._reaper: subprocess.Popen | None = None
+        self._lbview: Any = None
+        self._refresh_info()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @classmethod
+    def start(cls, n: int | None = None, *, profile: str | None = None,
+              timeout: float = ENGINE_TIMEOUT) -> "Pool":
+        """Start an embedded local cluster of ``n`` engines (default: one per CPU core)."""
+        import ipyparallel as ipp
+
+        n = n or os.cpu_count() or 1
+        if n < 1:
+            raise UsageError(f"-n must be at least 1, not {n}.")
+        kwargs: dict[str, Any] = {"n": n, "log_level": logging.WARNING}
+        if profile:
+            kwargs["profile"] = profile
+        cluster = ipp.Cluster(**kwargs)
+        try:
+            cluster.start_cluster_sync()
+            client = cluster.connect_client_sync()
+            client.wait_for_engines(n, timeout=timeout, interactive=False)
+        except Exception as exc:
+            try:
+                cluster.stop_cluster_sync()
+            finally:
+                raise PoolError(
+                    f"could not start a local cluster of {n} engines: {type(exc).__name__}: {exc}. "
+                    f"Check that `ipengine` runs in this environment, or try fewer engines."
+                ) from exc
+        pool = cls(client, cluster, how="started")
+        pool._spawn_reaper()
+        return pool
+
+    @classmethod
+    def connect(cls, profile: str | None = None, cluster_id: str | None = None,
+                timeout: float = CONNECT_TIMEOUT) -> "Pool":
+        """Attach to a cluster started with ``ipcluster start`` (its engines are never stopped here)."""
+        import ipyparallel as ipp
+
+        url_file = _connection_file(profile, cluster_id)
+        if not url_file.exists():
+            raise PoolError(
+                f"no cluster to connect to: {url_file} does not exist. Start one in a terminal with "
+                f"`ipcluster start -n 4{_flags(profile, cluster_id)}`, or use `%nbp start` for a "
+                f"local one."
+            )
+        try:
+            client = ipp.Client(str(url_file), timeout=timeout)
+        except Exception as exc:
+            raise PoolError(
+                f"could not reach the cluster described by {url_file} within {timeout:.0f} s "
+                f"({type(exc).__name__}: {exc}). It may have stopped: start it again with "
+                f"`ipcluster start -n 4{_flags(profile, cluster_id)}`, or use `%nbp start`."
+            ) from None
+        try:
+            client.wait_for_engines(1, timeout=timeout, interactive=False)
+        except Exception:
+            client.close()
+            raise PoolError(
+                f"the cluster at {url_file} answered but has no engines after {timeout:.0f} s. "
+                f"Start some with `ipcluster engines -n 4{_flags(profile, cluster_id)}`."
+            ) from None
+        return cls(client, None, how="connected")
+
+    def stop(self) -> None:
+        """Stop the cluster if nbparallel started it; otherwise only disconnect."""
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.stop_cluster_sync()
+                self.cluster = None
+            if self._reaper is not None:
+                self._reaper.wait(timeout=10)
+                self._reaper = None
+
+    def _spawn_reaper(self) -> None:
+        from . import reaper
+
+        pids = [info["pid"] for info in self._info.values()]
+        controller = getattr(self.cluster, "controller", None)
+        if controller is not None and getattr(controller, "pid", -1) > 0:
+            pids.append(controller.pid)
+        self._reaper = reaper.spawn(os.getpid(), pids)
+
+    # -- engines -------------------------------------------------------------------------------
+    @property
+    def ids(self) -> list[int]:
+        return sorted(self.client.ids)
+
+    def _refresh_info(self) -> None:
+        from .engine.runner import engine_info
+
+        missing = [i for i in self.ids if i not in self._info]
+        if missing:
+            infos = self.client[missing].apply_async(engine_info).get(timeout=ENGINE_TIMEOUT)
+            self._info.update(zip(missing, infos))
+
+    def status(self) -> list[EngineInfo]:
+        """One :class:`EngineInfo` per live engine."""
+        self._refresh_info()
+        queues = self.client.queue_status()
+        rows = []
+        for eid in self.ids:
+            q = queues.get(eid, {})
+            info = self._info.get(eid, {})
+            rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1),
+                                   info.get("device", "?"),
+                                   bool(q.get("queue", 0) or q.get("tasks", 0))))
+        return rows
+
+    def select(self, spec: str | Sequence[int] | None) -> list[int]:
+        """Engine ids from ``"0-3,6"``, a list, or None for all; unknown ids are an error."""
+        available = self.ids
+        if not available:
+            raise PoolError("the pool has no engines; start some with `%nbp start`.")
+        if spec is None:
+            return available
+        wanted = parse_engines(spec) if isinstance(spec, str) else list(spec)
+        unknown = [i for i in wanted if i not in available]
+        if unknown:
+            raise UsageError(
+                f"--engines names engine(s) {', '.join(map(str, unknown))}, which the pool does "
+                f"not have; available: {_ranges(available)}."
+            )
+        if not wanted:
+            raise UsageError("--engines selected no engines.")
+        return wanted
+
+    # -- work ----------------------------------------------------------------------------------
+    def apply(self, engine: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on one engine; returns a future (an ipyparallel AsyncResult)."""
+        return self.client[engine].apply_async(fn, *args)
+
+    def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
+                 retries: int = 0) -> Any:
+        """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
+        view = self.client.load_balanced_view(list(engines))
+        with view.temp_flags(retries=retries):
+            return view.apply_async(fn, *args)
+
+    def failure(self, exc: BaseException, engine: int | None, **where: Any) -> RemoteFailure:
+        """Describe a future's exception: an engine that died, or an error outside the cell."""
+        import ipyparallel as ipp
+
+        if isinstance(exc, ipp.error.EngineError) or "died" in str(exc):
+            return RemoteFailure(engine if engine is not None else -1, "EngineDied",
+                                 f"the engine stopped while running this work ({exc})",
+                                 "The engine process exited (killed, crashed or out of memory). "
+                                 "`%nbp status` shows the engines still alive.\n", **where)
+        if isinstance(exc, ipp.error.RemoteError):
+            info = getattr(exc, "engine_info", None) or {}
+            eid = info.get("engine_id", engine if engine is not None else -1)
+            return RemoteFailure(eid, exc.ename, exc.evalue, exc.render_traceback() and
+                                 "\n".join(exc.render_traceback()), **where)
+        return RemoteFailure(engine if engine is not None else -1, type(exc).__name__, str(exc),
+                             "", **where)
+
+    def relay_output(self, future: Any, engine: int) -> None:
+        """Print what an engine printed while running ``future``, each line labelled by engine."""
+        try:
+            future.wait_for_output(timeout=2)
+        except Exception:
+            pass  # output that never arrives is not worth failing a cell for
+        for text, stream in ((future.stdout, sys.stdout), (future.stderr, sys.stderr)):
+            text = _text(text)
+            if text:
+                lines = text.rstrip("\n").split("\n")
+                stream.write("".join(f"[engine {engine}] {line}\n" for line in lines))
+
+    def __repr__(self) -> str:
+        return f"<nbparallel.Pool {self.how}, engines {_ranges(self.ids) or 'none'}>"
+
+
+def _text(value: Any) -> str:
+    return "".join(value) if isinstance(value, list) else (value or "")
+
+
+def _ranges(ids: Sequence[int]) -> str:
+    out, ids = [], sorted(ids)
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def _flags(profile: str | None, cluster_id: str | None) -> str:
+    return (f" --profile={profile}" if profile else "") + (
+        f" --cluster-id={cluster_id}" if cluster_id else "")
+
+
+def _connection_file(profile: str | None, cluster_id: str | None) -> Path:
+    from IPython.paths import get_ipython_dir
+
+    profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
+    name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+    return profile_dir / "security" / name
+
+
+# -- the current pool ------------------------------------------------------------------------
+# One pool per kernel, like matplotlib's current figure: magics and the Python API share it.
+_current: Pool | None = None
+
+
+def current() -> Pool | None:
+    """The pool magics use now, or None."""
+    return _current
+
+
+def start(n: int | None = None, **kwargs: Any) -> Pool:
+    """Start an embedded local cluster and make it current (stops a previous one we started)."""
+    global _current
+    pool = Pool.start(n, **kwargs)
+    stop()
+    _current = pool
+    return pool
+
+
+def connect(profile: str | None = None, cluster_id: str | None = None, **kwargs: Any) -> Pool:
+    """Connect to a running ``ipcluster`` and make it current."""
+    global _current
+    pool = Pool.connect(profile, cluster_id, **kwargs)
+    stop()
+    _current = pool
+    return pool
+
+
+def stop() -> None:
+    """Stop (or disconnect from) the current pool."""
+    global _current
+    pool, _current = _current, None
+    if pool is not None:
+        pool.stop()
+
+
+def ensure(say: Callable[[str], None] = print) -> Pool:
+    """The current pool; without one, connect to a running default cluster or start a local one."""
+    global _current
+    if _current is not None and _current.ids:
+        return _current
+    if _connection_file(None, None).exists():
+        try:
+            _current = Pool.connect(timeout=2.0)
+            say(f"nbparallel: connected to the running default cluster ({len(_current.ids)} "
+                f"engines).")
+            return _current
+        except PoolError:
+            pass  # a stale file from a cluster that has gone: start our own instead
+    t0 = time.perf_counter()
+    _current = Pool.start()
+    say(f"nbparallel: started a local cluster of {len(_current.ids)} engines in "
+        f"{time.perf_counter() - t0:.1f} s (`%nbp stop` stops it).")
+    return _current
+

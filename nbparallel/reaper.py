@@ -1,0 +1,74 @@
+"""A watchdog that stops a pool's processes when the kernel that started them is gone.
+
+ipyparallel starts engines in their own sessions and stops them from an ``atexit`` hook, which never
+runs when a kernel is killed. This tiny process outlives such a kernel for just long enough to stop
+the controller and engines it started, so no engine is orphaned. It exits by itself once the
+processes it watches are gone, so a normal ``%nbp stop`` needs nothing from it.
+
+Run as ``python -m nbparallel.reaper KERNEL_PID PID [PID ...]``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+POLL_SECONDS = 0.5
+GRACE_SECONDS = 3.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _stop(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            procs.extend([proc, *proc.children(recursive=True)])
+        except psutil.Error:
+            continue
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=GRACE_SECONDS)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def watch(kernel_pid: int, pids: list[int]) -> None:
+    """Block until the kernel dies (then stop ``pids``) or every pid in ``pids`` has ended."""
+    while True:
+        if not any(_alive(pid) for pid in pids):
+            return
+        if not _alive(kernel_pid):
+            _stop(pids)
+            return
+        time.sleep(POLL_SECONDS)
+
+
+def spawn(kernel_pid: int, pids: list[int]) -> subprocess.Popen:
+    """Start a watchdog for ``pids`` in its own session, so Ctrl-C in the kernel does not reach it."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "nbparallel.reaper", str(kernel_pid), *map(str, pids)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+if __name__ == "__main__":
+    watch(int(sys.argv[1]), [int(p) for p in sys.argv[2:]])

@@ -1,0 +1,209 @@
+"""Data parallelism: scatter named values, run the same code on every shard, gather or reduce.
+
+The Python twin of ``%%scatter``::
+
+    out = nbparallel.scatter(
+        "c = a * w + b\\ns = float(c.sum())",
+        {"a": a, "b": b}, broadcast={"w": w}, gather=["c"], reduce={"s": "sum"},
+    )
+    out["c"], out["s"]
+
+Everything that can be checked is checked before anything is sent; results are combined in full
+before they are returned, so a failure never leaves a caller with half of its names updated.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from . import partition
+from . import pool as pool_mod
+from .cellcode import free_names, pack_names, parse_cell
+from .engine.runner import run_scatter
+from .errors import RemoteError, RemoteFailure, UsageError
+
+__all__ = ["ScatterSpec", "scatter", "RUNNER_NAMES"]
+
+#: Names the runner defines in every scatter cell.
+RUNNER_NAMES = ("rank", "size", "xp", "halo")
+
+
+@dataclass(frozen=True)
+class ScatterSpec:
+    """What to send and what to bring back; built by the magic from its options."""
+
+    scatter: tuple[str, ...] = ()
+    broadcast: tuple[str, ...] = ()
+    gather: tuple[str, ...] = ()
+    reduce: tuple[tuple[str, str], ...] = ()
+    axis: int = 0
+    halo: int = 0
+    engines: str | None = None
+
+    def outputs(self) -> list[str]:
+        return list(self.gather) + [name for name, _ in self.reduce]
+
+    def check(self) -> None:
+        """Reject contradictory option sets before anything else happens."""
+        seen: dict[str, str] = {}
+        for role, names in (("scattered", self.scatter), ("broadcast", self.broadcast)):
+            for name in names:
+                _check_identifier(name, role)
+                if name in seen:
+                    raise UsageError(
+                        f"`{name}` is listed twice (as {seen[name]} and as {role}); list each "
+                        f"input once, either before the options to split it or after --broadcast."
+                    )
+                seen[name] = role
+        outs: dict[str, str] = {}
+        for role, names in (("--gather", self.gather), ("--reduce", [n for n, _ in self.reduce])):
+            for name in names:
+                _check_identifier(name, role)
+                if name in outs:
+                    raise UsageError(
+                        f"`{name}` is asked for twice ({outs[name]} and {role}); bring each result "
+                        f"back one way."
+                    )
+                outs[name] = role
+        for name, op in self.reduce:
+            if op not in partition.REDUCE_OPS:
+                raise UsageError(
+                    f"unknown reduce operation {op!r} in --reduce {name}={op}; use one of "
+                    f"{', '.join(partition.REDUCE_OPS)}."
+                )
+        reserved = sorted((set(seen) | set(outs)) & set(RUNNER_NAMES))
+        if reserved:
+            raise UsageError(
+                f"{', '.join(reserved)} cannot be scattered, broadcast or returned: the cell gets "
+                f"its own {', '.join(RUNNER_NAMES)} on every engine. Rename your variable."
+            )
+        if self.halo and not self.scatter:
+            raise UsageError("--halo needs at least one scattered name to take rows from.")
+
+
+def _check_identifier(name: str, role: str) -> None:
+    if not name.isidentifier():
+        raise UsageError(f"{name!r} ({role}) is not a valid Python name.")
+
+
+@dataclass
+class _Plan:
+    engines: list[int]
+    per_rank: list[dict[str, Any]] = field(default_factory=list)
+    halos: list[tuple[int, int]] = field(default_factory=list)
+
+
+def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int]) -> _Plan:
+    n = len(engines)
+    plan = _Plan(engines, [dict() for _ in engines], [(0, 0)] * n)
+    lengths = {name: partition.length(values[name], spec.axis, name) for name in spec.scatter}
+    if len(set(lengths.values())) > 1:
+        got = ", ".join(f"`{k}` has {v}" for k, v in lengths.items())
+        raise UsageError(
+            f"scattered names must have the same length along axis {spec.axis} so that row i of "
+            f"each lands on the same engine, but {got}. Scatter them in separate cells, or "
+            f"--broadcast the ones that every engine needs whole."
+        )
+    for name in spec.scatter:
+        for rank, shard in enumerate(partition.split(values[name], n, spec.axis, spec.halo, name)):
+            plan.per_rank[rank][name] = shard.value
+            plan.halos[rank] = shard.halo
+    for name in spec.broadcast:
+        for data in plan.per_rank:
+            data[name] = values[name]
+    return plan
+
+
+def scatter(
+    code: str,
+    data: Mapping[str, Any] | None = None,
+    *,
+    broadcast: Mapping[str, Any] | None = None,
+    gather: Sequence[str] = (),
+    reduce: Mapping[str, str] | None = None,
+    axis: int = 0,
+    halo: int = 0,
+    engines: str | Sequence[int] | None = None,
+    namespace: Mapping[str, Any] | None = None,
+    hidden: Sequence[str] = (),
+    pool: pool_mod.Pool | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Run ``code`` on every engine over shards of ``data``; return gathered and reduced values.
+
+    ``data`` values are split along ``axis`` like ``numpy.array_split`` (``halo`` extra rows from
+    each neighbour); ``broadcast`` values go whole to every engine. Other names the code reads are
+    taken from ``namespace`` (default: the caller's globals) and sent automatically when small.
+    In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined.
+
+    >>> nbparallel.scatter("y = x * 2", {"x": np.arange(6)}, gather=["y"])["y"]
+    array([ 0,  2,  4,  6,  8, 10])
+    """
+    data = dict(data or {})
+    bcast = dict(broadcast or {})
+    spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
+                       axis, halo, None)
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals
+    return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
+               engines=engines, pool=pool, echo=echo)
+
+
+def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapping[str, Any], *,
+        hidden: Sequence[str] = (), engines: str | Sequence[int] | None = None,
+        pool: pool_mod.Pool | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """Shared by the magic and :func:`scatter`: check, plan, send, wait, combine."""
+    spec.check()
+    cell, tree = parse_cell(code, "%%scatter cell")
+    skip = set(spec.scatter) | set(spec.broadcast) | set(RUNNER_NAMES) | set(hidden)
+    names_blob = pack_names(free_names(tree), namespace, skip=skip)
+    pool = pool or pool_mod.ensure(echo)
+    ids = pool.select(engines if engines is not None else spec.engines)
+    plan = _plan(spec, values, ids)
+    outputs = spec.outputs()
+    futures = [
+        pool.apply(eid, run_scatter, cell, names_blob, plan.per_rank[rank], rank, len(ids),
+                   plan.halos[rank], outputs)
+        for rank, eid in enumerate(ids)
+    ]
+    replies = _collect(pool, futures, ids)
+    return _combine(spec, replies, ids)
+
+
+def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[dict[str, Any]]:
+    wait(futures)
+    replies, failures = [], []
+    for rank, (eid, fut) in enumerate(zip(ids, futures)):
+        pool.relay_output(fut, eid)
+        try:
+            reply = fut.result()
+        except Exception as exc:  # the engine died or the runner could not start
+            failures.append(pool.failure(exc, eid, rank=rank))
+            continue
+        if not reply["ok"] and "failure" in reply:
+            failures.append(RemoteFailure(engine=eid, **reply["failure"]))
+        replies.append(reply)
+    if failures:
+        raise RemoteError("the %%scatter cell", failures)
+    for eid, reply in zip(ids, replies):
+        if not reply["ok"]:
+            missing = ", ".join(f"`{m}`" for m in reply["missing"])
+            raise UsageError(
+                f"the cell did not define {missing} on engine {eid} (rank {reply['rank']}), so it "
+                f"cannot be gathered or reduced. Assign it on every engine, or drop it from "
+                f"--gather/--reduce."
+            )
+    return replies
+
+
+def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for name in spec.gather:
+        result[name] = partition.join([r["values"][name] for r in replies], spec.axis, name, ids)
+    for name, op in spec.reduce:
+        result[name] = partition.reduce(op, [r["values"][name] for r in replies], spec.axis,
+                                        name, ids)
+    return result

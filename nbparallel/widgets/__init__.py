@@ -1,0 +1,1 @@
+"""Views of telemetry and progress; the only package that imports ipywidgets."""
