@@ -214,12 +214,14 @@ def _add_demo(commands: Any) -> None:
         "demo", help="run the quickstart notebook on a local cluster and report its checks",
         description="Execute the quickstart notebook with the nbparallel kernel on a fresh local "
                     "cluster, save the executed notebook, and report how many checks passed.")
-    demo.add_argument("-n", "--engines", type=_positive_int, default=2, metavar="N",
+    demo.add_argument("-n", dest="engines", type=_positive_int, default=2, metavar="N",
                       help="number of engines to start (default: 2)")
-    demo.add_argument("--output", type=Path, default=Path(QUICKSTART.replace(".ipynb",
-                                                                             ".executed.ipynb")),
-                      metavar="PATH",
-                      help="where to write the executed notebook (default: ./%(default)s)")
+    demo.add_argument("--output", type=Path, default=None, metavar="PATH",
+                      help="where to write the executed notebook (default: "
+                           "./NAME.executed.ipynb, for example ./01-quickstart.executed.ipynb)")
+    demo.add_argument("--notebook", type=Path, default=None, metavar="PATH",
+                      help="run this notebook instead of the quickstart; its code cells tagged "
+                           f"'{CHECK_TAG}' are counted as checks")
     demo.set_defaults(handler=_cmd_demo)
 
 
@@ -250,9 +252,18 @@ class DemoResult:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    ensure_kernel_spec(say=lambda line: print(line, file=sys.stderr))
+    try:
+        notebook = args.notebook or find_quickstart()
+        if not notebook.is_file():
+            raise FileNotFoundError(f"there is no notebook at {notebook}; check the path given "
+                                    f"to --notebook")
+        ensure_kernel_spec(say=lambda line: print(line, file=sys.stderr))
+    except (OSError, ValueError) as exc:
+        print(f"nbparallel demo: cannot start: {exc}.", file=sys.stderr)
+        return 1
+    output = args.output or Path(f"{notebook.stem}.executed.ipynb")
     progress = _Progress(sys.stderr) if sys.stderr.isatty() else None
-    result = run_demo(args.engines, args.output, on_cell=progress)
+    result = run_demo(args.engines, output, on_cell=progress, notebook=notebook)
     if progress:
         progress.clear()
     print(f"nbparallel demo: {result.engines} engines, {result.checks_passed} of "
@@ -276,21 +287,23 @@ def find_quickstart() -> Path:
         return Path(str(packaged))
     raise FileNotFoundError(
         f"the quickstart notebook {QUICKSTART} is neither in a source checkout's notebooks/ nor "
-        f"packaged in nbparallel/_data/; reinstall nbparallel from a wheel or a source checkout.")
+        f"packaged in nbparallel/_data/; reinstall nbparallel from a wheel or a source checkout")
 
 
 def run_demo(engines: int, output: Path,
-             on_cell: Callable[[int, int, str], None] | None = None) -> DemoResult:
-    """Execute the quickstart on ``engines`` engines, write it to ``output``, count its checks.
+             on_cell: Callable[[int, int, str], None] | None = None,
+             notebook: Path | None = None) -> DemoResult:
+    """Execute ``notebook`` (default: the quickstart) with ``engines`` engines; count its checks.
 
-    ``on_cell(position, total, first_line)`` is called before each code cell runs. A failing cell
-    does not raise: it is described in the result's ``failure``, and the notebook is written as far
-    as it ran, so its outputs show the traceback.
+    The executed notebook is written to ``output``. The engine count reaches the notebook as the
+    environment variable ``NBPARALLEL_DEMO_ENGINES``. ``on_cell(position, total, first_line)`` is
+    called before each code cell runs. A failing cell does not raise: it is described in the
+    result's ``failure``, and the notebook is written as far as it ran, so it shows the traceback.
     """
     import nbformat
     from nbclient import NotebookClient
 
-    nb = nbformat.read(find_quickstart(), as_version=4)
+    nb = nbformat.read(notebook or find_quickstart(), as_version=4)
     code_cells = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.source.strip()]
     running: list[int] = []  # index of the cell now running; read when execution fails
 
@@ -301,20 +314,35 @@ def run_demo(engines: int, output: Path,
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=KERNEL_NAME,
-                            resources={"metadata": {"path": str(output.parent.resolve())}},
-                            on_cell_execute=cell_started)
     env = {**os.environ, DEMO_ENGINES_ENV: str(engines)}
     t0 = time.perf_counter()
     failure = None
-    try:
-        client.execute(env=env)
-    except Exception as exc:  # every way a run can fail ends in the same report
-        failure = _describe_failure(nb, running[0] if running else None, code_cells, exc, output)
+    with tempfile.TemporaryDirectory(prefix="nbp-") as sockets:
+        client = NotebookClient(nb, timeout=CELL_TIMEOUT, kernel_name=KERNEL_NAME,
+                                resources={"metadata": {"path": str(output.parent.resolve())}},
+                                on_cell_execute=cell_started, config=_kernel_config(sockets))
+        try:
+            client.execute(env=env)
+        except Exception as exc:  # every way a run can fail ends in the same report
+            failure = _describe_failure(nb, running[0] if running else None, code_cells, exc,
+                                        output)
     seconds = time.perf_counter() - t0
     nbformat.write(nb, output)
     passed, total = _count_checks(nb)
     return DemoResult(engines, passed, total, seconds, output, failure)
+
+
+def _kernel_config(socket_dir: str) -> Any:
+    """Kernel manager settings: Unix sockets in ``socket_dir`` where the platform has them."""
+    from traitlets.config import Config
+
+    # The demo kernel is local, so it needs no TCP ports: sockets in a private directory are
+    # reachable by this user only, and the kernel then has no reason to warn on stderr that its
+    # TCP traffic is unencrypted. The path must be absolute because the kernel runs elsewhere.
+    if os.name != "posix":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc",
+                                     "ip": os.path.join(socket_dir, "kernel")}})
 
 
 def _count_checks(nb: Any) -> tuple[int, int]:
@@ -336,11 +364,15 @@ def _describe_failure(nb: Any, index: int | None, code_cells: list[int], exc: Ex
                 f"{KERNEL_NAME!r} kernel may not start: check that `python -m ipykernel_launcher` "
                 f"works in this environment, or reinstall the spec with `nbparallel kernel "
                 f"install`.")
-    position = code_cells.index(index) + 1
-    return (f"nbparallel demo failed in code cell {position} of {len(code_cells)} "
-            f"(`{_first_line(nb.cells[index].source)}`): {ename}: {evalue}. The notebook as far "
-            f"as it ran is in {output}; open it to read the full traceback. If starting engines "
-            f"failed, try fewer with `nbparallel demo -n 1`.")
+    source = nb.cells[index].source
+    # Starting engines is the step most likely to fail for reasons outside the notebook.
+    hint = (" If the engines did not start, try fewer with `nbparallel demo -n 1`."
+            if "%nbp start" in source else "")
+    what = _first_line(evalue, 200).rstrip(".")
+    return (f"nbparallel demo failed in code cell {code_cells.index(index) + 1} of "
+            f"{len(code_cells)} (`{_first_line(source)}`): {ename}: {what}. "
+            f"The notebook as far as it ran is in {output}; open it to read the full "
+            f"traceback.{hint}")
 
 
 def _first_line(text: str, width: int = 60) -> str:

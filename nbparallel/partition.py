@@ -14,6 +14,7 @@ how many it got, so a stencil can trim them.
 from __future__ import annotations
 
 import functools
+import numbers
 import operator
 import re
 from dataclasses import dataclass
@@ -132,6 +133,8 @@ def split(value: Any, n: int, axis: int = 0, halo: int = 0, name: str = "value")
 
 
 def _kind(value: Any) -> str:
+    if isinstance(value, numbers.Number):
+        return "number"
     if _is_array(value):
         return "array"
     if isinstance(value, list):
@@ -153,14 +156,14 @@ def join(values: Sequence[Any], axis: int = 0, name: str = "value",
             f"Make the cell produce the same type on every engine."
         )
     kind = kinds.pop()
+    if kind == "number" or (kind == "array" and np.ndim(values[0]) == 0):
+        raise PartitionError(
+            f"cannot gather `{name}`: each engine returned a single number, which has no axis "
+            f"to join along. Use --reduce {name}=list for one value per engine, or "
+            f"--reduce {name}=sum to combine them."
+        )
     if kind == "array":
         arrays = [np.asarray(v) for v in values]
-        if arrays[0].ndim == 0:
-            raise PartitionError(
-                f"cannot gather `{name}`: each engine returned a single number, which has no axis "
-                f"to join along. Use --reduce {name}=list for one value per engine, or "
-                f"--reduce {name}=sum to combine them."
-            )
         try:
             return np.concatenate(arrays, axis=axis)
         except (ValueError, np.exceptions.AxisError) as exc:

@@ -4,8 +4,8 @@ The Python twin of ``%%pmap x in range(1000) -> squares``::
 
     squares = nbparallel.pmap("x * x", "x", range(1000))
 
-Items travel in chunks so thousands of tiny items cost a few dozen messages, and chunks shrink as
-the work runs out (guided scheduling) so a few slow items still end up balanced across engines.
+Items travel in chunks sized from measured item times, so thousands of tiny items cost a few dozen
+messages while slow items go one at a time and still end up balanced across engines.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import math
 import sys
 from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import pool as pool_mod
 from .cellcode import free_names, pack_names, parse_cell
@@ -23,9 +23,11 @@ from .engine.runner import run_pmap_chunk
 from .errors import PmapError, RemoteFailure, UsageError
 from .widgets.progress import progress
 
-__all__ = ["PmapSpec", "pmap", "chunks"]
+__all__ = ["Chunker", "PmapSpec", "pmap"]
 
-GUIDED_FACTOR = 4  # each chunk takes about 1/(factor * engines) of the items still to hand out
+GUIDED_FACTOR = 4  # a chunk takes at most 1/(factor * engines) of the items still to hand out
+TARGET_SECONDS = 0.05  # engine time per chunk: large against the ~2 ms a task costs to send
+WINDOW = 2  # chunks in flight per engine, so an engine never waits for its next chunk
 
 
 @dataclass(frozen=True)
@@ -58,16 +60,41 @@ def target_names(target: str) -> set[str]:
     return {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
 
 
-def chunks(n_items: int, n_engines: int, chunksize: int | None = None) -> Iterator[range]:
-    """Index ranges to hand out: fixed ``chunksize``, or guided (large first, down to 1)."""
-    start = 0
-    while start < n_items:
-        if chunksize:
-            size = chunksize
+class Chunker:
+    """Decides how many items the next chunk holds (sans-I/O: fed timings, answers ranges).
+
+    With a fixed ``chunksize`` it just counts. Otherwise it starts with one item per chunk, learns
+    the time per item from finished chunks, and aims for about ``TARGET_SECONDS`` of work per chunk,
+    never more than the guided share ``remaining / (GUIDED_FACTOR * engines)``: tiny items travel
+    in big chunks, slow items one by one, and the last chunks are small so engines finish together.
+    """
+
+    def __init__(self, n_items: int, n_engines: int, chunksize: int | None = None):
+        self.n_items, self.n_engines, self.chunksize = n_items, n_engines, chunksize
+        self.start = 0
+        self.per_item: float | None = None
+
+    def next(self) -> range | None:
+        remaining = self.n_items - self.start
+        if remaining <= 0:
+            return None
+        if self.chunksize:
+            size = self.chunksize
+        elif self.per_item is None:
+            size = 1
         else:
-            size = max(1, math.ceil((n_items - start) / (GUIDED_FACTOR * n_engines)))
-        yield range(start, min(start + size, n_items))
-        start += size
+            guided = math.ceil(remaining / (GUIDED_FACTOR * self.n_engines))
+            size = max(1, min(guided, int(TARGET_SECONDS / max(self.per_item, 1e-7))))
+        chunk = range(self.start, min(self.start + size, self.n_items))
+        self.start = chunk.stop
+        return chunk
+
+    def record(self, n_items: int, seconds: float) -> None:
+        """A chunk of ``n_items`` took ``seconds`` of engine time."""
+        if n_items:
+            latest = seconds / n_items
+            # Recent chunks matter most: item cost often drifts along the input.
+            self.per_item = latest if self.per_item is None else 0.5 * (self.per_item + latest)
 
 
 def pmap(
@@ -121,34 +148,45 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     if not items:
         return []
 
-    submitted = {}
-    for r in chunks(len(items), len(ids), spec.chunksize):
-        payload = [(i, items[i]) for i in r]
-        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, payload,
-                            engines=ids, retries=spec.retries)
-        submitted[fut] = r
-    return _collect(pool, spec, submitted, len(items))
+    chunker = Chunker(len(items), len(ids), spec.chunksize)
+
+    def submit() -> tuple[Any, range] | None:
+        r = chunker.next()
+        if r is None:
+            return None
+        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob,
+                            [(i, items[i]) for i in r], engines=ids, retries=spec.retries)
+        return fut, r
+
+    return _collect(pool, spec, chunker, submit, len(ids), len(items))
 
 
-def _collect(pool: pool_mod.Pool, spec: PmapSpec, submitted: dict[Any, range],
+def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
+             submit: Callable[[], tuple[Any, range] | None], n_engines: int,
              total: int) -> list[Any]:
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
     bar = progress(total, "%%pmap", spec.progress)
-    done, pending = 0, set(submitted)
-    while pending:
-        finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+    in_flight: dict[Any, range] = {}
+    done = 0
+    while True:
+        while len(in_flight) < WINDOW * n_engines and (job := submit()) is not None:
+            in_flight[job[0]] = job[1]
+        if not in_flight:
+            break
+        finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
         for fut in finished:
+            r = in_flight.pop(fut)
             engine = _engine_of(fut)
             pool.relay_output(fut, engine)
             try:
-                chunk = fut.result()
+                chunk, seconds = fut.result()
             except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
-                for i in submitted[fut]:
-                    failures.append(pool.failure(exc, engine, item=i))
-                done += len(submitted[fut])
+                failures.extend(pool.failure(exc, engine, item=i) for i in r)
+                done += len(r)
                 continue
+            chunker.record(len(chunk), seconds)
             for index, ok, value in chunk:
                 if ok:
                     results[index] = value

@@ -188,7 +188,13 @@ class Pool:
     def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
                  retries: int = 0) -> Any:
         """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
-        view = self.client.load_balanced_view(list(engines))
+        alive = [e for e in engines if e in self.client.ids]
+        if not alive:
+            raise PoolError(
+                f"every engine this work was sent to ({_ranges(engines)}) has stopped. "
+                f"`%nbp status` shows the engines left; `%nbp start` starts a fresh pool."
+            )
+        view = self.client.load_balanced_view(alive)
         with view.temp_flags(retries=retries):
             return view.apply_async(fn, *args)
 

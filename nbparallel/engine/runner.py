@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import linecache
 import os
+import time
 import traceback
 from typing import Any
 
@@ -58,11 +59,13 @@ def run_scatter(cell: CellCode, names_blob: bytes, data: dict[str, Any], rank: i
 
 
 def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes,
-                   items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
+                   items: list[tuple[int, Any]]) -> tuple[list[tuple[int, bool, Any]], float]:
     """Run a ``%%pmap`` body once per ``(index, item)``; each result is ``(index, ok, value)``.
 
-    A failing item does not stop the chunk: its value is the failure record instead.
+    A failing item does not stop the chunk: its value is the failure record instead. The seconds
+    the chunk took come back too, so the notebook can size the next chunks.
     """
+    t0 = time.perf_counter()
     _register_source(cell)
     base = _base_namespace(names_blob)
     body = compile_cell(cell)
@@ -78,7 +81,7 @@ def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes,
             out.append((index, False, _failure(exc, cell.filename, item=index)))
             continue
         out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
-    return out
+    return out, time.perf_counter() - t0
 
 
 def engine_info() -> dict[str, Any]:

@@ -1,0 +1,41 @@
+"""Shared fixtures: an isolated IPython dir, one real cluster per test run, a real IPython shell."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Before anything imports IPython: every kernel, engine and ipcluster started by the tests uses a
+# throwaway IPython dir, never the developer's ~/.ipython.
+os.environ["IPYTHONDIR"] = tempfile.mkdtemp(prefix="nbp-ipython-")
+
+import pytest  # noqa: E402
+
+ENGINES = 3  # lets tests compare 1, 2 and 3 engines; the contract tests pin 2 with --engines 0-1
+
+
+@pytest.fixture(scope="session")
+def pool():
+    """A real local cluster, started once, current for the magics and the Python API."""
+    import nbparallel
+
+    p = nbparallel.start(ENGINES)
+    yield p
+    nbparallel.stop()
+
+
+@pytest.fixture(scope="session")
+def shell(pool):
+    """A real IPython shell with the extension loaded."""
+    from IPython.core.interactiveshell import InteractiveShell
+
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "nbparallel")
+    return ip
+
+
+@pytest.fixture
+def ip(shell):
+    """The shell with a clean user namespace for each test."""
+    shell.reset(new_session=False)
+    return shell

@@ -1,0 +1,123 @@
+"""%%pmap on real engines: the contract, balancing, retries on a dead engine, failures kept."""
+
+import time
+
+import pytest
+
+import nbparallel
+from nbparallel.errors import PmapError, UsageError
+from nbparallel.pmap import Chunker
+
+pytestmark = pytest.mark.cluster
+
+
+def test_contract_example_on_two_engines(ip):
+    ip.run_cell_magic("pmap", "x in range(1000) -> squares --engines 0-1", "x * x")
+    assert ip.user_ns["squares"] == [x * x for x in range(1000)]
+
+
+def test_body_sees_notebook_names_and_tuple_targets(ip):
+    ip.run_cell("offset = 100\ndef f(v):\n    return v + offset")
+    ip.run_cell_magic("pmap", "i, s in enumerate(['a', 'bb', 'ccc']) -> out",
+                      "n = len(s)\nf(i * n)")
+    assert ip.user_ns["out"] == [100, 102, 106]
+
+
+def test_statement_body_gives_none_and_unordered_gives_every_result(ip):
+    ip.run_cell_magic("pmap", "x in range(5) -> r", "y = x")
+    assert ip.user_ns["r"] == [None] * 5
+    ip.run_cell_magic("pmap", "x in range(50) -> r --unordered --chunksize 3", "x + 1")
+    assert sorted(ip.user_ns["r"]) == list(range(1, 51))
+
+
+def _drain(chunker, seconds_per_item):
+    sizes = []
+    while (r := chunker.next()) is not None:
+        sizes.append(len(r))
+        chunker.record(len(r), len(r) * seconds_per_item)
+    return sizes
+
+
+def test_chunker_covers_every_item_once_with_tiny_items_in_few_chunks():
+    sizes = _drain(Chunker(2000, 2), 2e-6)
+    assert sum(sizes) == 2000
+    assert sizes[0] == 1 and max(sizes) == 250 and sizes[-1] == 1
+    assert len(sizes) < 100  # thousands of tiny items cost a few dozen messages
+
+
+def test_chunker_sends_slow_items_one_at_a_time_and_honours_chunksize():
+    assert set(_drain(Chunker(40, 2), 0.2)) == {1}
+    assert _drain(Chunker(10, 2, chunksize=4), 1.0) == [4, 4, 2]
+
+
+def test_skewed_items_keep_every_engine_busy_until_near_the_end(pool):
+    # 60 items of 5 ms, four of them 50x slower, all at the front where the big chunks are.
+    items = list(range(60))
+    t0 = time.perf_counter()
+    out = nbparallel.pmap("import os, time\ntime.sleep(0.25 if x < 4 else 0.005)\n"
+                          "(os.getpid(), time.time())", "x", items, engines=[0, 1],
+                          show_progress=False)
+    wall = time.perf_counter() - t0
+    total_work = 4 * 0.25 + 56 * 0.005
+    by_engine = {}
+    for pid, end in out:
+        by_engine.setdefault(pid, []).append(end)
+    assert len(by_engine) == 2
+    last = [max(ends) for ends in by_engine.values()]
+    # Both engines worked until close to the end, and the wall time is near half the work.
+    assert abs(last[0] - last[1]) < 0.3
+    assert wall < total_work / 2 + 0.6
+
+
+def test_failed_items_are_listed_and_successes_kept(ip):
+    ip.user_ns["r"] = "before"
+    with pytest.raises(PmapError) as info:
+        ip.run_cell_magic("pmap", "x in range(20) -> r", "if x in (3, 17):\n    raise KeyError(x)\nx")
+    err = info.value
+    assert sorted(err.failed) == [3, 17]
+    assert "2 of 20 items failed (indices 3, 17)" in str(err)
+    assert 'File "<%%pmap cell>", line 2' in str(err) and "raise KeyError(x)" in str(err)
+    assert err.results[5] == 5 and err.results[3] is None
+    assert ip.user_ns["r"] == "before"
+
+
+def test_retries_rerun_the_items_of_a_dead_engine_elsewhere(tmp_path):
+    # A pool of its own: one engine is killed on purpose.
+    pool = nbparallel.Pool.start(2)
+    try:
+        marker = tmp_path / "died"
+        body = ("import os, time\n"
+                f"if x == 7 and not os.path.exists({str(marker)!r}):\n"
+                f"    open({str(marker)!r}, 'w').close()\n"
+                "    os._exit(1)\n"
+                "time.sleep(0.01)\n"
+                "x * 10")
+        out = nbparallel.pmap(body, "x", range(40), chunksize=2, retries=2, pool=pool,
+                              show_progress=False)
+        assert out == [x * 10 for x in range(40)]
+        assert marker.exists()
+    finally:
+        pool.stop()
+
+
+@pytest.mark.parametrize("line, message", [
+    ("x range(3) -> r", "cannot read `%%pmap x range(3) -> r`"),
+    ("x in range(3)", "cannot read"),
+    ("1 in range(3) -> r", "'1' is not a loop variable"),
+    ("x in range(3) -> 2r", "is not a valid Python name"),
+    ("x in range(3) -> r --chunksize 0", "--chunksize must be 1 or more"),
+    ("x in range(3) -> r --bogus", "unrecognized arguments: --bogus"),
+    ("x in 5 -> r", "needs something to iterate over, but got a int"),
+    ("x in range(3) -> r --engines 9", "engine(s) 9, which the pool does not have"),
+])
+def test_bad_input(ip, line, message):
+    ip.user_ns["r"] = "before"
+    with pytest.raises(UsageError) as info:
+        ip.run_cell_magic("pmap", line, "x")
+    assert message in str(info.value)
+    assert ip.user_ns["r"] == "before"
+
+
+def test_syntax_error_reported_before_sending(ip):
+    with pytest.raises(UsageError, match="syntax error on line 2"):
+        ip.run_cell_magic("pmap", "x in range(3) -> r", "y = x\nreturn y +")
