@@ -27,6 +27,7 @@ __all__ = ["Chunker", "PmapSpec", "pmap"]
 
 GUIDED_FACTOR = 4  # a chunk takes at most 1/(factor * engines) of the items still to hand out
 TARGET_SECONDS = 0.05  # engine time per chunk: large against the ~2 ms a task costs to send
+TAIL_SECONDS = 0.005  # chunks shorter than this gain no balance, only messages
 WINDOW = 2  # chunks in flight per engine, so an engine never waits for its next chunk
 
 
@@ -65,33 +66,52 @@ class Chunker:
 
     With a fixed ``chunksize`` it just counts. Otherwise it starts with one item per chunk, learns
     the time per item from finished chunks, and aims for about ``TARGET_SECONDS`` of work per chunk,
-    never more than the guided share ``remaining / (GUIDED_FACTOR * engines)``: tiny items travel
-    in big chunks, slow items one by one, and the last chunks are small so engines finish together.
+    never more than one engine's share of what is left, and no more than the guided share
+    ``remaining / (GUIDED_FACTOR * engines)`` unless that would be under ``TAIL_SECONDS`` of work:
+    tiny items travel in a few big chunks, slow items one by one, and the last chunks are small so
+    engines finish together.
     """
 
     def __init__(self, n_items: int, n_engines: int, chunksize: int | None = None):
         self.n_items, self.n_engines, self.chunksize = n_items, n_engines, chunksize
         self.start = 0
         self.per_item: float | None = None
+        self.probes = 0  # one-item chunks sent before any timing came back
+
+    @property
+    def exhausted(self) -> bool:
+        return self.start >= self.n_items
 
     def next(self) -> range | None:
+        """The next chunk, or None when all are handed out or a timing is awaited."""
         remaining = self.n_items - self.start
         if remaining <= 0:
             return None
         if self.chunksize:
             size = self.chunksize
         elif self.per_item is None:
+            if self.probes >= self.n_engines:
+                return None  # guessing more sizes before a timing arrives only adds messages
+            self.probes += 1
             size = 1
         else:
+            per_item = max(self.per_item, 1e-7)
             guided = math.ceil(remaining / (GUIDED_FACTOR * self.n_engines))
-            size = max(1, min(guided, int(TARGET_SECONDS / max(self.per_item, 1e-7))))
+            # Shrinking chunks only pays when a chunk's time matters: never below TAIL_SECONDS.
+            tail = math.ceil(TAIL_SECONDS / per_item)
+            share = math.ceil(remaining / self.n_engines)
+            size = max(1, min(int(TARGET_SECONDS / per_item), share, max(guided, tail)))
+            if remaining <= tail:
+                size = remaining  # splitting under TAIL_SECONDS of work buys nothing
         chunk = range(self.start, min(self.start + size, self.n_items))
         self.start = chunk.stop
         return chunk
 
-    def record(self, n_items: int, seconds: float) -> None:
-        """A chunk of ``n_items`` took ``seconds`` of engine time."""
-        if n_items:
+    def record(self, n_items: int, seconds: float | None) -> None:
+        """A chunk of ``n_items`` took ``seconds`` of engine time (None: it was lost)."""
+        if seconds is None:
+            self.probes = max(0, self.probes - 1)  # a lost probe must not block the rest
+        elif n_items:
             latest = seconds / n_items
             # Recent chunks matter most: item cost often drifts along the input.
             self.per_item = latest if self.per_item is None else 0.5 * (self.per_item + latest)
@@ -174,7 +194,9 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
         while len(in_flight) < WINDOW * n_engines and (job := submit()) is not None:
             in_flight[job[0]] = job[1]
         if not in_flight:
-            break
+            if chunker.exhausted:
+                break
+            continue
         finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
         for fut in finished:
             r = in_flight.pop(fut)
@@ -184,6 +206,7 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
                 chunk, seconds = fut.result()
             except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
                 failures.extend(pool.failure(exc, engine, item=i) for i in r)
+                chunker.record(len(r), None)
                 done += len(r)
                 continue
             chunker.record(len(chunk), seconds)
