@@ -4,7 +4,7 @@
 whether every check in it passed, which is the quickest way to see that an installation works::
 
     $ nbparallel demo -n 2
-    nbparallel demo: 2 engines, 4 of 4 checks passed, 21.3 s.
+    nbparallel demo: 2 engines, 5 of 5 checks passed, 9.2 s.
     Executed notebook: 01-quickstart.executed.ipynb
 
 ``nbparallel kernel install`` installs the "Python 3 (nbparallel)" kernel spec, which loads the
@@ -29,7 +29,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
-__all__ = ["main", "build_parser", "install_kernel_spec", "run_demo", "DemoResult"]
+__all__ = ["main", "build_parser", "install_kernel_spec", "ensure_kernel_spec", "find_quickstart",
+           "run_demo", "DemoResult"]
 
 KERNEL_NAME = "nbparallel"
 QUICKSTART = "01-quickstart.ipynb"
@@ -52,7 +53,7 @@ Handler = Callable[[argparse.Namespace], int]
 
 # -- entry point -----------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    """Run the ``nbparallel`` command line with ``argv`` (default ``sys.argv[1:]``); returns the exit code."""
+    """Run ``nbparallel`` with ``argv`` (default ``sys.argv[1:]``) and return the exit code."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -122,7 +123,7 @@ def _cmd_kernel_install(args: argparse.Namespace) -> int:
 
 
 def _install_location(user: bool, sys_prefix: bool, prefix: str | None) -> tuple[bool, str | None]:
-    """(user, prefix) for KernelSpecManager from the flags; the default depends on the environment."""
+    """(user, prefix) for KernelSpecManager from the flags; the default depends on the Python."""
     if prefix:
         return False, prefix
     if user:
@@ -239,7 +240,7 @@ def _positive_int(text: str) -> int:
 class DemoResult:
     """What one run of the quickstart notebook did."""
 
-    engines: int
+    engines: int  # as requested with -n; the notebook starts that many
     checks_passed: int
     checks_total: int
     seconds: float
@@ -296,7 +297,7 @@ def run_demo(engines: int, output: Path,
     """Execute ``notebook`` (default: the quickstart) with ``engines`` engines; count its checks.
 
     The executed notebook is written to ``output``. The engine count reaches the notebook as the
-    environment variable ``NBPARALLEL_DEMO_ENGINES``. ``on_cell(position, total, first_line)`` is
+    environment variable ``NBPARALLEL_DEMO_ENGINES``. ``on_cell(position, total, label)`` is
     called before each code cell runs. A failing cell does not raise: it is described in the
     result's ``failure``, and the notebook is written as far as it ran, so it shows the traceback.
     """
@@ -310,7 +311,7 @@ def run_demo(engines: int, output: Path,
     def cell_started(cell: Any, cell_index: int, **_: Any) -> None:
         running[:] = [cell_index]
         if on_cell:
-            on_cell(code_cells.index(cell_index) + 1, len(code_cells), _first_line(cell.source))
+            on_cell(code_cells.index(cell_index) + 1, len(code_cells), _label(cell.source))
 
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -357,22 +358,32 @@ def _count_checks(nb: Any) -> tuple[int, int]:
 def _describe_failure(nb: Any, index: int | None, code_cells: list[int], exc: Exception,
                       output: Path) -> str:
     """One paragraph: which cell failed, with what, and where to read the whole traceback."""
+    # A cell's own error (nbclient's CellExecutionError) carries ename/evalue; anything else is
+    # about the kernel or the run itself.
     ename = getattr(exc, "ename", type(exc).__name__)
-    evalue = getattr(exc, "evalue", None) or _first_line(str(exc))
+    evalue = exc.evalue if hasattr(exc, "evalue") else _first_line(str(exc), 200)
     if index is None:
         return (f"nbparallel demo failed before the first cell ran ({ename}: {evalue}). The "
                 f"{KERNEL_NAME!r} kernel may not start: check that `python -m ipykernel_launcher` "
                 f"works in this environment, or reinstall the spec with `nbparallel kernel "
                 f"install`.")
-    source = nb.cells[index].source
+    cell = nb.cells[index]
+    kind = "check cell" if CHECK_TAG in cell.metadata.get("tags", []) else "code cell"
     # Starting engines is the step most likely to fail for reasons outside the notebook.
     hint = (" If the engines did not start, try fewer with `nbparallel demo -n 1`."
-            if "%nbp start" in source else "")
+            if "%nbp start" in cell.source else "")
     what = _first_line(evalue, 200).rstrip(".")
-    return (f"nbparallel demo failed in code cell {code_cells.index(index) + 1} of "
-            f"{len(code_cells)} (`{_first_line(source)}`): {ename}: {what}. "
+    error = f"{ename}: {what}" if what else ename  # a bare `assert` has no message
+    return (f"nbparallel demo failed in {kind} {code_cells.index(index) + 1} of "
+            f"{len(code_cells)} (`{_label(cell.source)}`): {error}. "
             f"The notebook as far as it ran is in {output}; open it to read the full "
             f"traceback.{hint}")
+
+
+def _label(source: str) -> str:
+    """What a progress line shows for a cell: its first magic (the step it takes), else line one."""
+    magic = next((s for s in source.splitlines() if s.lstrip().startswith("%")), None)
+    return _first_line(magic or source)
 
 
 def _first_line(text: str, width: int = 60) -> str:
@@ -387,8 +398,8 @@ class _Progress:
         self.stream = stream
         self.width = shutil.get_terminal_size((80, 20)).columns - 1
 
-    def __call__(self, position: int, total: int, first_line: str) -> None:
-        text = f"cell {position}/{total}: {first_line}"[: self.width]
+    def __call__(self, position: int, total: int, label: str) -> None:
+        text = f"cell {position}/{total}: {label}"[: self.width]
         self.stream.write("\r" + text.ljust(self.width))
         self.stream.flush()
 

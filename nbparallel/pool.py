@@ -64,7 +64,9 @@ class Pool:
         n = n or os.cpu_count() or 1
         if n < 1:
             raise UsageError(f"-n must be at least 1, not {n}.")
-        kwargs: dict[str, Any] = {"n": n, "log_level": logging.WARNING}
+        # ipyparallel 9 engines exit with code 1 even on a clean stop, which it reports as a
+        # warning with each engine's whole log; our own errors cover every real failure.
+        kwargs: dict[str, Any] = {"n": n, "log_level": logging.ERROR}
         if profile:
             kwargs["profile"] = profile
         cluster = ipp.Cluster(**kwargs)

@@ -71,7 +71,8 @@ def start_cluster_and_map(kc: BlockingKernelClient) -> dict[str, Any]:
     """Start 2 engines, check a %%pmap against the local result; return the pids to watch."""
     execute(kc, "%nbp start -n 2")
     execute(kc, "%%pmap x in range(10) -> r\nx * x")
-    assert json.loads(execute(kc, "import json; print(json.dumps(r))")) == [x * x for x in range(10)]
+    r = json.loads(execute(kc, "import json; print(json.dumps(r))"))
+    assert r == [x * x for x in range(10)]
     pids = json.loads(execute(kc, PIDS_CODE).strip().splitlines()[-1])
     assert len(pids["engines"]) == 2
     return pids
@@ -114,8 +115,15 @@ def assert_all_gone(procs: list[psutil.Process], timeout: float = GONE_TIMEOUT) 
         if not left:
             return
         time.sleep(0.25)
-    described = ", ".join(f"{p.pid} ({' '.join(p.cmdline()[:4])})" for p in left if is_running(p))
-    pytest.fail(f"still running {timeout:.0f} s after the kernel ended: {described}")
+    pytest.fail(f"still running {timeout:.0f} s after the kernel ended: "
+                f"{', '.join(describe(p) for p in left)}")
+
+
+def describe(proc: psutil.Process) -> str:
+    try:
+        return f"{proc.pid} ({' '.join(proc.cmdline()[:4])})"
+    except psutil.Error:
+        return str(proc.pid)
 
 
 def test_clean_shutdown_stops_cluster(kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
