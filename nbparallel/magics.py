@@ -168,7 +168,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises a UsageError instead of exiting the kernel."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}. Usage: {self.format_usage().strip()}")
+        usage = self.format_usage().strip().removeprefix("usage: ")
+        raise UsageError(f"{self.prog}: {message}. Usage: {usage}")
 
     def parse(self, line: str) -> argparse.Namespace:
         try:

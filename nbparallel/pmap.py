@@ -178,17 +178,21 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
                             [(i, items[i]) for i in r], engines=ids, retries=spec.retries)
         return fut, r
 
-    return _collect(pool, spec, chunker, submit, len(ids), len(items))
+    in_flight: dict[Any, range] = {}
+    try:
+        return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items))
+    except KeyboardInterrupt:
+        pool.interrupt(list(in_flight), ids)
+        raise
 
 
 def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
-             submit: Callable[[], tuple[Any, range] | None], n_engines: int,
-             total: int) -> list[Any]:
+             submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
+             n_engines: int, total: int) -> list[Any]:
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
     bar = progress(total, "%%pmap", spec.progress)
-    in_flight: dict[Any, range] = {}
     done = 0
     while True:
         while len(in_flight) < WINDOW * n_engines and (job := submit()) is not None:

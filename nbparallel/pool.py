@@ -200,6 +200,18 @@ class Pool:
         with view.temp_flags(retries=retries):
             return view.apply_async(fn, *args)
 
+    def interrupt(self, futures: Sequence[Any], engines: Sequence[int]) -> None:
+        """Stop work after Ctrl-C: drop what is queued, interrupt what runs (SIGINT on engines)."""
+        pending = [f for f in futures if not f.done()]
+        alive = [e for e in engines if e in self.client.ids]
+        try:
+            if pending:
+                self.client.abort(pending, block=False)
+            if alive:
+                self.client.send_signal("SIGINT", targets=alive, block=True)
+        except Exception:
+            pass  # best effort: the user asked to stop, and gets control back either way
+
     def failure(self, exc: BaseException, engine: int | None, **where: Any) -> RemoteFailure:
         """Describe a future's exception: an engine that died, or an error outside the cell."""
         import ipyparallel as ipp

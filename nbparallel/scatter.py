@@ -48,26 +48,13 @@ class ScatterSpec:
 
     def check(self) -> None:
         """Reject contradictory option sets before anything else happens."""
-        seen: dict[str, str] = {}
-        for role, names in (("scattered", self.scatter), ("broadcast", self.broadcast)):
-            for name in names:
-                _check_identifier(name, role)
-                if name in seen:
-                    raise UsageError(
-                        f"`{name}` is listed twice (as {seen[name]} and as {role}); list each "
-                        f"input once, either before the options to split it or after --broadcast."
-                    )
-                seen[name] = role
-        outs: dict[str, str] = {}
-        for role, names in (("--gather", self.gather), ("--reduce", [n for n, _ in self.reduce])):
-            for name in names:
-                _check_identifier(name, role)
-                if name in outs:
-                    raise UsageError(
-                        f"`{name}` is asked for twice ({outs[name]} and {role}); bring each result "
-                        f"back one way."
-                    )
-                outs[name] = role
+        seen = _roles((("scattered", self.scatter), ("broadcast", self.broadcast)),
+                      lambda n, a, b: f"`{n}` is listed twice (as {a} and as {b}); list each "
+                                      f"input once, either before the options to split it or "
+                                      f"after --broadcast.")
+        outs = _roles((("--gather", self.gather), ("--reduce", [n for n, _ in self.reduce])),
+                      lambda n, a, b: f"`{n}` is asked for twice ({a} and {b}); bring each "
+                                      f"result back one way.")
         for name, op in self.reduce:
             if op not in partition.REDUCE_OPS:
                 raise UsageError(
@@ -82,6 +69,19 @@ class ScatterSpec:
             )
         if self.halo and not self.scatter:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
+
+
+def _roles(groups: Sequence[tuple[str, Sequence[str]]],
+           twice: Callable[[str, str, str], str]) -> dict[str, str]:
+    """Map each name to its role; a name in two roles is a UsageError worded by ``twice``."""
+    seen: dict[str, str] = {}
+    for role, names in groups:
+        for name in names:
+            _check_identifier(name, role)
+            if name in seen:
+                raise UsageError(twice(name, seen[name], role))
+            seen[name] = role
+    return seen
 
 
 def _check_identifier(name: str, role: str) -> None:
@@ -174,7 +174,11 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
 
 
 def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[dict[str, Any]]:
-    wait(futures)
+    try:
+        wait(futures)
+    except KeyboardInterrupt:
+        pool.interrupt(futures, ids)
+        raise
     replies, failures = [], []
     for rank, (eid, fut) in enumerate(zip(ids, futures)):
         pool.relay_output(fut, eid)

@@ -1,0 +1,34 @@
+"""Ctrl-C during a magic returns control quickly and stops the work on the engines."""
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+
+def _interrupt_after(seconds: float) -> None:
+    threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT)).start()
+
+
+@pytest.mark.parametrize("magic, line, cell", [
+    ("pmap", "x in range(6) -> r", "import time\ntime.sleep(30)\nx"),
+    ("scatter", "a --gather r", "import time\ntime.sleep(30)\nr = a"),
+])
+def test_ctrl_c_returns_within_two_seconds_and_frees_the_engines(ip, magic, line, cell):
+    ip.user_ns.update(a=np.arange(6), r="before")
+    _interrupt_after(1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic(magic, line, cell)
+    assert time.perf_counter() - t0 < 1.0 + 2.0
+    assert ip.user_ns["r"] == "before"
+    # The engines stopped sleeping: new work finishes at once instead of after 30 s.
+    t1 = time.perf_counter()
+    ip.run_cell_magic("scatter", "a --gather r", "r = a + 1")
+    assert time.perf_counter() - t1 < 5.0
+    np.testing.assert_array_equal(ip.user_ns["r"], np.arange(1, 7))
