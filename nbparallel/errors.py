@@ -15,7 +15,7 @@ raised by a magic, no notebook variable has been changed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -64,7 +64,6 @@ class RemoteFailure:
     traceback: str
     rank: int | None = None
     item: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def where(self) -> str:
         parts = [f"engine {self.engine}"]

@@ -216,7 +216,8 @@ class Pool:
         """Describe a future's exception: an engine that died, or an error outside the cell."""
         import ipyparallel as ipp
 
-        if isinstance(exc, ipp.error.EngineError) or "died" in str(exc):
+        # A dead engine arrives as EngineError, or as a RemoteError that wraps one.
+        if isinstance(exc, ipp.error.EngineError) or getattr(exc, "ename", "") == "EngineError":
             return RemoteFailure(engine if engine is not None else -1, "EngineDied",
                                  f"the engine stopped while running this work ({exc})",
                                  "The engine process exited (killed, crashed or out of memory). "

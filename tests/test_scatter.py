@@ -154,3 +154,18 @@ def test_connect_without_a_cluster_is_a_clear_error(pool):
     with pytest.raises(PoolError, match="no cluster to connect to.*ipcluster start -n 4 --profile=nothere"):
         nbparallel.connect(profile="nothere")
     assert nbparallel.current() is pool  # the working pool is kept
+
+
+def test_an_engine_dying_mid_cell_is_named_and_nothing_is_bound(ip):
+    # A pool of its own: one engine exits for real.
+    pool = nbparallel.Pool.start(2)
+    try:
+        with pytest.raises(RemoteError) as info:
+            nbparallel.scatter("import os\nif rank == 1:\n    os._exit(1)\ny = x",
+                               {"x": np.arange(4)}, gather=["y"], pool=pool)
+        assert "failed on engine 1, rank 1: EngineDied" in str(info.value)
+        assert pool.ids == [0]  # the survivor still answers
+        out = nbparallel.scatter("y = x", {"x": np.arange(4)}, gather=["y"], pool=pool)
+        np.testing.assert_array_equal(out["y"], np.arange(4))
+    finally:
+        pool.stop()
