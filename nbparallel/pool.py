@@ -164,6 +164,11 @@ class Pool:
                                    bool(q.get("queue", 0) or q.get("tasks", 0))))
         return rows
 
+    def alive(self, engines: Sequence[int]) -> list[int]:
+        """Those of ``engines`` still registered with the controller."""
+        live = set(self.client.ids)
+        return [e for e in engines if e in live]
+
     def select(self, spec: str | Sequence[int] | None) -> list[int]:
         """Engine ids from ``"0-3,6"``, a list, or None for all; unknown ids are an error."""
         available = self.ids
@@ -190,7 +195,7 @@ class Pool:
     def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
                  retries: int = 0) -> Any:
         """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
-        alive = [e for e in engines if e in self.client.ids]
+        alive = self.alive(engines)
         if not alive:
             raise PoolError(
                 f"every engine this work was sent to ({_ranges(engines)}) has stopped. "
@@ -203,7 +208,7 @@ class Pool:
     def interrupt(self, futures: Sequence[Any], engines: Sequence[int]) -> None:
         """Stop work after Ctrl-C: drop what is queued, interrupt what runs (SIGINT on engines)."""
         pending = [f for f in futures if not f.done()]
-        alive = [e for e in engines if e in self.client.ids]
+        alive = self.alive(engines)
         try:
             if pending:
                 self.client.abort(pending, block=False)
