@@ -22,6 +22,7 @@ from .errors import (
 )
 from .pmap import pmap
 from .pool import Pool, connect, current, start, stop
+from .resident import Resident
 from .scatter import scatter
 
 __version__ = "0.1.0"
@@ -33,6 +34,7 @@ __all__ = [
     "Pool",
     "PoolError",
     "RemoteError",
+    "Resident",
     "UsageError",
     "connect",
     "current",

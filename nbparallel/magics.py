@@ -63,6 +63,12 @@ class NbparallelMagics(Magics):
     @argument("--axis", type=int, default=0, help="axis to split and join along (default 0)")
     @argument("--halo", type=int, default=0,
               help="rows each shard also gets from each neighbour; the cell sees halo=(lo, hi)")
+    @argument("--keep", nargs="+", default=[], metavar="NAME",
+              help="names left on the engines; the notebook gets a Resident handle that later "
+                   "cells can scatter without moving data (numpy.asarray(handle) gathers)")
+    @argument("--transport", default="auto", choices=["auto", "shm", "direct", "ipp"],
+              help="how data moves: shared memory, direct channels, or through ipyparallel "
+                   "(default: auto, chosen per engine)")
     @_engine_option
     @cell_magic
     def scatter(self, line: str, cell: str) -> None:
@@ -73,12 +79,15 @@ class NbparallelMagics(Magics):
             %%scatter a b --broadcast w --gather c --reduce s=sum
             c = a * w + b
             s = float(c.sum())
+
+        ``--keep c`` instead of ``--gather c`` leaves c's shards on the engines and binds a
+        :class:`~nbparallel.Resident` handle; scatter the handle in a later cell to reuse them.
         """
         args = parse_argstring(self.scatter, line)
         spec = ScatterSpec(
             scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
-            engines=args.engines,
+            engines=args.engines, keep=tuple(args.keep), transport=args.transport,
         )
         spec.check()
         values = self._lookup(list(spec.scatter), "to scatter")
@@ -92,7 +101,7 @@ class NbparallelMagics(Magics):
         """Parallel map: the cell is the body of a function of one item.
 
         ``%%pmap TARGET in ITERABLE -> NAME [--chunksize N] [--unordered] [--retries N]
-        [--engines SPEC] [--no-progress]``. The last expression is each item's result; NAME gets
+        [--engines SPEC] [--no-progress] [--transport auto|shm|ipp]``. The last expression is each item's result; NAME gets
         the list of results in input order::
 
             %%pmap x in range(1000) -> squares
@@ -108,7 +117,7 @@ class NbparallelMagics(Magics):
         if not rest.out.isidentifier():
             raise UsageError(f"the result name {rest.out!r} after -> is not a valid Python name.")
         spec = PmapSpec(m["target"], rest.chunksize, not rest.unordered, rest.retries,
-                                 rest.engines, not rest.no_progress)
+                        rest.engines, not rest.no_progress, rest.transport)
         spec.check()
         target_names(spec.target)
         items = self.shell.ev(m["expr"])
@@ -187,6 +196,7 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--engines", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--transport", default="auto", choices=["auto", "shm", "ipp"])
     return p
 
 

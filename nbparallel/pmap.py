@@ -19,7 +19,11 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import pool as pool_mod
 from .cellcode import free_names, pack_names, parse_cell
+from .dataplane import parcel
+from .dataplane.plane import check_transport
+from .dataplane.shm import NoRoom
 from .engine.runner import run_pmap_chunk
+from .telemetry.records import transfer
 from .errors import PmapError, RemoteFailure, UsageError
 from .widgets.progress import progress
 
@@ -41,8 +45,10 @@ class PmapSpec:
     retries: int = 0
     engines: str | None = None
     progress: bool = True
+    transport: str = "auto"
 
     def check(self) -> None:
+        check_transport(self.transport)
         if self.chunksize is not None and self.chunksize < 1:
             raise UsageError(f"--chunksize must be 1 or more, not {self.chunksize}.")
         if self.retries < 0:
@@ -126,6 +132,7 @@ def pmap(
     ordered: bool = True,
     retries: int = 0,
     engines: str | Sequence[int] | None = None,
+    transport: str = "auto",
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
     pool: pool_mod.Pool | None = None,
@@ -136,13 +143,15 @@ def pmap(
 
     The value of the body's last expression is the item's result. Results are in input order
     (completion order with ``ordered=False``). Items whose engine dies are re-run elsewhere up to
-    ``retries`` times. If any item raises, :class:`~nbparallel.errors.PmapError` lists the failed
-    indices and keeps every successful result in ``.results``.
+    ``retries`` times. Chunks whose items hold large arrays travel through shared memory when
+    every engine is on this host (``transport="ipp"`` keeps them in the messages). If any item
+    raises, :class:`~nbparallel.errors.PmapError` lists the failed indices and keeps every
+    successful result in ``.results``.
 
     >>> nbparallel.pmap("x * x", "x", range(5))
     [0, 1, 4, 9, 16]
     """
-    spec = PmapSpec(target, chunksize, ordered, retries, None, show_progress)
+    spec = PmapSpec(target, chunksize, ordered, retries, None, show_progress, transport)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, body, items, namespace, hidden=hidden, engines=engines, pool=pool, echo=echo)
@@ -169,26 +178,93 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
         return []
 
     chunker = Chunker(len(items), len(ids), spec.chunksize)
+    payloads = _Payloads(pool.plane, ids, spec.transport)
 
     def submit() -> tuple[Any, range] | None:
         r = chunker.next()
         if r is None:
             return None
-        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob,
-                            [(i, items[i]) for i in r], engines=ids, retries=spec.retries)
+        chunk = payloads.place([(i, items[i]) for i in r])
+        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, chunk, engines=ids,
+                            retries=spec.retries)
+        payloads.sent(fut)
         return fut, r
 
     in_flight: dict[Any, range] = {}
     try:
-        return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items))
+        return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items), payloads)
     except KeyboardInterrupt:
         pool.interrupt(list(in_flight), ids)
         raise
+    finally:
+        payloads.close()
+
+
+class _Payloads:
+    """Chunks whose items hold large arrays travel through shared memory when every engine is
+    local (a load-balanced chunk may land on any of them); the rest ride in the message."""
+
+    def __init__(self, plane: Any, ids: list[int], transport: str):
+        self.plane = plane
+        self.ids = ids
+        self.transport = transport
+        self._shared: bool | None = None  # probed on the first large chunk, not before
+        self._last: tuple[Any, int] | None = None
+        self._segments: dict[Any, tuple[Any, int]] = {}
+
+    def place(self, chunk: list[tuple[int, Any]]) -> Any:
+        self._last = None
+        size = sum(_nbytes(item) for _, item in chunk)
+        if size < parcel.INLINE_LIMIT or not self.shared:
+            return chunk
+        layout = parcel.Layout()
+        make = layout.add(chunk)
+        try:
+            seg = self.plane.arena.lease(layout.nbytes)
+        except NoRoom:
+            return chunk
+        layout.write(seg)
+        self._last = (seg, size)
+        return make(seg)
+
+    @property
+    def shared(self) -> bool:
+        if self._shared is None:
+            self._shared = self.transport in ("auto", "shm") and all(
+                self.plane.is_local(e) for e in self.ids)
+        return self._shared
+
+    def sent(self, fut: Any) -> None:
+        if self._last is not None:
+            self._segments[fut] = self._last
+
+    def finished(self, fut: Any, engine: int, held: list[str] | None) -> None:
+        if held is not None:
+            self.plane.arena.held(engine, held)
+        seg, size = self._segments.pop(fut, (None, 0))
+        self.plane.transfers.append(transfer(engine, "payload", "out", "shm" if seg else "ipp",
+                                             size))
+        if seg is not None:
+            self.plane.arena.release(seg)
+
+    def close(self) -> None:
+        for seg, _ in self._segments.values():
+            self.plane.arena.release(seg)
+        self._segments.clear()
+
+
+def _nbytes(item: Any) -> int:
+    nbytes = getattr(item, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    if isinstance(item, (tuple, list)) and len(item) < 64:
+        return sum(_nbytes(x) for x in item)
+    return 0
 
 
 def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
              submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
-             n_engines: int, total: int) -> list[Any]:
+             n_engines: int, total: int, payloads: "_Payloads") -> list[Any]:
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
@@ -207,12 +283,14 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
             engine = _engine_of(fut)
             pool.relay_output(fut, engine)
             try:
-                chunk, seconds = fut.result()
+                chunk, seconds, held = fut.result()
             except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
+                payloads.finished(fut, engine, None)
                 failures.extend(pool.failure(exc, engine, item=i) for i in r)
                 chunker.record(len(r), None)
                 done += len(r)
                 continue
+            payloads.finished(fut, engine, held)
             chunker.record(len(chunk), seconds)
             for index, ok, value in chunk:
                 if ok:

@@ -52,6 +52,7 @@ class Pool:
         self._info: dict[int, dict[str, Any]] = {}
         self._reaper: subprocess.Popen | None = None
         self._lbview: Any = None
+        self._plane: Any = None
         self._refresh_info()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -115,10 +116,33 @@ class Pool:
                 f"the cluster at {url_file} answered but has no engines after {timeout:.0f} s. "
                 f"Start some with `ipcluster engines -n 4{_flags(profile, cluster_id)}`."
             ) from None
-        return cls(client, None, how="connected")
+        pool = cls(client, None, how="connected")
+        pool._spawn_reaper(engines=False)
+        return pool
+
+    @property
+    def plane(self) -> Any:
+        """This pool's :class:`~nbparallel.dataplane.plane.DataPlane` (made on first use)."""
+        if self._plane is None:
+            from .dataplane.plane import DataPlane
+
+            self._plane = DataPlane(self)
+        return self._plane
+
+    @property
+    def transfers(self) -> Any:
+        """The ring of :class:`~nbparallel.telemetry.Transfer` records of this pool."""
+        return self.plane.transfers
 
     def stop(self) -> None:
         """Stop the cluster if nbparallel started it; otherwise only disconnect."""
+        try:
+            if self._plane is not None:
+                self._plane.close(engines_live_on=self.cluster is None)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         try:
             self.client.close()
         finally:
@@ -126,12 +150,17 @@ class Pool:
                 self.cluster.stop_cluster_sync()
                 self.cluster = None
             if self._reaper is not None:
+                if self.how == "connected":
+                    self._reaper.terminate()  # it only watched for segments; they are gone now
                 self._reaper.wait(timeout=10)
                 self._reaper = None
 
-    def _spawn_reaper(self) -> None:
+    def _spawn_reaper(self, engines: bool = True) -> None:
         from . import reaper
 
+        if not engines:  # a connected cluster's engines are not ours to stop
+            self._reaper = reaper.spawn(os.getpid(), [])
+            return
         pids = [info["pid"] for info in self._info.values()]
         controller = getattr(self.cluster, "controller", None)
         if controller is not None and getattr(controller, "pid", -1) > 0:

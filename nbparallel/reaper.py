@@ -3,7 +3,9 @@
 ipyparallel starts engines in their own sessions and stops them from an ``atexit`` hook, which never
 runs when a kernel is killed. This tiny process outlives such a kernel for just long enough to stop
 the controller and engines it started, so no engine is orphaned. It exits by itself once the
-processes it watches are gone, so a normal ``%nbp stop`` needs nothing from it.
+processes it watches are gone, so a normal ``%nbp stop`` needs nothing from it. It also unlinks the
+shared-memory segments the dead kernel left in /dev/shm (``nbp-<kernel pid>-*``); for a pool
+connected to an ``ipcluster`` it watches for that alone, and the pool stops it on disconnect.
 
 Run as ``python -m nbparallel.reaper KERNEL_PID PID [PID ...]``.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -48,14 +51,27 @@ def _stop(pids: list[int]) -> None:
             pass
 
 
+def remove_segments(kernel_pid: int) -> int:
+    """Unlink the shared-memory segments a dead kernel left (named ``nbp-<pid>-...``)."""
+    removed = 0
+    for path in Path("/dev/shm").glob(f"nbp-{kernel_pid}-*"):
+        try:
+            path.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 def watch(kernel_pid: int, pids: list[int]) -> None:
     """Block until the kernel dies (then stop ``pids``) or every pid in ``pids`` has ended."""
     while True:
-        if not any(_alive(pid) for pid in pids):
-            return
         if not _alive(kernel_pid):
             _stop(pids)
+            remove_segments(kernel_pid)
             return
+        if pids and not any(_alive(pid) for pid in pids):
+            return  # with no pids it watches for the kernel's segments alone, until told to stop
         time.sleep(POLL_SECONDS)
 
 

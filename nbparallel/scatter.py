@@ -14,6 +14,7 @@ before they are returned, so a failure never leaves a caller with half of its na
 
 from __future__ import annotations
 
+import secrets
 import sys
 from concurrent.futures import wait
 from dataclasses import dataclass, field
@@ -22,7 +23,10 @@ from typing import Any, Callable, Mapping, Sequence
 from . import partition
 from . import pool as pool_mod
 from .cellcode import free_names, pack_names, parse_cell
+from .dataplane import parcel
+from .dataplane.plane import Job, check_transport
 from .engine.runner import run_scatter
+from .resident import Resident
 from .errors import RemoteError, RemoteFailure, UsageError
 
 __all__ = ["ScatterSpec", "scatter", "RUNNER_NAMES"]
@@ -42,9 +46,11 @@ class ScatterSpec:
     axis: int = 0
     halo: int = 0
     engines: str | None = None
+    keep: tuple[str, ...] = ()
+    transport: str = "auto"
 
     def outputs(self) -> list[str]:
-        return list(self.gather) + [name for name, _ in self.reduce]
+        return list(self.gather) + [name for name, _ in self.reduce] + list(self.keep)
 
     def check(self) -> None:
         """Reject contradictory option sets before anything else happens."""
@@ -52,7 +58,8 @@ class ScatterSpec:
                       lambda n, a, b: f"`{n}` is listed twice (as {a} and as {b}); list each "
                                       f"input once, either before the options to split it or "
                                       f"after --broadcast.")
-        outs = _roles((("--gather", self.gather), ("--reduce", [n for n, _ in self.reduce])),
+        outs = _roles((("--gather", self.gather), ("--reduce", [n for n, _ in self.reduce]),
+                       ("--keep", self.keep)),
                       lambda n, a, b: f"`{n}` is asked for twice ({a} and {b}); bring each "
                                       f"result back one way.")
         for name, op in self.reduce:
@@ -69,6 +76,7 @@ class ScatterSpec:
             )
         if self.halo and not self.scatter:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
+        check_transport(self.transport)
 
 
 def _roles(groups: Sequence[tuple[str, Sequence[str]]],
@@ -93,13 +101,26 @@ def _check_identifier(name: str, role: str) -> None:
 class _Plan:
     engines: list[int]
     per_rank: list[dict[str, Any]] = field(default_factory=list)
+    shared: dict[str, Any] = field(default_factory=dict)
+    stored: list[dict[str, Any]] = field(default_factory=list)  # resident shards used in place
     halos: list[tuple[int, int]] = field(default_factory=list)
 
 
-def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int]) -> _Plan:
+def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
+          plane: Any) -> _Plan:
     n = len(engines)
-    plan = _Plan(engines, [dict() for _ in engines], [(0, 0)] * n)
-    lengths = {name: partition.length(values[name], spec.axis, name) for name in spec.scatter}
+    plan = _Plan(engines, [dict() for _ in engines], {}, [dict() for _ in engines], [(0, 0)] * n)
+    values = dict(values)
+    in_place = {}
+    for name in [*spec.scatter, *spec.broadcast]:
+        if isinstance(values[name], Resident):
+            handle = values[name]
+            if name in spec.scatter and _fits(handle, spec, engines, plane):
+                in_place[name] = handle
+            else:  # another layout: gather it, then split it again like any array
+                values[name] = handle.gather()
+    lengths = {name: (in_place[name].shape or (0,))[spec.axis] if name in in_place
+               else partition.length(values[name], spec.axis, name) for name in spec.scatter}
     if len(set(lengths.values())) > 1:
         got = ", ".join(f"`{k}` has {v}" for k, v in lengths.items())
         raise UsageError(
@@ -108,13 +129,38 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int]) -> _
             f"--broadcast the ones that every engine needs whole."
         )
     for name in spec.scatter:
+        if name in in_place:
+            for rank in range(n):
+                plan.stored[rank][name] = parcel.Stored(in_place[name].key)
+            continue
         for rank, shard in enumerate(partition.split(values[name], n, spec.axis, spec.halo, name)):
             plan.per_rank[rank][name] = shard.value
             plan.halos[rank] = shard.halo
+    if in_place:
+        _check_rows(spec, in_place, engines, lengths)
     for name in spec.broadcast:
-        for data in plan.per_rank:
-            data[name] = values[name]
+        plan.shared[name] = values[name]
     return plan
+
+
+def _fits(handle: Resident, spec: ScatterSpec, engines: list[int], plane: Any) -> bool:
+    """Whether a resident value's shards can be used where they are."""
+    return (handle.alive and handle._plane() is plane and handle.engines == list(engines)
+            and handle.axis == spec.axis and spec.halo == 0 and handle.shape is not None)
+
+
+def _check_rows(spec: ScatterSpec, in_place: dict[str, Resident], engines: list[int],
+                lengths: dict[str, int]) -> None:
+    """Shards used in place must line up row for row with what the other names are split into."""
+    total = next(iter(lengths.values()))
+    expected = [b - a for a, b in partition.bounds(total, len(engines))]
+    for name, handle in in_place.items():
+        rows = [p["rows"][1] - p["rows"][0] for p in handle.placement()]
+        if rows != expected:
+            raise UsageError(
+                f"the shards of `{name}` hold {rows} rows per engine, but this cell splits "
+                f"{total} rows as {expected}. Pass np.asarray({name}) to re-partition it."
+            )
 
 
 def scatter(
@@ -127,6 +173,8 @@ def scatter(
     axis: int = 0,
     halo: int = 0,
     engines: str | Sequence[int] | None = None,
+    keep: Sequence[str] = (),
+    transport: str = "auto",
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
     pool: pool_mod.Pool | None = None,
@@ -137,7 +185,10 @@ def scatter(
     ``data`` values are split along ``axis`` like ``numpy.array_split`` (``halo`` extra rows from
     each neighbour); ``broadcast`` values go whole to every engine. Other names the code reads are
     taken from ``namespace`` (default: the caller's globals) and sent automatically when small.
-    In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined.
+    In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined. Names in ``keep`` stay on
+    the engines and come back as :class:`~nbparallel.Resident` handles, which a later call can
+    take in ``data`` without moving a byte. ``transport`` forces ``"shm"``, ``"direct"`` or
+    ``"ipp"`` instead of choosing per engine.
 
     >>> nbparallel.scatter("y = x * 2", {"x": np.arange(6)}, gather=["y"])["y"]
     array([ 0,  2,  4,  6,  8, 10])
@@ -145,7 +196,7 @@ def scatter(
     data = dict(data or {})
     bcast = dict(broadcast or {})
     spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
-                       axis, halo, None)
+                       axis, halo, None, tuple(keep), transport)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
@@ -162,15 +213,28 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     names_blob = pack_names(free_names(tree), namespace, skip=skip)
     pool = pool or pool_mod.ensure(echo)
     ids = pool.select(engines if engines is not None else spec.engines)
-    plan = _plan(spec, values, ids)
+    plane = pool.plane
+    plan = _plan(spec, values, ids, plane)
     outputs = spec.outputs()
-    futures = [
-        pool.apply(eid, run_scatter, cell, names_blob, plan.per_rank[rank], rank, len(ids),
-                   plan.halos[rank], outputs)
-        for rank, eid in enumerate(ids)
-    ]
-    replies = _collect(pool, futures, ids)
-    return _combine(spec, replies, ids)
+    keys = {name: f"{name}-{secrets.token_hex(8)}" for name in spec.keep}
+    out = plane.send(ids, plan.per_rank, plan.shared, transport=spec.transport)
+    ok = False
+    try:
+        futures = [
+            pool.apply(eid, run_scatter, cell, names_blob, [out.payloads[rank], plan.stored[rank]],
+                       rank, len(ids), plan.halos[rank], outputs, keys, plane.chores(eid))
+            for rank, eid in enumerate(ids)
+        ]
+        replies = _collect(pool, futures, ids)
+        result = _combine(spec, replies, ids, plane, keys)
+        ok = True
+        return result
+    finally:
+        plane.done(out)
+        if not ok:  # shards some engines kept before another failed must not stay behind
+            for key in keys.values():
+                for eid in ids:
+                    plane.free_later(eid, key)
 
 
 def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[dict[str, Any]]:
@@ -186,7 +250,9 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[di
             reply = fut.result()
         except Exception as exc:  # the engine died or the runner could not start
             failures.append(pool.failure(exc, eid, rank=rank))
+            pool.plane.engine_gone(eid) if eid not in pool.alive([eid]) else None
             continue
+        pool.plane.note(eid, reply)
         if not reply["ok"] and "failure" in reply:
             failures.append(RemoteFailure(engine=eid, **reply["failure"]))
         replies.append(reply)
@@ -197,17 +263,34 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[di
             missing = ", ".join(f"`{m}`" for m in reply["missing"])
             raise UsageError(
                 f"the cell did not define {missing} on engine {eid} (rank {reply['rank']}), so it "
-                f"cannot be gathered or reduced. Assign it on every engine, or drop it from "
-                f"--gather/--reduce."
+                f"cannot be gathered, reduced or kept. Assign it on every engine, or drop it from "
+                f"--gather/--reduce/--keep."
             )
     return replies
 
 
-def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int]) -> dict[str, Any]:
+def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int], plane: Any,
+             keys: dict[str, str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    for name in spec.gather:
-        result[name] = partition.join([r["values"][name] for r in replies], spec.axis, name, ids)
-    for name, op in spec.reduce:
-        result[name] = partition.reduce(op, [r["values"][name] for r in replies], spec.axis,
-                                        name, ids)
+    jobs = []
+    wanted = [(name, "join", "gather") for name in spec.gather]
+    wanted += [(name, op, "reduce") for name, op in spec.reduce]
+    for name, op, kind in wanted:
+        for eid, reply in zip(ids, replies):
+            if name in reply["values"]:
+                plane.account_in(eid, kind, reply["values"][name])
+        if all(name in r["values"] for r in replies):
+            parts = [r["values"][name] for r in replies]
+            result[name] = (partition.join(parts, spec.axis, name, ids) if op == "join"
+                            else partition.reduce(op, parts, spec.axis, name, ids))
+            continue
+        sources = [("stash", name) if name in r["pending"] else ("here", r["values"][name])
+                   for r in replies]
+        metas = [r["pending"].get(name) or (None, "") for r in replies]
+        jobs.append(Job(name, kind, sources, metas, spec.axis, op))
+    if jobs:
+        result.update(plane.bring_back(ids, jobs, spec.transport))
+    for name, key in keys.items():
+        result[name] = Resident(plane, name, key, ids, [r["kept"][name] for r in replies],
+                                spec.axis)
     return result

@@ -15,6 +15,8 @@ from typing import Any
 
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
+from ..dataplane import parcel
+from . import store
 
 __all__ = ["run_scatter", "run_pmap_chunk", "engine_info"]
 
@@ -41,12 +43,33 @@ def _base_namespace(names_blob: bytes) -> dict[str, Any]:
     return ns
 
 
-def run_scatter(cell: CellCode, names_blob: bytes, data: dict[str, Any], rank: int, size: int,
-                halo: tuple[int, int], outputs: list[str]) -> dict[str, Any]:
-    """Run a ``%%scatter`` cell on this engine's shard; return the requested output values."""
+def run_scatter(cell: CellCode, names_blob: bytes, payload: Any, rank: int, size: int,
+                halo: tuple[int, int], outputs: list[str], keep: dict[str, str] | None = None,
+                todo: dict[str, list[str]] | None = None) -> dict[str, Any]:
+    """Run a ``%%scatter`` cell on this engine's shard.
+
+    Small outputs come back in the reply; large arrays wait in the store for the notebook's
+    ``collect`` (so they can be written straight into the final array); names in ``keep`` stay
+    resident under the given keys. The reply also lists the shared-memory segments this engine
+    still holds views of.
+    """
+    store.chores(todo)
+    store.clear_stash()
+    reply = _scatter_once(cell, names_blob, payload, rank, size, halo, outputs, keep or {})
+    reply["held"] = store.held()  # after the cell's namespace is gone
+    return reply
+
+
+def _scatter_once(cell: CellCode, names_blob: bytes, payload: Any, rank: int, size: int,
+                  halo: tuple[int, int], outputs: list[str], keep: dict[str, str]) -> dict[str, Any]:
     _register_source(cell)
-    ns = _base_namespace(names_blob)
-    ns.update(data)
+    try:
+        ns = _base_namespace(names_blob)
+        for part in payload if isinstance(payload, list) else [payload]:
+            ns.update(store.open_payload(part))
+    except Exception as exc:  # a resident value that is gone, or a payload that did not arrive
+        return {"ok": False, "failure": {"ename": type(exc).__name__, "evalue": str(exc),
+                                         "traceback": traceback.format_exc(), "rank": rank}}
     ns.update(rank=rank, size=size, halo=tuple(halo))
     try:
         exec(compile_cell(cell), ns)
@@ -55,17 +78,48 @@ def run_scatter(cell: CellCode, names_blob: bytes, data: dict[str, Any], rank: i
     missing = [name for name in outputs if name not in ns]
     if missing:
         return {"ok": False, "missing": missing, "rank": rank}
-    return {"ok": True, "values": {name: gpu.to_host(ns[name]) for name in outputs}}
+    values: dict[str, Any] = {}
+    pending: dict[str, tuple[tuple[int, ...], str]] = {}
+    kept: dict[str, Any] = {}
+    for name in outputs:
+        if name in keep:
+            store.keep(keep[name], ns[name])
+            kept[name] = _meta(ns[name])
+            continue
+        value = gpu.to_host(ns[name])
+        if parcel.is_plain_array(value) and value.nbytes >= parcel.INLINE_LIMIT:
+            store.stash(name, value)
+            pending[name] = _meta(value)
+        else:
+            values[name] = value
+    return {"ok": True, "values": values, "pending": pending, "kept": kept}
 
 
-def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes,
-                   items: list[tuple[int, Any]]) -> tuple[list[tuple[int, bool, Any]], float]:
+def _meta(value: Any) -> tuple[Any, str]:
+    """(shape, dtype) of an array, or (None, type name) of anything else."""
+    shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+    if shape is None or dtype is None:
+        return None, type(value).__name__
+    return tuple(shape), dtype.str
+
+
+def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, items: Any
+                   ) -> tuple[list[tuple[int, bool, Any]], float, list[str] | None]:
     """Run a ``%%pmap`` body once per ``(index, item)``; each result is ``(index, ok, value)``.
 
     A failing item does not stop the chunk: its value is the failure record instead. The seconds
-    the chunk took come back too, so the notebook can size the next chunks.
+    the chunk took come back too, so the notebook can size the next chunks. ``items`` is a list,
+    or a shared-memory payload entry for one; then the segments still held come back as well.
     """
     t0 = time.perf_counter()
+    if isinstance(items, list):
+        return _pmap_items(cell, target, names_blob, items), time.perf_counter() - t0, None
+    out = _pmap_items(cell, target, names_blob, store.open_payload({"items": items})["items"])
+    return out, time.perf_counter() - t0, store.held()
+
+
+def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
+                items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
     _register_source(cell)
     base = _base_namespace(names_blob)
     body = compile_cell(cell)
@@ -81,7 +135,7 @@ def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes,
             out.append((index, False, _failure(exc, cell.filename, item=index)))
             continue
         out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
-    return out, time.perf_counter() - t0
+    return out
 
 
 def engine_info() -> dict[str, Any]:

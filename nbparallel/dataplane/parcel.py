@@ -1,0 +1,165 @@
+"""What travels inside an ipyparallel message when the bytes travel elsewhere.
+
+A payload is a dict of named values. Small values ride in the message itself (:class:`Inline`);
+large arrays are written once into a shared-memory segment (:class:`ArraySlot`), other large
+objects are pickled with protocol 5 so that their buffers go to the segment out of band
+(:class:`Pickled`); a value resident on the engine is named by its store key (:class:`Stored`);
+over a direct channel the whole dict travels as one signed message (:class:`Direct`).
+
+The notebook side places values (:func:`place`); the engine side opens them (:func:`open_entry`),
+building each array on a token from the engine's store, so views are tracked (see ``shm.py``).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+import cloudpickle
+import numpy as np
+
+from .shm import Segment, align
+
+__all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Stored", "Direct", "Entry",
+           "INLINE_LIMIT", "Layout", "is_plain_array", "dumps", "loads"]
+
+#: Arrays and buffers smaller than this ride in the ipyparallel message: for them a segment
+#: costs more than it saves.
+INLINE_LIMIT = 64 << 10
+
+
+@dataclass(frozen=True)
+class Inline:
+    value: Any
+
+
+@dataclass(frozen=True)
+class ArraySlot:
+    segment: str
+    size: int
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class BufferSlot:
+    segment: str
+    size: int
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Pickled:
+    header: bytes
+    buffers: tuple[Union[BufferSlot, bytes], ...]
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class Stored:
+    key: str
+
+
+@dataclass(frozen=True)
+class Direct:
+    tid: str
+    readonly: tuple[str, ...] = ()
+
+
+Entry = Union[Inline, ArraySlot, Pickled, Stored]
+
+
+def is_plain_array(value: Any) -> bool:
+    """An ndarray whose bytes are its whole content (no Python objects inside)."""
+    return isinstance(value, np.ndarray) and not value.dtype.hasobject and type(value) is np.ndarray
+
+
+def dumps(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
+    """Pickle with large buffers kept out of band (small ones stay in the stream)."""
+    buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        if buf.raw().nbytes < INLINE_LIMIT:
+            return True  # true means: keep it in the stream
+        buffers.append(buf)
+        return False
+
+    return cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band), buffers
+
+
+def loads(header: bytes, buffers: list[Any]) -> Any:
+    return pickle.loads(header, buffers=buffers)
+
+
+class Layout:
+    """Plans where values go in one segment, then writes them there.
+
+    Two steps so that one segment of the exact total size can be leased between them.
+    """
+
+    def __init__(self) -> None:
+        self.nbytes = 0
+        self._writes: list[tuple[int, Any]] = []  # (offset, array or PickleBuffer)
+
+    def _reserve(self, nbytes: int) -> int:
+        offset = self.nbytes
+        self.nbytes = align(offset + nbytes)
+        return offset
+
+    def add(self, value: Any, readonly: bool = False) -> Callable[[Segment], Entry]:
+        """Reserve room for ``value``; returns a function giving its entry once a segment exists."""
+        if is_plain_array(value):
+            if value.nbytes < INLINE_LIMIT:
+                return lambda seg: Inline(value)
+            offset = self._reserve(value.nbytes)
+            self._writes.append((offset, value))
+            return lambda seg: ArraySlot(seg.name, seg.size, offset, value.shape, value.dtype.str,
+                                         readonly)
+        header, buffers = dumps(value)
+        if not buffers:
+            return lambda seg: Inline(value)
+        offsets = [self._reserve(buf.raw().nbytes) for buf in buffers]
+        self._writes.extend(zip(offsets, buffers))
+        sizes = [buf.raw().nbytes for buf in buffers]
+        return lambda seg: Pickled(header, tuple(BufferSlot(seg.name, seg.size, o, n)
+                                                 for o, n in zip(offsets, sizes)), readonly)
+
+    def write(self, segment: Segment) -> None:
+        """Copy every reserved value into ``segment``: the one copy the notebook makes."""
+        for offset, value in self._writes:
+            if isinstance(value, np.ndarray):
+                dest = np.ndarray(value.shape, value.dtype, buffer=segment.mm, offset=offset)
+                np.copyto(dest, value, casting="no")
+            else:
+                raw = value.raw()
+                segment.mm[offset:offset + raw.nbytes] = raw
+        self._writes.clear()
+
+
+def open_entry(entry: Entry, token: Callable[[str, int, int, int], np.ndarray],
+               stored: Callable[[str], Any]) -> Any:
+    """Engine side: the value an entry stands for, as views of shared memory where it lies."""
+    if isinstance(entry, Inline):
+        return entry.value
+    if isinstance(entry, Stored):
+        return stored(entry.key)
+    if isinstance(entry, ArraySlot):
+        dtype = np.dtype(entry.dtype)
+        nbytes = int(np.prod(entry.shape, dtype=np.int64)) * dtype.itemsize
+        base = token(entry.segment, entry.size, entry.offset, nbytes)
+        arr = base.view(dtype).reshape(entry.shape)
+        if entry.readonly:
+            arr.flags.writeable = False
+        return arr
+    if isinstance(entry, Pickled):
+        buffers = [b if isinstance(b, bytes) else token(b.segment, b.size, b.offset, b.nbytes)
+                   for b in entry.buffers]
+        value = loads(entry.header, buffers)
+        if entry.readonly and isinstance(value, np.ndarray):
+            value.flags.writeable = False
+        return value
+    raise TypeError(f"not a payload entry: {type(entry).__name__}")

@@ -1,0 +1,145 @@
+"""Handles to shards left on the engines by ``%%scatter ... --keep NAME``.
+
+::
+
+    %%scatter x --keep y
+    y = x * 2                 # y's shards stay on the engines; the notebook gets a handle
+
+    y                         # <Resident y: (1000000,) float64, 7.6 MB on engines 0-1, axis 0>
+    %%scatter y --gather s    # the shards are used where they are: no bytes move
+    s = y.sum(keepdims=True)
+    np.asarray(y)             # gathers the whole array into the notebook
+
+A handle frees its shards when it is deleted (with the next call to those engines) or when the
+pool stops; ``handle.free()`` does it explicitly.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import PoolError
+
+__all__ = ["Resident"]
+
+
+class Resident:
+    """Shards of one value kept on the engines, one per rank, split along ``axis``."""
+
+    def __init__(self, plane: Any, name: str, key: str, engines: Sequence[int],
+                 metas: Sequence[tuple[Any, str]], axis: int):
+        self.name = name
+        self.key = key
+        self.engines = list(engines)
+        self.axis = axis
+        self.metas = [(tuple(s) if s is not None else None, d) for s, d in metas]
+        self._plane = weakref.ref(plane)
+        self._finalizer = weakref.finalize(self, _free, self._plane, self.engines, key)
+
+    # -- what it is ----------------------------------------------------------------------------
+    @property
+    def is_array(self) -> bool:
+        return all(s is not None for s, _ in self.metas)
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The joined shape, or None when the shards are not arrays that join along ``axis``."""
+        if not self.is_array or len({d for _, d in self.metas}) != 1:
+            return None
+        shapes = [s for s, _ in self.metas]
+        if any(len(s) <= self.axis for s in shapes):
+            return None
+        if len({s[:self.axis] + s[self.axis + 1:] for s in shapes}) != 1:
+            return None
+        shape = list(shapes[0])
+        shape[self.axis] = sum(s[self.axis] for s in shapes)
+        return tuple(shape)
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        return np.dtype(self.metas[0][1]) if self.is_array else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
+                   for s, d in self.metas if s is not None)
+
+    def placement(self) -> list[dict[str, Any]]:
+        """Where each shard lives: engine, rank, rows along ``axis`` and bytes."""
+        rows, lo = [], 0
+        for rank, (eid, (shape, dtype)) in enumerate(zip(self.engines, self.metas)):
+            n = shape[self.axis] if shape is not None and len(shape) > self.axis else None
+            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if shape else 0
+            rows.append({"engine": eid, "rank": rank, "rows": (lo, lo + n) if n is not None else None,
+                         "bytes": nbytes})
+            lo += n or 0
+        return rows
+
+    @property
+    def alive(self) -> bool:
+        return self._finalizer.alive and self._plane() is not None
+
+    # -- using it ------------------------------------------------------------------------------
+    def gather(self) -> Any:
+        """Bring the shards back and join them (like ``--gather``)."""
+        plane = self._live_plane()
+        from .dataplane.plane import Job
+
+        job = Job(self.name, "gather", [("resident", self.key)] * len(self.engines), self.metas,
+                  self.axis)
+        return plane.bring_back(self.engines, [job])[self.name]
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        arr = np.asarray(self.gather())
+        return arr.astype(dtype, copy=False) if dtype is not None else arr
+
+    def free(self) -> None:
+        """Drop the shards on the engines (done with the next call to them)."""
+        self._finalizer()
+
+    def _live_plane(self) -> Any:
+        plane = self._plane()
+        if not self._finalizer.alive:
+            raise PoolError(f"the shards of `{self.name}` were freed; scatter the data again.")
+        if plane is None or plane.closed:
+            raise PoolError(
+                f"the pool that held the shards of `{self.name}` has stopped, and the shards with "
+                f"it; scatter the data again on the current pool."
+            )
+        return plane
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            f"the Resident handle `{self.name}` cannot be sent to engines or pickled; list it as "
+            f"a scattered name in %%scatter to use its shards, or np.asarray({self.name}) first."
+        )
+
+    def __repr__(self) -> str:
+        from .pool import _ranges
+
+        state = "" if self.alive else ", freed"
+        if self.shape is not None:
+            what = f"{self.shape} {self.dtype}"
+        else:
+            what = f"{len(self.metas)} shards of {self.metas[0][1]}"
+        return (f"<Resident {self.name}: {what}, {_human(self.nbytes)} on engines "
+                f"{_ranges(self.engines)}, axis {self.axis}{state}>")
+
+
+def _free(plane_ref: Any, engines: list[int], key: str) -> None:
+    # Runs from a finalizer, maybe in the middle of another call: only note the work to do.
+    plane = plane_ref()
+    if plane is not None and not plane.closed:
+        for eid in engines:
+            plane.free_later(eid, key)
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
