@@ -75,7 +75,16 @@ def start_cluster_and_map(kc: BlockingKernelClient) -> dict[str, Any]:
     assert r == [x * x for x in range(10)]
     pids = json.loads(execute(kc, PIDS_CODE).strip().splitlines()[-1])
     assert len(pids["engines"]) == 2
+    # 8 MB each way: through shared-memory segments named after the kernel's pid.
+    execute(kc, "import numpy as np\nbig = np.ones(1_000_000)")
+    execute(kc, "%%scatter big --gather twice\ntwice = big * 2")
+    assert execute(kc, "print(float(twice.sum()))").strip() == "2000000.0"
+    assert segments_of(pids["kernel"]), "the scatter should have used shared memory"
     return pids
+
+
+def segments_of(kernel_pid: int) -> list[Path]:
+    return sorted(Path("/dev/shm").glob(f"nbp-{kernel_pid}-*"))
 
 
 def pool_processes(pids: dict[str, Any]) -> list[psutil.Process]:
@@ -128,10 +137,12 @@ def describe(proc: psutil.Process) -> str:
 
 def test_clean_shutdown_stops_cluster(kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
     km, kc = kernel
-    procs = pool_processes(start_cluster_and_map(kc))
+    pids = start_cluster_and_map(kc)
+    procs = pool_processes(pids)
     assert len(procs) >= 3, "expected a controller and two engines"
     km.shutdown_kernel(now=False)
     assert_all_gone(procs)
+    assert segments_of(pids["kernel"]) == []
 
 
 def test_killed_kernel_is_reaped(kernel: tuple[KernelManager, BlockingKernelClient]) -> None:
@@ -141,3 +152,4 @@ def test_killed_kernel_is_reaped(kernel: tuple[KernelManager, BlockingKernelClie
     assert reapers_of(pids["kernel"]), "no nbparallel.reaper watches the kernel"
     os.kill(pids["kernel"], signal.SIGKILL)  # no atexit hook runs: only the reaper can clean up
     assert_all_gone(procs)
+    assert segments_of(pids["kernel"]) == []

@@ -16,6 +16,7 @@ costs more than it saves.
 
 from __future__ import annotations
 
+import atexit
 import secrets
 from concurrent.futures import wait
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class DataPlane:
     def __init__(self, pool: Any, budget: int | None = None):
         self.pool = pool
         self.arena = Arena(budget)
+        # A script that ends without stopping its pool must not leave segments in /dev/shm.
+        atexit.register(self.arena.close)
         self.transfers: Ring[Transfer] = Ring()
         self._local: dict[int, bool] = {}
         self._channels: dict[int, Any] = {}
@@ -380,6 +383,7 @@ class DataPlane:
             ch.close()
         self._channels.clear()
         self.arena.close()
+        atexit.unregister(self.arena.close)
         self.closed = True
 
 
