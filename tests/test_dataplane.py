@@ -219,3 +219,14 @@ def test_dataplane_rejects_unknown_transport(pool):
     with pytest.raises(UsageError, match="unknown transport"):
         nbparallel.scatter("pass", {"x": BIG}, transport="carrier-pigeon", pool=pool)
     assert isinstance(pool.plane, DataPlane)
+
+
+def test_magic_options_keep_and_transport(ip):
+    ip.user_ns["x"] = BIG.copy()
+    ip.run_cell_magic("scatter", "x --keep y --transport direct --engines 0-1", "y = x + 1")
+    h = ip.user_ns["y"]
+    assert isinstance(h, Resident) and h.engines == [0, 1]
+    ip.run_cell_magic("scatter", "y --reduce s=sum --engines 0-1", "s = y.sum(axis=0)")
+    assert np.allclose(ip.user_ns["s"], (BIG + 1).sum(axis=0))
+    with pytest.raises(UsageError, match="asked for twice"):
+        ip.run_cell_magic("scatter", "x --gather y --keep y", "y = x")
