@@ -1,4 +1,4 @@
-"""The ``nbparallel`` command: ``nbparallel demo`` and ``nbparallel kernel install``.
+"""The ``nbparallel`` command: ``nbparallel demo``, ``nbparallel bench`` and ``nbparallel kernel install``.
 
 ``nbparallel demo`` runs the quickstart notebook top to bottom on a fresh local cluster and says
 whether every check in it passed, which is the quickest way to see that an installation works::
@@ -7,16 +7,23 @@ whether every check in it passed, which is the quickest way to see that an insta
     nbparallel demo: 2 engines, 5 of 5 checks passed, 9.2 s.
     Executed notebook: 01-quickstart.executed.ipynb
 
+``nbparallel bench`` starts a local cluster and times nbparallel's scatter, gather, pmap and a
+trivial cell against ipyparallel, Dask, multiprocessing and ``numpy.copyto`` in one run (see
+:mod:`nbparallel.bench`); the table goes to stdout, progress to stderr::
+
+    $ nbparallel bench -n 2 --size-mb 64 --json > bench.json
+
 ``nbparallel kernel install`` installs the "Python 3 (nbparallel)" kernel spec, which loads the
 magics at kernel start. ``python -m nbparallel`` is the same command.
 
-Each subcommand is added to the parser by one ``_add_<name>`` function, so a new one (``bench``)
-is one more function and one more line in :func:`build_parser`.
+Each subcommand is added to the parser by one ``_add_<name>`` function, so a new one is one more
+function and one more line in :func:`build_parser`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -80,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(help_parser=parser)
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_demo(commands)
+    _add_bench(commands)
     _add_kernel(commands)
     return parser
 
@@ -207,6 +215,78 @@ def ensure_kernel_spec(say: Callable[[str], None] = print) -> None:
     user, prefix = _install_location(False, False, None)
     destination = install_kernel_spec(user=user, prefix=prefix)
     say(f"nbparallel: the {KERNEL_NAME!r} kernel spec was missing; installed it in {destination}.")
+
+
+# -- nbparallel bench ------------------------------------------------------------------------
+def _add_bench(commands: Any) -> None:
+    from . import bench as bench_mod
+
+    bench = commands.add_parser(
+        "bench", help="time nbparallel against ipyparallel, Dask, multiprocessing and numpy.copyto",
+        description="Start a local cluster and run, side by side in one run, scatter/gather of a "
+                    "large array, a map over many trivial items and a trivial cell with nbparallel, "
+                    "ipyparallel, Dask (when installed: pip install 'nbparallel[bench]'), "
+                    "multiprocessing and numpy.copyto; print times, throughput and ratios.")
+    bench.add_argument("-n", dest="engines", type=_positive_int, default=2, metavar="N",
+                       help="number of engines (and Dask workers, processes) to start (default: 2)")
+    bench.add_argument("--size-mb", type=_positive_int, default=256, metavar="MB",
+                       help="size of the scattered float64 array in MB (default: 256)")
+    bench.add_argument("--items", type=_positive_int, default=2000, metavar="N",
+                       help="number of items of the map (default: 2000)")
+    bench.add_argument("--repeat", type=_positive_int, default=3, metavar="K",
+                       help="timed runs per case after one warm-up; best and median are reported "
+                            "(default: 3)")
+    bench.add_argument("--only", type=_bench_groups, default=list(bench_mod.GROUPS),
+                       metavar="GROUPS", help=f"comma-separated groups to run, of "
+                                              f"{','.join(bench_mod.GROUPS)} (default: all)")
+    bench.add_argument("--transport", choices=bench_mod.TRANSPORTS, default="auto",
+                       help="data plane of nbparallel's scatter (default: auto, chosen per engine)")
+    shape = bench.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="print the report as JSON")
+    shape.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    bench.add_argument("--output", type=Path, default=None, metavar="FILE.json",
+                       help="also write the JSON report to FILE.json")
+    bench.set_defaults(handler=_cmd_bench)
+
+
+def _bench_groups(text: str) -> list[str]:
+    from .bench import GROUPS
+
+    groups = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown or not groups:
+        raise argparse.ArgumentTypeError(f"expected groups among {','.join(GROUPS)}, not {text!r}")
+    return groups
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import nbparallel
+    from . import bench
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    # Whatever the libraries print goes to stderr, so stdout holds only the table or the JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        say(f"nbparallel bench: starting {args.engines} engines")
+        try:
+            pool = nbparallel.start(args.engines)
+        except nbparallel.PoolError as exc:
+            say(f"nbparallel bench: cannot start: {exc}")
+            return 1
+        try:
+            report = bench.run(pool, size_mb=args.size_mb, items=args.items, repeat=args.repeat,
+                               only=args.only, transport=args.transport, progress=say)
+        finally:
+            nbparallel.stop()
+    if args.output:
+        args.output.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    print(json.dumps(report, indent=2) if args.json
+          else bench.markdown_table(report) if args.markdown else bench.format_table(report))
+    failed = [c for c in report["cases"] if c["name"] == "nbparallel" and c["error"]]
+    for case in failed:
+        say(f"nbparallel bench: {case['group']} {case['what']} failed: {case['error']}")
+    return 1 if failed else 0
 
 
 # -- nbparallel demo -------------------------------------------------------------------------

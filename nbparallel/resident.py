@@ -30,8 +30,9 @@ class Resident:
     """Shards of one value kept on the engines, one per rank, split along ``axis``."""
 
     def __init__(self, plane: Any, name: str, key: str, engines: Sequence[int],
-                 metas: Sequence[tuple[Any, str]], axis: int):
+                 metas: Sequence[tuple[Any, str]], axis: int, transport: str = "auto"):
         self.name = name
+        self.transport = transport
         self.key = key
         self.engines = list(engines)
         self.axis = axis
@@ -83,14 +84,15 @@ class Resident:
         return self._finalizer.alive and self._plane() is not None
 
     # -- using it ------------------------------------------------------------------------------
-    def gather(self) -> Any:
-        """Bring the shards back and join them (like ``--gather``)."""
+    def gather(self, transport: str | None = None) -> Any:
+        """Bring the shards back and join them (like ``--gather``), by default over the transport
+        the handle was made with."""
         plane = self._live_plane()
         from .dataplane.plane import Job
 
         job = Job(self.name, "gather", [("resident", self.key)] * len(self.engines), self.metas,
                   self.axis)
-        return plane.bring_back(self.engines, [job])[self.name]
+        return plane.bring_back(self.engines, [job], transport or self.transport)[self.name]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = np.asarray(self.gather())

@@ -292,5 +292,5 @@ def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int], p
         result.update(plane.bring_back(ids, jobs, spec.transport))
     for name, key in keys.items():
         result[name] = Resident(plane, name, key, ids, [r["kept"][name] for r in replies],
-                                spec.axis)
+                                spec.axis, spec.transport)
     return result

@@ -1,0 +1,416 @@
+"""Side by side on one pool: nbparallel against ipyparallel, Dask, multiprocessing and ``numpy.copyto``.
+
+Every case runs in the same process on the same engines, so the ratios compare like with like on
+this machine; nothing printed is a constant. Three groups:
+
+* ``scatter``: a float64 array of ``size_mb`` MB split over the engines and joined again, timed per
+  direction and as a round trip; ``numpy.copyto`` into a written buffer is the memory ceiling.
+* ``pmap``: ``items`` trivial items (``x + 1``), load-balanced over the engines.
+* ``roundtrip``: the latency of a trivial cell, ``nbparallel.scatter("y = x", ...)`` of a few
+  items, against ``%px pass``.
+
+Each case has one untimed warm-up run, which also checks the result, then ``repeat`` timed runs;
+the best and the median are reported. A case that raises is reported in its own row and the
+others still run. In a notebook::
+
+    import nbparallel
+    from nbparallel import bench
+    print(bench.format_table(bench.run(nbparallel.current(), size_mb=64)))
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import logging
+import multiprocessing
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+import nbparallel
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+__all__ = ["GROUPS", "TRANSPORTS", "run", "format_table", "markdown_table", "machine"]
+
+GROUPS = ("scatter", "pmap", "roundtrip")
+TRANSPORTS = ("auto", "shm", "direct", "ipp")
+ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
+MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
+NB = "nbparallel"
+DIRECTIONS = ("scatter", "gather", "round trip")
+ONE_CELL = "scatter+gather (one cell)"
+ROUNDTRIP = "trivial cell"
+IPP_NAME = "_nbp_bench_x"  # not `x`: the pool may be the user's, whose engines may hold an `x`
+MB, GB = 10**6, 10**9  # decimal units, as GB/s is usually quoted
+
+Trial = Callable[[bool], "dict[str, float]"]  # trial(check) -> seconds per `what`
+Setup = Callable[[], AbstractContextManager]  # yields a Trial; entering and leaving are not timed
+
+
+def _inc(x: int) -> int:
+    """The trivial item function, module-level so that engines, workers and spawned processes
+    import it by name instead of receiving code."""
+    return x + 1
+
+
+# -- running -----------------------------------------------------------------------------------
+def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int = 3,
+        only: Sequence[str] = GROUPS, transport: str = "auto",
+        progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the groups in ``only`` on ``pool``; return the report (plain data, JSON-ready).
+
+    ``transport`` is passed to :func:`nbparallel.scatter` unless it is ``"auto"``. ``progress``
+    receives one line per case as it starts.
+    """
+    if pool is None:
+        raise nbparallel.UsageError("no pool to benchmark: start one with nbparallel.start(n).")
+    if set(only) - set(GROUPS) or transport not in TRANSPORTS or min(size_mb, items, repeat) < 1:
+        raise nbparallel.UsageError(
+            f"bad bench options: groups {list(only)} (known: {', '.join(GROUPS)}), transport "
+            f"{transport!r} (known: {', '.join(TRANSPORTS)}); size_mb, items, repeat must be >= 1.")
+    date = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    n, say = len(pool.ids), progress or (lambda _line: None)
+    cases: list[dict[str, Any]] = []
+    if "scatter" in only:
+        cases += _scatter_group(pool, n, size_mb, repeat, transport, say)
+    if "pmap" in only:
+        cases += _pmap_group(pool, n, items, repeat, say)
+    if "roundtrip" in only:
+        cases += _roundtrip_group(pool, n, say)
+    return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,
+            "repeat": repeat, "transport": transport, "groups": [g for g in GROUPS if g in only],
+            "cases": cases, "ratios": _ratios(cases)}
+
+
+def _measure(group: str, name: str, whats: Sequence[str], setup: Setup | None, repeat: int,
+             say: Callable[[str], None], *, nbytes: dict[str, int] | None = None,
+             items: int | None = None) -> list[dict[str, Any]]:
+    """One case: set up, warm up (and check), time ``repeat`` runs; one row per ``what``.
+
+    ``setup`` None means the library is not installed."""
+    say(f"bench: {group}: {name}: {', '.join(whats)}")
+    runs: list[dict[str, float]] = []
+    error = None if setup else "not installed"
+    try:
+        if setup:
+            with setup() as trial:
+                trial(True)  # pays imports, connections and first-touch page faults, untimed
+                runs = [trial(False) for _ in range(repeat)]
+    except Exception as exc:  # isolation: one broken case must not hide the others
+        error, runs = f"error: {type(exc).__name__}: {exc}", []
+    rows = []
+    for what in whats:
+        times = [r[what] for r in runs]
+        best = min(times) if times else None
+        row: dict[str, Any] = {"group": group, "name": name, "what": what, "seconds_best": best,
+                               "seconds_median": statistics.median(times) if times else None,
+                               "error": error}
+        if nbytes is not None:
+            row["gbps"] = nbytes[what] / best / GB if best else None
+        if items is not None:
+            row["items_per_s"] = items / best if best else None
+        rows.append(row)
+    return rows
+
+
+def _check(got: Any, want: Any) -> None:
+    if not np.array_equal(np.asarray(got), np.asarray(want)):
+        raise RuntimeError(f"the result differs from the input (got shape {np.shape(got)}, "
+                           f"expected {np.shape(want)}): the benchmarked path is broken")
+
+
+def _one(what: str, fn: Callable[[], Any], want: Any = None) -> Trial:
+    """A trial timing one call of ``fn``; the warm-up compares its result with ``want``."""
+    def trial(check: bool) -> dict[str, float]:
+        t0 = time.perf_counter()
+        got = fn()
+        seconds = time.perf_counter() - t0
+        if check and want is not None:
+            _check(got, want)
+        return {what: seconds}
+    return trial
+
+
+def _ready(trial: Trial) -> Setup:
+    """The setup of a case that needs none."""
+    return lambda: nullcontext(trial)
+
+
+def _split(first: Callable[[], Any], second: Callable[[Any], Any], after: Callable[[Any], Any],
+           want: np.ndarray, verify: Callable[[Any], None] = lambda _sent: None) -> Trial:
+    """A trial timing ``first()`` (scatter) then ``second(its result)`` (gather); ``after`` frees
+    what ``first`` left behind, and the warm-up also runs ``verify(what first returned)``."""
+    def trial(check: bool) -> dict[str, float]:
+        t0 = time.perf_counter()
+        sent = first()
+        t1 = time.perf_counter()
+        try:
+            back = second(sent)
+            t2 = time.perf_counter()
+            if check:
+                _check(back, want)
+                verify(sent)
+        finally:
+            after(sent)
+        return {"scatter": t1 - t0, "gather": t2 - t1, "round trip": t2 - t0}
+    return trial
+
+
+# -- the groups --------------------------------------------------------------------------------
+def _scatter_group(pool: Pool, n: int, size_mb: int, repeat: int, transport: str,
+                   say: Callable[[str], None]) -> list[dict[str, Any]]:
+    a = np.random.default_rng(0).random(size_mb * MB // 8)
+    moved = {"scatter": a.nbytes, "gather": a.nbytes, "round trip": 2 * a.nbytes,
+             ONE_CELL: 2 * a.nbytes}
+    kw: dict[str, Any] = {} if transport == "auto" else {"transport": transport}
+    dv = pool.client[pool.ids]
+
+    def keep() -> Any:
+        return nbparallel.scatter("", {"x": a}, keep=["x"], pool=pool, **kw)["x"]
+
+    def one_cell() -> Any:
+        return nbparallel.scatter("y = x", {"x": a}, gather=["y"], pool=pool, **kw)["y"]
+
+    @contextmanager
+    def ipp() -> Iterator[Trial]:
+        try:
+            yield _split(lambda: dv.scatter(IPP_NAME, a, block=True),
+                         lambda _: dv.gather(IPP_NAME, block=True), lambda _: None, a)
+        finally:  # leave the engines' namespaces as they were
+            dv.execute(f"globals().pop({IPP_NAME!r}, None)", block=True)
+
+    @contextmanager
+    def copyto() -> Iterator[Trial]:
+        # Both buffers written once already, so the copies measure bandwidth, not page faults.
+        dst, back = np.full_like(a, -1.0), np.full_like(a, -1.0)
+
+        def copy_back(_: Any) -> np.ndarray:
+            np.copyto(back, dst)
+            return back
+
+        yield _split(lambda: np.copyto(dst, a), copy_back, lambda _: None, a)
+
+    def case(name: str, whats: Sequence[str], setup: Setup | None) -> list[dict[str, Any]]:
+        return _measure("scatter", name, whats, setup, repeat, say, nbytes=moved)
+
+    return (case(NB, DIRECTIONS, _ready(_split(keep, np.asarray, lambda h: h.free(), a)))
+            + case(NB, [ONE_CELL], _ready(_one(ONE_CELL, one_cell, a)))
+            + case("ipyparallel", DIRECTIONS, ipp)
+            + case("dask", DIRECTIONS, (lambda: _dask_scatter(n, a)) if _dask_importable() else None)
+            + case("numpy.copyto", DIRECTIONS, copyto))
+
+
+@contextmanager
+def _dask_scatter(n: int, a: np.ndarray) -> Iterator[Trial]:
+    shards = np.array_split(a, n)
+    with _dask_client(n) as client:
+        workers = sorted(client.nthreads())
+
+        def scatter() -> list[Any]:
+            # hash=False: tokenizing the shards would time Dask's hashing, not its transfer. A list
+            # as long as the worker list is placed round-robin: one shard per worker.
+            return client.scatter(shards, workers=workers, direct=True, hash=False)
+
+        def gather(futures: list[Any]) -> np.ndarray:
+            return np.concatenate(client.gather(futures, direct=True))
+
+        def placed(futures: list[Any]) -> None:
+            holders = client.who_has(futures)
+            if sorted(w for f in futures for w in holders[f.key]) != workers:
+                raise RuntimeError(f"Dask did not place one shard per worker: {holders}")
+
+        yield _split(scatter, gather, client.cancel, a, placed)
+
+
+@contextmanager
+def _dask_client(n: int) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        client.wait_for_workers(n)
+        yield client
+
+
+def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
+                say: Callable[[str], None]) -> list[dict[str, Any]]:
+    want = list(range(1, items + 1))
+    lview = pool.client.load_balanced_view(pool.ids)
+
+    @contextmanager
+    def dask() -> Iterator[Trial]:
+        with _dask_client(n) as client:
+            yield _one("map", lambda: client.gather(client.map(_inc, range(items), pure=False)), want)
+
+    @contextmanager
+    def processes() -> Iterator[Trial]:
+        # spawn, not fork: this process runs ipyparallel's and Dask's threads, and a forked copy
+        # of a threaded process can deadlock. The timeout ends the case if workers cannot start
+        # (a main module that spawn cannot re-import makes Pool replace them forever).
+        with multiprocessing.get_context("spawn").Pool(n) as mp:
+            yield _one("map", lambda: mp.map_async(_inc, range(items)).get(MP_TIMEOUT), want)
+
+    def case(name: str, setup: Setup | None) -> list[dict[str, Any]]:
+        return _measure("pmap", name, ["map"], setup, repeat, say, items=items)
+
+    def ipp(size: int) -> Setup:
+        return _ready(_one("map", lambda: lview.map_sync(_inc, range(items), chunksize=size), want))
+
+    return (case(NB, _ready(_one("map", lambda: nbparallel.pmap(
+                "x + 1", "x", range(items), pool=pool, show_progress=False), want)))
+            + case("ipyparallel chunksize=1", ipp(1)) + case("ipyparallel chunksize=100", ipp(100))
+            + case("dask", dask if _dask_importable() else None)
+            + case("multiprocessing", processes))
+
+
+def _roundtrip_group(pool: Pool, n: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    x = np.arange(max(8, n))  # at least one row per engine: more engines than rows is an error
+    dv = pool.client[pool.ids]
+    def case(name: str, fn: Callable[[], Any], want: Any) -> list[dict[str, Any]]:
+        return _measure("roundtrip", name, [ROUNDTRIP], _ready(_one(ROUNDTRIP, fn, want)),
+                        ROUNDTRIP_CALLS, say)
+
+    return (case(NB, lambda: nbparallel.scatter("y = x", {"x": x}, gather=["y"], pool=pool)["y"], x)
+            + case("ipyparallel %px pass", lambda: dv.execute("pass", block=True), None))
+
+
+def _dask_importable() -> bool:
+    try:  # importable, not just installed: a broken install counts as absent
+        importlib.import_module("distributed")
+    except ImportError:
+        return False
+    return True
+
+
+# -- ratios ------------------------------------------------------------------------------------
+def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every other row against nbparallel's row of the same group and ``what``.
+
+    Unit "x": how many times faster nbparallel is (the other's time / nbparallel's). Unit "%"
+    (against ``numpy.copyto``): nbparallel's GB/s as a percentage of its GB/s, which for the same
+    bytes is 100 times the same ratio. Latency compares medians, bandwidth and items the best runs.
+    """
+    mine = {(c["group"], c["what"]): c for c in cases if c["name"] == NB}
+    out = {}
+    for other in cases:
+        nb = mine.get((other["group"], other["what"]))
+        if other["name"] == NB or nb is None:
+            continue
+        stat = "seconds_median" if other["group"] == "roundtrip" else "seconds_best"
+        pct = other["name"] == "numpy.copyto"
+        a, b = nb[stat], other[stat]
+        label = (f"{other['group']} {other['what']}: nbparallel "
+                 f"{'GB/s as % of' if pct else 'vs'} {other['name']}")
+        out[label] = {"value": b / a * (100 if pct else 1) if a and b else None,
+                      "unit": "%" if pct else "x", "statistic": stat, "case": _key(nb),
+                      "baseline": _key(other)}
+    return out
+
+
+def _key(case: dict[str, Any]) -> str:
+    return f"{case['group']}/{case['name']}/{case['what']}"
+
+
+# -- the machine -------------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import psutil
+
+    return {"platform": platform.platform(), "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "physical_cores": psutil.cpu_count(logical=False),
+            "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(), "numpy": np.__version__,
+            "ipyparallel": _version("ipyparallel"), "dask": _version("distributed"),
+            "nbparallel": nbparallel.__version__}
+
+
+def _cpu_model() -> str:
+    try:  # platform.processor() is often empty on Linux, where /proc/cpuinfo names the model
+        lines = Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines()
+        return next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# -- rendering ---------------------------------------------------------------------------------
+HEADER = ["group", "case", "what", "best", "median", "throughput", "nbparallel vs this / note"]
+
+
+def _summary(report: dict[str, Any]) -> tuple[str, str]:
+    m = report["machine"]
+    return (f"nbparallel bench, {report['date']}: {report['engines']} engines, {report['size_mb']} MB, "
+            f"{report['items']} items, best and median of {report['repeat']}, transport "
+            f"{report['transport']}",
+            f"{m['platform']}; {m['cpu']}; {m['cpu_count']} CPUs ({m['physical_cores']} physical); "
+            f"{m['ram_gib']} GiB RAM; Python {m['python']}; numpy {m['numpy']}; ipyparallel "
+            f"{m['ipyparallel']}; dask {m['dask'] or 'not installed'}")
+
+
+def _seconds(s: float | None) -> str:
+    return "-" if s is None else f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.2f} ms"
+
+
+def _rows(report: dict[str, Any], width: int | None) -> list[list[str]]:
+    notes = {r["baseline"]: r for r in report["ratios"].values()}
+    rows = []
+    for c in report["cases"]:
+        if c.get("gbps"):
+            rate = f"{c['gbps']:.2f} GB/s"
+        elif c.get("items_per_s"):
+            rate = f"{c['items_per_s']:,.0f} items/s"
+        else:
+            rate = "-"
+        ratio = notes.get(f"{c['group']}/{c['name']}/{c['what']}")
+        note = c["error"] or (_ratio_text(ratio) if ratio else "")
+        note = note.strip().splitlines()[0] if note.strip() else ""
+        if width and len(note) > width:
+            note = note[: width - 3] + "..."
+        rows.append([c["group"], c["name"], c["what"], _seconds(c["seconds_best"]),
+                     _seconds(c["seconds_median"]), rate, note])
+    return rows
+
+
+def _ratio_text(ratio: dict[str, Any]) -> str:
+    v = ratio["value"]
+    if v is None:
+        return "n/a"
+    if ratio["unit"] == "%":
+        return f"nbparallel at {v:.0f}% of its GB/s"
+    return f"nbparallel {v:.2f}x faster" if v >= 1 else f"nbparallel {1 / v:.2f}x slower"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as an aligned plain-text table, two header lines first."""
+    rows = [HEADER] + _rows(report, 70)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join([*_summary(report), "", *lines])
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """The report as a Markdown table, after one line naming the machine and the date."""
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+    title, machine_line = _summary(report)
+    body = [line(HEADER), "|" + "|".join("---" for _ in HEADER) + "|"]
+    body += [line(r) for r in _rows(report, 120)]
+    return "\n".join([f"{title}. {machine_line}.", "", *body])
