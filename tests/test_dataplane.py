@@ -144,7 +144,7 @@ def test_no_segment_is_left_leased_after_errors(pool):
                            engines=TWO, pool=pool)
     with pytest.raises(UsageError):
         nbparallel.scatter("z = 1", {"x": BIG}, gather=["y"], engines=TWO, pool=pool)
-    assert not [e for e in arena._entries.values() if e.state == "leased"]
+    assert arena.leased() == []
     for path in ours():
         mode = path.stat().st_mode
         assert stat.S_IMODE(mode) == 0o600, path

@@ -32,3 +32,19 @@ def test_ctrl_c_returns_within_two_seconds_and_frees_the_engines(ip, magic, line
     ip.run_cell_magic("scatter", "a --gather r", "r = a + 1")
     assert time.perf_counter() - t1 < 5.0
     np.testing.assert_array_equal(ip.user_ns["r"], np.arange(1, 7))
+
+
+@pytest.mark.parametrize("magic, line, cell", [
+    ("pmap", "x in items -> r", "import time\ntime.sleep(30)\nx"),
+    ("scatter", "big --gather r", "import time\ntime.sleep(30)\nr = big"),
+])
+def test_ctrl_c_with_shared_memory_payloads_leases_nothing(ip, pool, magic, line, cell):
+    big = np.ones((6, 100_000))  # 4.8 MB: through shared memory
+    ip.user_ns.update(big=big, items=list(big), r="before")
+    _interrupt_after(1.0)
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic(magic, line, cell)
+    assert ip.user_ns["r"] == "before"
+    assert pool.plane.arena.leased() == []
+    ip.run_cell_magic("scatter", "big --gather r", "r = big + 1")
+    np.testing.assert_array_equal(ip.user_ns["r"], big + 1)

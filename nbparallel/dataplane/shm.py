@@ -203,6 +203,10 @@ class Arena:
         out, self._forgotten = self._forgotten, []
         return out
 
+    def leased(self) -> list[str]:
+        """Segments some call still holds: empty whenever no call is running."""
+        return [name for name, e in self._entries.items() if e.state == "leased"]
+
     def in_use(self) -> int:
         return sum(e.segment.size for e in self._entries.values())
 
