@@ -64,10 +64,20 @@ class RemoteFailure:
     traceback: str
     rank: int | None = None
     item: int | None = None
+    stage: str | None = None
+    microbatch: int | None = None
+    op: str | None = None
 
     def where(self) -> str:
         parts = [f"engine {self.engine}"]
-        if self.rank is not None:
+        if self.stage is not None:
+            parts.append(f"stage {self.stage}")
+        if self.microbatch is not None:
+            parts.append(f"micro-batch {self.microbatch}")
+        if self.op is not None:
+            parts.append({"F": "forward", "B": "backward", "I": "backward_input",
+                          "W": "backward_weight"}.get(self.op, self.op))
+        if self.rank is not None and self.stage is None:
             parts.append(f"rank {self.rank}")
         if self.item is not None:
             parts.append(f"item {self.item}")

@@ -1,6 +1,7 @@
 """IPython magics: parse the line, call the API, bind results. Nothing else lives here.
 
-``%%scatter``, ``%%pmap`` and ``%nbp``; ``%%scatter?`` shows the generated help.
+``%%scatter``, ``%%pmap``, ``%%stage``, ``%pipeline`` and ``%nbp``; ``%%scatter?`` shows the
+generated help.
 """
 
 from __future__ import annotations
@@ -124,6 +125,66 @@ class NbparallelMagics(Magics):
         result = run_pmap(spec, cell, items, self.shell.user_ns, hidden=self._hidden())
         self.shell.user_ns[rest.out] = result
 
+    # -- %%stage and %pipeline -----------------------------------------------------------------
+    @cell_magic
+    def stage(self, line: str, cell: str) -> None:
+        """Define (or replace) a pipeline stage: the cell runs once on its engine.
+
+        ``%%stage NAME [--engine K]``. The cell defines ``forward(x, ctx)`` and, for training,
+        ``backward(grad, ctx)`` (or ``backward_input``/``backward_weight`` for zb-h1),
+        ``loss(y, target)`` on the last stage and optionally ``step()``. Stages run in the order
+        they were first defined; without --engine they go round-robin over the engines::
+
+            %%stage l1
+            W = rng.standard_normal((4, 8))
+            def forward(x, ctx):
+                ctx["x"] = x
+                return x @ W
+        """
+        args = _stage_parser().parse(line)
+        pool = pool_mod.ensure()
+        info = pool.pipeline.define(args.name, cell, args.engine, self.shell.user_ns,
+                                    self._hidden())
+        print(f"stage {info.name}: engine {info.engine}, {', '.join(info.hooks)}, "
+              f"{info.param_bytes:,} bytes of arrays")
+
+    @line_magic
+    def pipeline(self, line: str) -> Any:
+        """Run the stages: ``%pipeline run|train|show|schedule|clear``.
+
+        ``%pipeline run --input X --microbatches M --out Y``;
+        ``%pipeline train --input X --target T --microbatches M --schedule 1f1b [--steps S]
+        --out LOSSES`` (schedules: gpipe, 1f1b, interleaved, zb-h1);
+        ``%pipeline schedule --stages P --microbatches M --schedule S [--virtual V]`` shows a
+        schedule and its theoretical bubble without running anything.
+        """
+        from .pipeline import schedule as sched
+
+        args = _pipeline_parser().parse(line)
+        if args.command == "schedule":
+            s = sched.build(args.schedule, args.stages, args.microbatches, args.virtual)
+            print(sched.render(s, sched.simulate(s)))
+            return None
+        pool = pool_mod.ensure()
+        pipe = pool.pipeline
+        if args.command == "show":
+            print(_stages_table(pipe.show()))
+        elif args.command == "clear":
+            pipe.clear()
+        elif args.command == "run":
+            x = self._lookup([args.input], "--input")[args.input]
+            self.shell.user_ns[_name(args.out)] = pipe.run(x, args.microbatches)
+        elif args.command == "train":
+            found = self._lookup([args.input, args.target], "--input/--target")
+            losses = pipe.train(found[args.input], found[args.target], args.microbatches,
+                                args.schedule, args.steps)
+            self.shell.user_ns[_name(args.out)] = losses
+            last = pipe.last[-1]
+            print(f"%pipeline train: {args.steps} step(s), loss {losses[0]:.6g} -> "
+                  f"{losses[-1]:.6g}; measured bubble {last.bubble:.0%} (theory "
+                  f"{_theory(last.schedule):.0%})")
+        return None
+
     # -- %nbp ----------------------------------------------------------------------------------
     @line_magic
     def nbp(self, line: str) -> Any:
@@ -148,6 +209,29 @@ class NbparallelMagics(Magics):
             print("nbparallel: stopped." if had and had.how == "started" else
                   "nbparallel: disconnected." if had else "nbparallel: no pool to stop.")
         return None
+
+
+def _name(text: str) -> str:
+    if not text.isidentifier():
+        raise UsageError(f"--out {text!r} is not a valid Python name.")
+    return text
+
+
+def _theory(s: Any) -> float:
+    from .pipeline import schedule as sched
+
+    value = sched.theoretical_bubble(s.name, s.p, s.m, s.v)
+    return value if value is not None else sched.simulate(s).bubble
+
+
+def _stages_table(stages: list[Any]) -> str:
+    if not stages:
+        return "no stages yet: define them with %%stage NAME cells, first to last."
+    rows = [("stage", "name", "engine", "hooks", "array bytes")]
+    rows += [(str(i), s.name, str(s.engine), ", ".join(s.hooks), f"{s.param_bytes:,}")
+             for i, s in enumerate(stages)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
 def _reduce_pairs(items: list[str]) -> list[tuple[str, str]]:
@@ -197,6 +281,38 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--engines", default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "ipp"])
+    return p
+
+
+def _stage_parser() -> _Parser:
+    p = _Parser(prog="%%stage", add_help=False)
+    p.add_argument("name")
+    p.add_argument("--engine", type=int, default=None)
+    return p
+
+
+def _pipeline_parser() -> _Parser:
+    p = _Parser(prog="%pipeline", add_help=False)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    run = sub.add_parser("run", add_help=False)
+    run.add_argument("--input", required=True)
+    run.add_argument("--microbatches", type=int, default=1)
+    run.add_argument("--schedule", default="gpipe", choices=["gpipe"])
+    run.add_argument("--out", required=True)
+    train = sub.add_parser("train", add_help=False)
+    train.add_argument("--input", required=True)
+    train.add_argument("--target", required=True)
+    train.add_argument("--microbatches", type=int, default=1)
+    train.add_argument("--schedule", default="1f1b")
+    train.add_argument("--steps", type=int, default=1)
+    train.add_argument("--out", required=True)
+    schedule = sub.add_parser("schedule", add_help=False)
+    schedule.add_argument("--stages", type=int, required=True)
+    schedule.add_argument("--microbatches", type=int, required=True)
+    schedule.add_argument("--schedule", default="1f1b")
+    schedule.add_argument("--virtual", type=int, default=1)
+    sub.add_parser("show", add_help=False)
+    sub.add_parser("clear", add_help=False)
     return p
 
 

@@ -53,6 +53,7 @@ class Pool:
         self._reaper: subprocess.Popen | None = None
         self._lbview: Any = None
         self._plane: Any = None
+        self._pipeline: Any = None
         self._refresh_info()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -128,6 +129,15 @@ class Pool:
 
             self._plane = DataPlane(self)
         return self._plane
+
+    @property
+    def pipeline(self) -> Any:
+        """This pool's :class:`~nbparallel.pipeline.runtime.Pipeline` of stages."""
+        if self._pipeline is None:
+            from .pipeline.runtime import Pipeline
+
+            self._pipeline = Pipeline(self)
+        return self._pipeline
 
     @property
     def transfers(self) -> Any:

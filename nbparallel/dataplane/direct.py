@@ -255,6 +255,16 @@ class Server:
             self._inbox.pop(key, None)
             self._offered.pop(key, None)
 
+    def discard_prefix(self, prefix: str) -> int:
+        """Drop every stored transfer whose id starts with ``prefix`` (an aborted run's leftovers)."""
+        key = prefix.encode()
+        with self._lock:
+            stale = [k for k in (*self._inbox, *self._offered) if k.startswith(key)]
+            for k in stale:
+                self._inbox.pop(k, None)
+                self._offered.pop(k, None)
+        return len(stale)
+
     def pending(self) -> int:
         """How many transfers are stored: received but not taken, plus offered but not served."""
         with self._lock:

@@ -74,6 +74,7 @@ class DataPlane:
         self.transfers: Ring[Transfer] = Ring()
         self._local: dict[int, bool] = {}
         self._channels: dict[int, Any] = {}
+        self._endpoints: dict[int, str] = {}
         self._free: dict[int, list[str]] = {}
         self.closed = False
 
@@ -112,15 +113,24 @@ class DataPlane:
             )
         return forced
 
-    def channel(self, engine: int) -> Any:
-        """The direct channel to ``engine``, started on first use."""
-        if engine not in self._channels:
+    def endpoint(self, engine: int) -> str:
+        """Where ``engine``'s direct channel listens (started on first use).
+
+        Loopback when the engine shares this host, so nothing listens beyond the machine.
+        """
+        if engine not in self._endpoints:
             from ..engine.store import serve
-            from .direct import Channel
 
             host = "127.0.0.1" if self.is_local(engine) else "0.0.0.0"
-            endpoint = self.pool.apply(engine, serve, host).get(timeout=30)
-            self._channels[engine] = Channel(endpoint, self.pool.client.session.key)
+            self._endpoints[engine] = self.pool.apply(engine, serve, host).get(timeout=30)
+        return self._endpoints[engine]
+
+    def channel(self, engine: int) -> Any:
+        """The notebook's direct channel to ``engine``."""
+        if engine not in self._channels:
+            from .direct import Channel
+
+            self._channels[engine] = Channel(self.endpoint(engine), self.pool.client.session.key)
         return self._channels[engine]
 
     def chores(self, engine: int) -> dict[str, list[str]]:
@@ -140,6 +150,7 @@ class DataPlane:
     def engine_gone(self, engine: int) -> None:
         self.arena.engine_gone(engine)
         self._local.pop(engine, None)
+        self._endpoints.pop(engine, None)
         ch = self._channels.pop(engine, None)
         if ch is not None:
             ch.close()

@@ -20,7 +20,7 @@ from ..dataplane import parcel
 from ..dataplane.shm import Segment
 
 __all__ = ["token", "stored", "keep", "stash", "take_stash", "clear_stash", "held", "chores",
-           "open_payload", "serve", "offer", "write_array", "collect", "probe", "reset", "channel_stats", "resident_keys"]
+           "open_payload", "serve", "offer", "write_array", "collect", "probe", "reset", "channel_stats", "discard_run", "resident_keys"]
 
 _segments: dict[str, Segment] = {}
 _tokens: dict[str, list[weakref.ref]] = {}
@@ -199,6 +199,11 @@ def serve(host: str) -> str:
 
         _server = Server(get_ipython().kernel.session.key, host)
     return _server.endpoint
+
+
+def discard_run(prefix: str) -> int:
+    """Drop transfers of an aborted pipeline run that arrived but will never be taken."""
+    return _server.discard_prefix(prefix) if _server is not None else 0
 
 
 def channel_stats() -> dict[str, int]:

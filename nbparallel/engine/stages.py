@@ -1,0 +1,166 @@
+"""Pipeline stages inside an engine: their namespaces, and the executor of one rank's schedule.
+
+A ``%%stage`` cell runs once in a namespace that lives here for as long as the engine does; its
+parameters never leave the engine. :func:`run_rank` executes one rank's ordered ops of a schedule:
+activations go to the next stage's engine and gradients to the previous one over the engines'
+signed direct channels (``dataplane/direct.py``), never through the notebook.
+"""
+
+from __future__ import annotations
+
+import builtins
+import time
+from typing import Any
+
+import numpy as np
+
+from ..cellcode import CellCode, compile_cell, unpack_names
+from ..dataplane import parcel
+from . import store
+from .runner import _failure, _register_source
+
+__all__ = ["define", "describe", "drop", "pull", "run_rank"]
+
+HOOKS = ("forward", "backward", "backward_input", "backward_weight", "loss", "step")
+RECV_TIMEOUT = 600.0  # a stage may be slow; Ctrl-C (SIGINT) ends a wait sooner
+
+_stages: dict[str, dict[str, Any]] = {}
+_peers: dict[str, Any] = {}
+
+
+def define(name: str, cell: CellCode, names_blob: bytes) -> dict[str, Any]:
+    """Run a stage cell in a fresh namespace that replaces stage ``name`` on this engine."""
+    _register_source(cell)
+    ns: dict[str, Any] = {"__builtins__": builtins, "__name__": f"__nbparallel_stage_{name}__"}
+    ns.update(unpack_names(names_blob))
+    from .. import gpu
+
+    ns["xp"] = gpu.array_module()
+    try:
+        exec(compile_cell(cell), ns)
+    except Exception as exc:  # the user's exception, with their own line
+        return {"ok": False, "failure": _failure(exc, cell.filename, stage=name)}
+    _stages[name] = ns
+    return {"ok": True, **describe(name)}
+
+
+def describe(name: str) -> dict[str, Any]:
+    """Which hooks stage ``name`` defines and how many bytes of arrays its namespace holds."""
+    ns = _stages[name]
+    hooks = [h for h in HOOKS if callable(ns.get(h))]
+    nbytes = sum(v.nbytes for k, v in ns.items()
+                 if not k.startswith("__") and isinstance(getattr(v, "nbytes", None), int))
+    return {"hooks": hooks, "param_bytes": nbytes}
+
+
+def pull(name: str, var: str) -> Any:
+    """A stage variable's current value (parameters, for checking or saving)."""
+    from .. import gpu
+
+    return gpu.to_host(_stages[name][var])
+
+
+def drop(names: list[str]) -> None:
+    for name in names:
+        _stages.pop(name, None)
+
+
+def _peer(endpoint: str) -> Any:
+    if endpoint not in _peers:
+        from IPython import get_ipython
+
+        from ..dataplane.direct import Channel
+
+        _peers[endpoint] = Channel(endpoint, get_ipython().kernel.session.key, timeout=RECV_TIMEOUT)
+    return _peers[endpoint]
+
+
+def _send(endpoint: str, tid: str, value: Any) -> int:
+    header, buffers = parcel.dumps(value)
+    return _peer(endpoint).put(tid, header, [b.raw() for b in buffers])
+
+
+def _recv(tid: str) -> Any:
+    header, frames = store._server.take(tid, RECV_TIMEOUT)
+    return parcel.loads(header, [bytearray(f) for f in frames])
+
+
+def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[int, str],
+             endpoints: dict[int, str], n_stages: int, inputs: dict[int, Any],
+             targets: dict[int, Any], train: bool) -> dict[str, Any]:
+    """Execute ``ops`` (kind, stage, micro-batch) in order; return outputs, losses, spans, stash.
+
+    ``names`` maps the stages on this rank to their names; ``endpoints`` maps every stage to the
+    direct-channel endpoint of its engine.
+    """
+    last = n_stages - 1
+    ctxs: dict[tuple[int, int], dict[str, Any]] = {}
+    finals: dict[int, Any] = {}
+    out: dict[str, Any] = {"outputs": {}, "losses": {}, "spans": [], "sent": 0,
+                           "peak_stash": {s: 0 for s in names}}
+    where: dict[str, Any] = {}
+    try:
+        for kind, s, j in ops:
+            where = {"stage": names[s], "microbatch": j, "op": kind}
+            ns = _stages[names[s]]
+            t0 = time.time()
+            if kind == "F":
+                x = inputs.pop(j) if s == 0 else _recv(f"{run}:a:{s}:{j}")
+                ctx = ctxs.setdefault((s, j), {})
+                y = ns["forward"](x, ctx)
+                if s == last:
+                    if train:
+                        finals[j] = y
+                    else:
+                        out["outputs"][j] = y
+                else:
+                    out["sent"] += _send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y)
+                stash = sum(1 for (ss, _) in ctxs if ss == s)
+                out["peak_stash"][s] = max(out["peak_stash"][s], stash)
+            elif kind in ("B", "I"):
+                if s == last:
+                    value, grad = ns["loss"](finals.pop(j), targets.pop(j))
+                    out["losses"][j] = float(value)
+                else:
+                    grad = _recv(f"{run}:g:{s}:{j}")
+                ctx = ctxs[(s, j)]
+                hook = ns["backward"] if kind == "B" else ns["backward_input"]
+                gin = hook(grad, ctx)
+                if s > 0:
+                    out["sent"] += _send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin)
+                if kind == "B":
+                    del ctxs[(s, j)]
+            elif kind == "W":
+                ns["backward_weight"](ctxs.pop((s, j)))
+            out["spans"].append((kind, s, j, t0, time.time()))
+        where = {"op": "step"}
+        if train:
+            for s in sorted(names):
+                step = _stages[names[s]].get("step")
+                if callable(step):
+                    where = {"stage": names[s], "op": "step"}
+                    step()
+    except Exception as exc:  # reported with the stage, micro-batch and the user's own line
+        if store._server is not None:
+            store._server.discard_prefix(f"{run}:")
+        return {"ok": False, "failure": _failure(exc, _filename(exc), **where), "rank": rank}
+    out["outputs"] = {j: _host(v) for j, v in out["outputs"].items()}
+    return {"ok": True, "rank": rank, **out}
+
+
+def _filename(exc: BaseException) -> str:
+    # The innermost frame from a cell: stage hooks are defined in cells named <%%stage ...>.
+    tb, name = exc.__traceback__, ""
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith("<"):
+            name = tb.tb_frame.f_code.co_filename
+            break
+        tb = tb.tb_next
+    return name
+
+
+def _host(value: Any) -> Any:
+    from .. import gpu
+
+    value = gpu.to_host(value)
+    return np.asarray(value) if hasattr(value, "__array__") else value

@@ -1,0 +1,317 @@
+"""Model parallelism: stages on engines, micro-batches flowing between them under a schedule.
+
+The Python twins of ``%%stage`` and ``%pipeline``::
+
+    from nbparallel import pipeline
+    pipeline.stage("l1", STAGE_CELL_SOURCE)            # runs once on its engine
+    pipeline.stage("l2", OTHER_STAGE_SOURCE)
+    y = pipeline.run(x, microbatches=8)                # forward only (GPipe order)
+    losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
+    pipeline.show()                                    # stages, engines, parameter bytes
+
+A stage cell defines ``forward(x, ctx)`` and, to train, ``backward(grad, ctx)`` (or the split
+``backward_input(grad, ctx)`` / ``backward_weight(ctx)`` for ``zb-h1``), ``loss(y, target)`` on the
+last stage, and optionally ``step()``, called once per step after all micro-batches.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+from concurrent.futures import FIRST_COMPLETED, wait
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .. import pool as pool_mod
+from ..cellcode import free_names, pack_names, parse_cell
+from ..errors import RemoteError, RemoteFailure, UsageError
+from ..telemetry.records import transfer
+from . import schedule as sched
+
+__all__ = ["StageInfo", "RunResult", "Pipeline", "stage", "run", "train", "show", "clear"]
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One row of ``%pipeline show``."""
+
+    name: str
+    engine: int
+    hooks: tuple[str, ...]
+    param_bytes: int
+
+
+@dataclass
+class RunResult:
+    """What one schedule run measured: per-op spans (rank, kind, stage, mb, start, end)."""
+
+    schedule: sched.Schedule
+    spans: list[tuple[int, str, int, int, float, float]] = field(default_factory=list)
+    peak_stash: dict[int, int] = field(default_factory=dict)
+    bytes_between_stages: int = 0
+
+    @property
+    def bubble(self) -> float:
+        """Idle share of engine time between the first op's start and the last op's end."""
+        if not self.spans:
+            return 0.0
+        t0 = min(s[4] for s in self.spans)
+        t1 = max(s[5] for s in self.spans)
+        busy = sum(s[5] - s[4] for s in self.spans)
+        total = self.schedule.p * (t1 - t0)
+        return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
+
+
+class Pipeline:
+    """The stages defined on one pool, in definition order (stage 0 first)."""
+
+    def __init__(self, pool: Any):
+        self.pool = pool
+        self.stages: dict[str, StageInfo] = {}
+        self.last: list[RunResult] = []
+
+    # -- stages --------------------------------------------------------------------------------
+    def define(self, name: str, code: str, engine: int | None, namespace: Mapping[str, Any],
+               hidden: Sequence[str] = ()) -> StageInfo:
+        from ..engine.stages import define
+
+        if not name.isidentifier():
+            raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
+        cell, tree = parse_cell(code, f"%%stage {name} cell")
+        blob = pack_names(free_names(tree), namespace, skip={"xp", *hidden})
+        ids = self.pool.ids
+        if engine is None:
+            index = list(self.stages).index(name) if name in self.stages else len(self.stages)
+            engine = ids[index % len(ids)]
+        elif engine not in ids:
+            raise UsageError(f"--engine {engine} is not in the pool; available: {ids}.")
+        reply = self.pool.apply(engine, define, name, cell, blob).get()
+        if not reply["ok"]:
+            raise RemoteError(f"the %%stage {name} cell", [RemoteFailure(engine=engine,
+                                                                         **reply["failure"])])
+        if "forward" not in reply["hooks"]:
+            raise UsageError(
+                f"stage `{name}` does not define forward(x, ctx); every stage needs one, e.g.\n"
+                f"    def forward(x, ctx):\n        ctx['x'] = x\n        return x @ W"
+            )
+        old = self.stages.get(name)
+        if old is not None and old.engine != engine:
+            from ..engine.stages import drop
+
+            self.pool.apply(old.engine, drop, [name]).get()
+        info = StageInfo(name, engine, tuple(reply["hooks"]), reply["param_bytes"])
+        self.stages[name] = info  # re-running a stage keeps its place in the order
+        return info
+
+    def placement(self) -> tuple[list[int], int]:
+        """The engines (ranks) in stage order and the number of virtual stages per rank."""
+        if not self.stages:
+            raise UsageError("no stages yet: define them with %%stage NAME cells, first to last.")
+        engines = [info.engine for info in self.stages.values()]
+        ranks = list(dict.fromkeys(engines))
+        p = len(ranks)
+        if len(engines) % p or any(engines[s] != ranks[s % p] for s in range(len(engines))):
+            raise UsageError(
+                f"stages sit on engines {engines}; with more stages than engines they must go "
+                f"round-robin (stage s on engine s mod {p}) for the interleaved schedule. Drop "
+                f"--engine from the %%stage lines to get that placement."
+            )
+        return ranks, len(engines) // p
+
+    # -- running -------------------------------------------------------------------------------
+    def run(self, x: Any, microbatches: int) -> Any:
+        ranks, v = self.placement()
+        s = _forward_only(len(ranks), microbatches, v)
+        result = self._execute(s, ranks, _split(x, microbatches, "--input"), {}, train=False)
+        return _join(result["outputs"], microbatches)
+
+    def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int) -> list[float]:
+        ranks, v = self.placement()
+        name = schedule
+        if v > 1 and name != "interleaved":
+            raise UsageError(
+                f"{len(self.stages)} stages on {len(ranks)} engines are virtual stages; train them "
+                f"with --schedule interleaved, or give each stage its own engine."
+            )
+        s = sched.build(name, len(ranks), microbatches, v)
+        self._check_hooks(name)
+        xs, ts = _split(x, microbatches, "--input"), _split(target, microbatches, "--target")
+        if len(xs) != len(ts):
+            raise UsageError("--input and --target must have the same number of rows.")
+        if steps < 1:
+            raise UsageError(f"--steps must be 1 or more, not {steps}.")
+        losses = []
+        self.last = []
+        for _ in range(steps):
+            result = self._execute(s, ranks, xs, ts, train=True)
+            losses.append(sum(result["losses"].values()))
+        return losses
+
+    def _check_hooks(self, schedule: str) -> None:
+        infos = list(self.stages.values())
+        split = schedule == "zb-h1"
+        need = ("backward_input", "backward_weight") if split else ("backward",)
+        for info in infos:
+            missing = [h for h in need if h not in info.hooks]
+            if missing:
+                extra = (" zb-h1 splits the backward pass: define backward_input(grad, ctx) "
+                         "returning the input gradient and backward_weight(ctx) accumulating "
+                         "the weight gradient." if split else "")
+                raise UsageError(f"stage `{info.name}` lacks {', '.join(missing)}, which "
+                                 f"training with --schedule {schedule} needs.{extra}")
+        if "loss" not in infos[-1].hooks:
+            raise UsageError(f"the last stage `{infos[-1].name}` must define loss(y, target) "
+                             f"returning (value, gradient of the value with respect to y).")
+
+    def _execute(self, s: sched.Schedule, ranks: list[int], xs: list[Any], ts: list[Any],
+                 train: bool) -> dict[str, Any]:
+        from ..engine.stages import run_rank
+
+        plane = self.pool.plane
+        names = list(self.stages)
+        endpoints = {i: plane.endpoint(self.stages[n].engine) for i, n in enumerate(names)}
+        run_id = secrets.token_hex(6)
+        last = len(names) - 1
+        futures = []
+        for r, eid in enumerate(ranks):
+            mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
+            ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
+            inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
+            targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
+            futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
+                                           len(names), inputs, targets, train))
+        replies = self._collect(futures, ranks, run_id)
+        result = RunResult(s)
+        out: dict[str, Any] = {"outputs": {}, "losses": {}}
+        for r, reply in enumerate(replies):
+            out["outputs"].update(reply["outputs"])
+            out["losses"].update(reply["losses"])
+            result.spans += [(r, *span) for span in reply["spans"]]
+            result.peak_stash.update(reply["peak_stash"])
+            result.bytes_between_stages += reply["sent"]
+            plane.transfers.append(transfer(ranks[r], "stage", "out", "direct", reply["sent"]))
+        self.last.append(result)
+        return out
+
+    def _collect(self, futures: list[Any], ranks: list[int], run_id: str) -> list[dict[str, Any]]:
+        from ..engine.store import discard_run
+
+        pending = set(futures)
+        failed = False
+        try:
+            while pending and not failed:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                failed = any(f.exception() is not None or not f.result()["ok"] for f in done)
+        except KeyboardInterrupt:
+            failed = True
+            raise
+        finally:
+            if failed and pending:
+                # One stage failed: the others wait for activations that will never come.
+                self.pool.interrupt(list(pending), ranks)
+                wait(pending, timeout=10)
+            if failed:
+                for eid in ranks:
+                    self.pool.apply(eid, discard_run, f"{run_id}:")
+        failures = []
+        replies = []
+        for r, (eid, fut) in enumerate(zip(ranks, futures)):
+            try:
+                reply = fut.result()
+            except Exception as exc:
+                f = self.pool.failure(exc, eid, rank=r)
+                if f.ename != "KeyboardInterrupt":
+                    failures.append(f)
+                continue
+            if not reply["ok"]:
+                failures.append(RemoteFailure(engine=eid, **reply["failure"]))
+            replies.append(reply)
+        if failures or failed:
+            raise RemoteError("the pipeline", failures or [RemoteFailure(-1, "Interrupted",
+                                                                          "the run was stopped",
+                                                                          "")])
+        return replies
+
+    def show(self) -> list[StageInfo]:
+        return list(self.stages.values())
+
+    def pull(self, stage: str, var: str) -> Any:
+        """Copy variable ``var`` of stage ``stage`` into the notebook (e.g. trained weights)."""
+        from ..engine.stages import pull
+
+        if stage not in self.stages:
+            raise UsageError(f"no stage named `{stage}`; stages: {', '.join(self.stages) or 'none'}.")
+        return self.pool.apply(self.stages[stage].engine, pull, stage, var).get()
+
+    def clear(self) -> None:
+        """Forget every stage, here and on the engines."""
+        from ..engine.stages import drop
+
+        for info in self.stages.values():
+            self.pool.apply(info.engine, drop, [info.name]).get()
+        self.stages.clear()
+
+
+def _forward_only(p: int, m: int, v: int) -> sched.Schedule:
+    """Inference order: each rank runs its stages first to last, each over every micro-batch."""
+    if v == 1:
+        return sched.build("gpipe", p, m, train=False)
+    ranks = tuple(tuple(sched.Op("F", st, j) for st in range(r, p * v, p) for j in range(m))
+                  for r in range(p))
+    return sched.Schedule("gpipe", p, m, v, ranks, False)
+
+
+def _split(x: Any, m: int, what: str) -> list[Any]:
+    if m < 1:
+        raise UsageError(f"--microbatches must be 1 or more, not {m}.")
+    n = len(x)
+    if n < m:
+        raise UsageError(f"{what} has {n} rows, fewer than --microbatches {m}; use at most {n}.")
+    # Like numpy.array_split: when m does not divide the batch, the first micro-batches are
+    # one row longer. Losses are the user's, so scale them by the full batch if it matters.
+    return list(np.array_split(np.asarray(x), m))
+
+
+def _join(outputs: dict[int, Any], m: int) -> Any:
+    parts = [outputs[j] for j in range(m)]
+    return np.concatenate(parts) if all(isinstance(p, np.ndarray) for p in parts) else parts
+
+
+# -- Python twins ------------------------------------------------------------------------------
+def _pipeline(pool: Any | None) -> Pipeline:
+    return (pool or pool_mod.ensure()).pipeline
+
+
+def stage(name: str, code: str, *, engine: int | None = None,
+          namespace: Mapping[str, Any] | None = None, pool: Any | None = None) -> StageInfo:
+    """Define (or replace) stage ``name`` by running ``code`` once on its engine.
+
+    >>> pipeline.stage("l1", "W = w1\\ndef forward(x, ctx):\\n    return x @ W")
+    """
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals
+    return _pipeline(pool).define(name, code, engine, namespace)
+
+
+def run(x: Any, microbatches: int = 1, *, pool: Any | None = None) -> Any:
+    """Forward ``x`` through every stage in ``microbatches`` pieces; returns the joined output."""
+    return _pipeline(pool).run(x, microbatches)
+
+
+def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
+          pool: Any | None = None) -> list[float]:
+    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss."""
+    return _pipeline(pool).train(x, target, microbatches, schedule, steps)
+
+
+def show(*, pool: Any | None = None) -> list[StageInfo]:
+    """The stages in order, with engine, hooks and parameter bytes."""
+    return _pipeline(pool).show()
+
+
+def clear(*, pool: Any | None = None) -> None:
+    """Remove every stage (``%pipeline clear``)."""
+    _pipeline(pool).clear()
+

@@ -1,0 +1,214 @@
+"""Pipeline stages on real engines: training equals one process, for every schedule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import nbparallel
+from nbparallel.pipeline import runtime as pipeline
+from nbparallel.errors import RemoteError, UsageError
+
+pytestmark = pytest.mark.cluster
+
+STAGE = """
+W = W_init.copy()
+b = b_init.copy()
+gW = np.zeros_like(W)
+gb = np.zeros_like(b)
+
+def forward(x, ctx):
+    z = x @ W + b
+    y = np.tanh(z) if act else z
+    ctx["x"], ctx["y"] = x, y
+    return y
+
+def backward_input(grad, ctx):
+    g = grad * (1 - ctx["y"] ** 2) if act else grad
+    ctx["g"] = g
+    return g @ W.T
+
+def backward_weight(ctx):
+    gW[...] += ctx["x"].T @ ctx["g"]
+    gb[...] += ctx["g"].sum(axis=0)
+
+def backward(grad, ctx):
+    gin = backward_input(grad, ctx)
+    backward_weight(ctx)
+    return gin
+
+def loss(y, t):
+    d = y - t
+    return 0.5 * float((d * d).sum()) / N, d / N
+
+def step():
+    W[...] -= lr * gW
+    b[...] -= lr * gb
+    gW[...] = 0
+    gb[...] = 0
+"""
+
+SIZES = [6, 16, 16, 16, 3]
+N, LR = 32, 0.1
+
+
+def model(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [(rng.standard_normal((i, o)) / np.sqrt(i), rng.standard_normal(o) * 0.1)
+            for i, o in zip(SIZES, SIZES[1:])]
+
+
+def reference(params, x, t, steps):
+    """The unsplit model, one process, full batch."""
+    params = [(W.copy(), b.copy()) for W, b in params]
+    losses = []
+    for _ in range(steps):
+        acts, h = [x], x
+        for k, (W, b) in enumerate(params):
+            h = h @ W + b
+            h = np.tanh(h) if k < len(params) - 1 else h
+            acts.append(h)
+        d = h - t
+        losses.append(0.5 * float((d * d).sum()) / N)
+        g = d / N
+        grads = []
+        for k in reversed(range(len(params))):
+            W, b = params[k]
+            if k < len(params) - 1:
+                g = g * (1 - acts[k + 1] ** 2)
+            grads.append((acts[k].T @ g, g.sum(axis=0)))
+            g = g @ W.T
+        for (W, b), (gW, gb) in zip(params, reversed(grads)):
+            W -= LR * gW
+            b -= LR * gb
+    return params, losses
+
+
+def define(pool, params, engines):
+    """One linear layer per stage; len(engines) stages in order."""
+    pool.pipeline.clear()
+    for k, ((W, b), eid) in enumerate(zip(params, engines)):
+        ns = {"np": np, "W_init": W, "b_init": b, "act": k < len(params) - 1, "N": N, "lr": LR}
+        pipeline.stage(f"s{k}", STAGE, engine=eid, namespace=ns, pool=pool)
+
+
+def weights(pool):
+    return [(pool.pipeline.pull(info.name, "W"), pool.pipeline.pull(info.name, "b"))
+            for info in pipeline.show(pool=pool)]
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    p = nbparallel.Pool.start(4)
+    yield p
+    p.stop()
+
+
+def data():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((N, SIZES[0])), rng.standard_normal((N, SIZES[-1]))
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+def test_four_stages_train_like_one_process(pool4, schedule):
+    params = model()
+    x, t = data()
+    define(pool4, params, pool4.ids)
+    losses = pipeline.train(x, t, 8, schedule=schedule, steps=3, pool=pool4)
+    want, want_losses = reference(params, x, t, 3)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for (W, b), (W2, b2) in zip(weights(pool4), want):
+        np.testing.assert_allclose(W, W2, rtol=1e-6)
+        np.testing.assert_allclose(b, b2, rtol=1e-6)
+    result = pool4.pipeline.last[-1]
+    assert len(result.spans) == len(result.schedule.ranks[0]) * 4
+    assert 0 <= result.bubble < 1
+
+
+def test_four_stages_on_two_engines_train_interleaved(pool, pool4):
+    params = model()
+    x, t = data()
+    define(pool, params, [0, 1, 0, 1])
+    losses = pipeline.train(x, t, 4, schedule="interleaved", steps=2, pool=pool)
+    want, want_losses = reference(params, x, t, 2)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for (W, b), (W2, _) in zip(weights(pool), want):
+        np.testing.assert_allclose(W, W2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_two_stages_train_and_run(pool, schedule):
+    params = model()
+    merged = params[:2]
+    x, t = data()
+    define(pool, merged, [0, 1])
+    y = pipeline.run(x, 5, pool=pool)
+    h = np.tanh(x @ merged[0][0] + merged[0][1]) @ merged[1][0] + merged[1][1]
+    # The last stage here has act=True only for k < 1: stage 1 is linear.
+    np.testing.assert_allclose(y, h, rtol=1e-9)
+    cursor = pool.transfers.cursor
+    pipeline.train(x, h + 0.5, 4, schedule=schedule, steps=1, pool=pool)
+    stage_bytes = [r for r in pool.transfers.since(cursor)[0] if r.kind == "stage"]
+    assert sum(r.nbytes for r in stage_bytes) > 0
+
+
+def test_bad_pipeline_input(pool):
+    params = model()[:2]
+    x, t = data()
+    define(pool, params, [0, 1])
+    with pytest.raises(UsageError, match="fewer than --microbatches"):
+        pipeline.run(x[:3], 4, pool=pool)
+    with pytest.raises(UsageError, match="interleaved"):
+        define(pool, model(), [0, 1, 0, 1])
+        pipeline.train(x, t, 4, schedule="1f1b", pool=pool)
+    pool.pipeline.clear()
+    with pytest.raises(UsageError, match="does not define forward"):
+        pipeline.stage("bad", "W = 1", engine=0, pool=pool)
+    with pytest.raises(UsageError, match="lacks backward"):
+        pipeline.stage("fwd", "def forward(x, ctx):\n    return x", engine=0, pool=pool)
+        pipeline.train(x, t, 2, pool=pool)
+    with pytest.raises(UsageError, match="no stages"):
+        pool.pipeline.clear()
+        pipeline.run(x, 2, pool=pool)
+
+
+def test_an_exception_in_a_stage_names_it_and_the_engines_stay_usable(pool):
+    params = model()[:2]
+    x, t = data()
+    define(pool, params, [0, 1])
+    ns = {"np": np}
+    pipeline.stage("s1", "def forward(x, ctx):\n    if len(x) < 8:\n        raise ValueError('tiny')\n"
+                   "    return x", engine=1, namespace=ns, pool=pool)
+    with pytest.raises(RemoteError) as info:
+        pipeline.run(x[:30], 4, pool=pool)  # micro-batches of 8, 8, 7, 7
+    text = str(info.value)
+    assert "tiny" in text and "stage s1" in text and "micro-batch 2" in text
+    assert "engine 1" in text and "forward" in text
+    define(pool, params, [0, 1])
+    assert pipeline.run(x, 2, pool=pool).shape == (N, SIZES[2])
+
+
+def test_magics_stage_and_pipeline(ip, pool, capsys):
+    pool.pipeline.clear()
+    params = model()[:2]
+    x, t = data()
+    ip.user_ns.update(np=np, W_init=params[0][0], b_init=params[0][1], act=True, N=N, lr=LR,
+                      x=x, t=t)
+    ip.run_cell_magic("stage", "l1 --engine 0", STAGE)
+    ip.user_ns.update(W_init=params[1][0], b_init=params[1][1], act=False)
+    ip.run_cell_magic("stage", "l2 --engine 1", STAGE)
+    ip.run_line_magic("pipeline", "show")
+    assert "l1" in capsys.readouterr().out
+    ip.run_line_magic("pipeline", "run --input x --microbatches 4 --out y")
+    assert ip.user_ns["y"].shape == (N, SIZES[2])
+    ip.user_ns["t"] = ip.user_ns["y"] + 0.1
+    ip.run_line_magic("pipeline", "train --input x --target t --microbatches 4 --schedule zb-h1 "
+                                  "--steps 3 --out losses")
+    losses = ip.user_ns["losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert "measured bubble" in capsys.readouterr().out
+    ip.run_line_magic("pipeline", "schedule --stages 4 --microbatches 8 --schedule 1f1b")
+    out = capsys.readouterr().out
+    assert "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7" in out
+    with pytest.raises(UsageError, match="not defined"):
+        ip.run_line_magic("pipeline", "run --input nope --microbatches 2 --out y")
