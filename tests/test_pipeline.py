@@ -212,3 +212,35 @@ def test_magics_stage_and_pipeline(ip, pool, capsys):
     assert "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7" in out
     with pytest.raises(UsageError, match="not defined"):
         ip.run_line_magic("pipeline", "run --input nope --microbatches 2 --out y")
+
+
+SLEEPY = """
+import time
+
+def forward(x, ctx):
+    time.sleep(D)
+    return x
+
+def backward(grad, ctx):
+    time.sleep(D)
+    return grad
+
+def loss(y, t):
+    return 0.0, y
+"""
+
+
+@pytest.mark.parametrize("p, m", [(2, 4), (2, 16), (4, 4), (4, 16)])
+def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
+    from nbparallel.pipeline import schedule as sched
+
+    target = pool if p == 2 else pool4
+    target.pipeline.clear()
+    d = 0.03
+    for k in range(p):
+        pipeline.stage(f"z{k}", SLEEPY, engine=target.ids[k], namespace={"D": d}, pool=target)
+    x = np.zeros((m, 2))
+    pipeline.train(x, x, m, schedule="1f1b", pool=target)
+    measured = target.pipeline.last[-1].bubble
+    simulated = sched.simulate(sched.build("1f1b", p, m), sched.Costs(f=d, b=d)).bubble
+    assert abs(measured - simulated) < 0.05, (measured, simulated)

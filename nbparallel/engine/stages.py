@@ -103,9 +103,10 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
         for kind, s, j in ops:
             where = {"stage": names[s], "microbatch": j, "op": kind}
             ns = _stages[names[s]]
-            t0 = time.time()
+            t0 = time.time()  # reset after a receive: waiting for a peer is bubble, not work
             if kind == "F":
                 x = inputs.pop(j) if s == 0 else _recv(f"{run}:a:{s}:{j}")
+                t0 = time.time()
                 ctx = ctxs.setdefault((s, j), {})
                 y = ns["forward"](x, ctx)
                 if s == last:
@@ -123,6 +124,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                     out["losses"][j] = float(value)
                 else:
                     grad = _recv(f"{run}:g:{s}:{j}")
+                    t0 = time.time()
                 ctx = ctxs[(s, j)]
                 hook = ns["backward"] if kind == "B" else ns["backward_input"]
                 gin = hook(grad, ctx)
