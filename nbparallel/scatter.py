@@ -250,7 +250,8 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[di
             reply = fut.result()
         except Exception as exc:  # the engine died or the runner could not start
             failures.append(pool.failure(exc, eid, rank=rank))
-            pool.plane.engine_gone(eid) if eid not in pool.alive([eid]) else None
+            if not pool.alive([eid]):
+                pool.plane.engine_gone(eid)
             continue
         pool.plane.note(eid, reply)
         if not reply["ok"] and "failure" in reply:

@@ -105,7 +105,8 @@ class Layout:
         self.nbytes = 0
         self._writes: list[tuple[int, Any]] = []  # (offset, array or PickleBuffer)
 
-    def _reserve(self, nbytes: int) -> int:
+    def reserve(self, nbytes: int) -> int:
+        """Room for ``nbytes`` at an aligned offset, which is returned."""
         offset = self.nbytes
         self.nbytes = align(offset + nbytes)
         return offset
@@ -115,14 +116,14 @@ class Layout:
         if is_plain_array(value):
             if value.nbytes < INLINE_LIMIT:
                 return lambda seg: Inline(value)
-            offset = self._reserve(value.nbytes)
+            offset = self.reserve(value.nbytes)
             self._writes.append((offset, value))
             return lambda seg: ArraySlot(seg.name, seg.size, offset, value.shape, value.dtype.str,
                                          readonly)
         header, buffers = dumps(value)
         if not buffers:
             return lambda seg: Inline(value)
-        offsets = [self._reserve(buf.raw().nbytes) for buf in buffers]
+        offsets = [self.reserve(buf.raw().nbytes) for buf in buffers]
         self._writes.extend(zip(offsets, buffers))
         sizes = [buf.raw().nbytes for buf in buffers]
         return lambda seg: Pickled(header, tuple(BufferSlot(seg.name, seg.size, o, n)

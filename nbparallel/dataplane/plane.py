@@ -255,7 +255,7 @@ class DataPlane:
                     plan.append(("ipp", None))
                 elif how[r] == "shm":
                     nbytes = int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize
-                    plan.append(("shm", part_layout._reserve(nbytes)))
+                    plan.append(("shm", part_layout.reserve(nbytes)))
                 elif how[r] == "direct":
                     plan.append(("direct", secrets.token_hex(16)))
                 else:
@@ -347,7 +347,7 @@ class DataPlane:
                     self.transfers.append(transfer(eid, job.kind, "in", "shm", _meta_bytes(job.metas[r])))
                 out[job.name] = arr
                 continue
-            parts = []
+            parts, tokens = [], []
             for r, eid in enumerate(ids):
                 kind, where = plans[job.name][r]
                 shp, dt = job.metas[r]
@@ -356,7 +356,8 @@ class DataPlane:
                     continue
                 if kind == "shm":
                     nbytes = _meta_bytes(job.metas[r])
-                    part = parts_segment.token(where, nbytes).view(np.dtype(dt)).reshape(shp)
+                    tokens.append(parts_segment.token(where, nbytes))
+                    part = tokens[-1].view(np.dtype(dt)).reshape(shp)
                 elif kind == "direct":
                     header, frames = self.channel(eid).get(where)
                     part = parcel.loads(header, list(frames))
@@ -370,9 +371,10 @@ class DataPlane:
                 out[job.name] = partition.join(parts, job.axis, job.name, list(ids))
             else:
                 out[job.name] = partition.reduce(job.op, parts, job.axis, job.name, list(ids))
-            if parts_segment is not None:
-                # Views of the parts segment may survive (a "list" reduce returns the parts).
-                self.arena.lend(parts_segment, parts_segment.token(0, 0))
+            del parts
+            for tok in tokens:
+                # A "list" reduce returns the parts themselves: the segment stays theirs.
+                self.arena.lend(parts_segment, tok)
         return out
 
     # -- lifecycle -----------------------------------------------------------------------------
