@@ -229,7 +229,14 @@ class Pool:
     # -- work ----------------------------------------------------------------------------------
     def apply(self, engine: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine; returns a future (an ipyparallel AsyncResult)."""
-        return self.client[engine].apply_async(fn, *args)
+        try:
+            view = self.client[engine]
+        except IndexError:  # it died after the engines for this call were chosen
+            raise PoolError(
+                f"engine {engine} has stopped (the controller no longer lists it), so the work "
+                f"for it was not sent. `%nbp status` shows the engines left; run the cell again."
+            ) from None
+        return view.apply_async(fn, *args)
 
     def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
                  retries: int = 0) -> Any:
