@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import secrets
+import sys
 from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -409,8 +410,6 @@ def _size(value: Any) -> int:
     if isinstance(nbytes, int):
         return nbytes
     try:
-        import sys
-
         return sys.getsizeof(value)
     except TypeError:
         return 0

@@ -26,7 +26,6 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -268,12 +267,3 @@ def parse_size(text: str) -> int:
     if text and text[-1] in units:
         return int(float(text[:-1]) * units[text[-1]])
     return int(text)
-
-
-def describe(segment: Segment) -> tuple[str, int]:
-    """What an engine needs to attach: the name and the mapped size."""
-    return segment.name, segment.size
-
-
-def views_alive(tokens: list[weakref.ref[Any]]) -> bool:
-    return any(ref() is not None for ref in tokens)
