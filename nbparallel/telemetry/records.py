@@ -18,12 +18,16 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, Iterable, TypeVar
 
-__all__ = ["Transfer", "Ring", "KINDS", "TRANSPORTS"]
+__all__ = ["Transfer", "Span", "Sample", "Ring", "KINDS", "TRANSPORTS", "SPAN_KINDS"]
 
 #: What a transfer carried.
 KINDS = ("scatter", "broadcast", "gather", "reduce", "payload", "result", "stage")
 #: How it travelled: shared memory, a direct authenticated channel, ipyparallel's controller.
 TRANSPORTS = ("shm", "direct", "ipp")
+
+#: What a span timed: a %%scatter cell on one shard, a %%pmap chunk, or a pipeline op
+#: (F forward, B backward, I backward-input, W backward-weight, step the optimiser step).
+SPAN_KINDS = ("scatter", "pmap", "F", "B", "I", "W", "step")
 
 T = TypeVar("T")
 
@@ -43,6 +47,37 @@ class Transfer:
     transport: str
     nbytes: int
     time: float
+
+
+@dataclass(frozen=True)
+class Span:
+    """Work one engine did, timed on the notebook's clock (engine clock minus its offset).
+
+    ``run`` groups the spans of one magic run (a pipeline run, a %%pmap); ``stage`` and
+    ``microbatch`` are -1 outside a pipeline; ``items`` counts the %%pmap items in a chunk.
+    """
+
+    engine: int
+    kind: str
+    start: float
+    end: float
+    run: str = ""
+    stage: int = -1
+    microbatch: int = -1
+    items: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One engine's load at ``time``: CPU % of its process, tasks queued, GPU use where present."""
+
+    engine: int
+    time: float
+    cpu: float
+    queued: int = 0
+    gpu_util: float | None = None
+    gpu_mem: int | None = None
+    gpu_mem_total: int | None = None
 
 
 class Ring(Generic[T]):
