@@ -8,6 +8,10 @@ this machine; nothing printed is a constant. Three groups:
 * ``pmap``: ``items`` trivial items (``x + 1``), load-balanced over the engines.
 * ``roundtrip``: the latency of a trivial cell, ``nbparallel.scatter("y = x", ...)`` of a few
   items, against ``%px pass``.
+* ``pipeline``: two stages on the first two engines. ``activation hop``: a forward-only run whose
+  first stage hands ``size_mb`` MB of activations, in 8 micro-batches, to the second (whole run
+  timed), through shared memory and through the signed sockets, against ``numpy.copyto`` of the
+  same bytes. ``per micro-batch``: (time of 64 micro-batches - time of 1) / 63 for 8x8 arrays.
 
 Each case has one untimed warm-up run, which also checks the result, then ``repeat`` timed runs;
 the best and the median are reported. A case that raises is reported in its own row and the
@@ -42,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = ["GROUPS", "TRANSPORTS", "run", "format_table", "markdown_table", "machine"]
 
-GROUPS = ("scatter", "pmap", "roundtrip")
+GROUPS = ("scatter", "pmap", "roundtrip", "pipeline")
 TRANSPORTS = ("auto", "shm", "direct", "ipp")
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
@@ -87,6 +91,8 @@ def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int
         cases += _pmap_group(pool, n, items, repeat, say)
     if "roundtrip" in only:
         cases += _roundtrip_group(pool, n, say)
+    if "pipeline" in only:
+        cases += _pipeline_group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,
             "repeat": repeat, "transport": transport, "groups": [g for g in GROUPS if g in only],
             "cases": cases, "ratios": _ratios(cases)}
@@ -282,6 +288,78 @@ def _roundtrip_group(pool: Pool, n: int, say: Callable[[str], None]) -> list[dic
 
     return (case(NB, lambda: nbparallel.scatter("y = x", {"x": x}, gather=["y"], pool=pool)["y"], x)
             + case("ipyparallel %px pass", lambda: dv.execute("pass", block=True), None))
+
+
+HOP, PER_MB = "activation hop", "per micro-batch"
+HOP_MBS = 8
+SENDER = """
+big = np.ones((1, ACT // 8))
+def forward(x, ctx):
+    return big if ACT else x
+"""
+RECEIVER = "def forward(x, ctx):\n    return x[:, :1].copy()\n"
+
+
+def _pipeline_group(pool: Pool, size_mb: int, repeat: int,
+                    say: Callable[[str], None]) -> list[dict[str, Any]]:
+    from .pipeline.runtime import Pipeline
+
+    if len(pool.ids) < 2:
+        return _measure("pipeline", NB, [HOP, PER_MB], None, repeat, say)
+    act = size_mb * MB // HOP_MBS // 8 * 8
+    moved = {HOP: act * HOP_MBS}
+
+    @contextmanager
+    def stages(nbytes: int, handoff: bool = True) -> Iterator[Pipeline]:
+        # A pipeline of its own, with names of its own: the user's stages stay as they were.
+        pipe = Pipeline(pool)
+        pipe.handoff = handoff
+        try:
+            pipe.define("_nbp_bench_send", SENDER, pool.ids[0], {"np": np, "ACT": nbytes})
+            pipe.define("_nbp_bench_recv", RECEIVER, pool.ids[1], {})
+            yield pipe
+        finally:
+            pipe.clear()
+
+    def hop(handoff: bool) -> Setup:
+        @contextmanager
+        def setup() -> Iterator[Trial]:
+            with stages(act, handoff) as pipe:
+                x = np.zeros((HOP_MBS, 1))
+                yield _one(HOP, lambda: pipe.run(x, HOP_MBS), np.ones((HOP_MBS, 1)))
+        return setup
+
+    @contextmanager
+    def overhead() -> Iterator[Trial]:
+        with stages(0) as pipe:
+            x64, x1 = np.ones((64, 8)), np.ones((1, 8))
+
+            def trial(check: bool) -> dict[str, float]:
+                t0 = time.perf_counter()
+                got = pipe.run(x64, 64)
+                t1 = time.perf_counter()
+                pipe.run(x1, 1)
+                t2 = time.perf_counter()
+                if check:
+                    _check(got, x64[:, :1])
+                return {PER_MB: ((t1 - t0) - (t2 - t1)) / 63}
+            yield trial
+
+    @contextmanager
+    def copyto() -> Iterator[Trial]:
+        src, dst = np.ones(act // 8), np.full(act // 8, -1.0)
+
+        def copies() -> np.ndarray:
+            for _ in range(HOP_MBS):
+                np.copyto(dst, src)
+            return dst[:1]
+        yield _one(HOP, copies, src[:1])
+
+    return (_measure("pipeline", NB, [HOP], hop(True), repeat, say, nbytes=moved)
+            + _measure("pipeline", NB, [PER_MB], overhead, max(repeat, 5), say)
+            + _measure("pipeline", "nbparallel over sockets", [HOP], hop(False), repeat, say,
+                       nbytes=moved)
+            + _measure("pipeline", "numpy.copyto", [HOP], copyto, repeat, say, nbytes=moved))
 
 
 def _dask_importable() -> bool:

@@ -148,3 +148,21 @@ def test_command_prints_json(tmp_path: Path) -> None:
     failed = any(c["error"] for c in report["cases"] if c["name"] == "nbparallel")
     assert proc.returncode == (1 if failed else 0), proc.stderr
     assert "bench: roundtrip" in proc.stderr  # progress goes to stderr
+
+
+def test_pipeline_group_times_the_hop_and_the_overhead(pool) -> None:
+    user_stages = dict(pool.pipeline.stages)
+    report = bench.run(pool, size_mb=8, repeat=1, only=["pipeline"])
+    rows = {(c["name"], c["what"]): c for c in report["cases"]}
+    assert set(rows) == {("nbparallel", "activation hop"), ("nbparallel", "per micro-batch"),
+                         ("nbparallel over sockets", "activation hop"),
+                         ("numpy.copyto", "activation hop")}
+    for case in rows.values():
+        assert case["error"] is None, case
+    hop = rows[("nbparallel", "activation hop")]
+    assert hop["gbps"] == pytest.approx(8 * 10**6 / hop["seconds_best"] / 10**9, rel=1e-3)
+    assert 0 < rows[("nbparallel", "per micro-batch")]["seconds_median"] < 0.1
+    ratios = {r["baseline"]: r for r in report["ratios"].values()}
+    assert ratios["pipeline/numpy.copyto/activation hop"]["unit"] == "%"
+    # The bench's stages are its own: the user's pipeline is untouched.
+    assert pool.pipeline.stages == user_stages

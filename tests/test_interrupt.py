@@ -48,3 +48,23 @@ def test_ctrl_c_with_shared_memory_payloads_leases_nothing(ip, pool, magic, line
     assert pool.plane.arena.leased() == []
     ip.run_cell_magic("scatter", "big --gather r", "r = big + 1")
     np.testing.assert_array_equal(ip.user_ns["r"], big + 1)
+
+
+def test_ctrl_c_during_a_pipeline_run_stops_every_stage(ip, pool):
+    ip.user_ns.update(x=np.zeros((4, 2)), y="before")
+    ip.run_cell_magic("stage", "s0 --engine 0", "def forward(x, ctx):\n    return x + 1")
+    ip.run_cell_magic("stage", "s1 --engine 1",
+                      "import time\ndef forward(x, ctx):\n    time.sleep(30)\n    return x")
+    _interrupt_after(1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_line_magic("pipeline", "run --input x --microbatches 4 --out y")
+    assert time.perf_counter() - t0 < 1.0 + 2.0
+    assert ip.user_ns["y"] == "before"
+    ip.run_cell_magic("stage", "s1 --engine 1", "def forward(x, ctx):\n    return x * 2")
+    t1 = time.perf_counter()
+    ip.run_line_magic("pipeline", "run --input x --microbatches 4 --out y")
+    assert time.perf_counter() - t1 < 5.0
+    np.testing.assert_array_equal(ip.user_ns["y"], np.full((4, 2), 2.0))
+    assert pool.plane.arena.leased() == []
+    pool.pipeline.clear()

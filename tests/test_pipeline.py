@@ -244,3 +244,53 @@ def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
     measured = target.pipeline.last[-1].bubble
     simulated = sched.simulate(sched.build("1f1b", p, m), sched.Costs(f=d, b=d)).bubble
     assert abs(measured - simulated) < 0.05, (measured, simulated)
+
+
+def _segments():
+    import os
+    from pathlib import Path
+
+    return sorted(p.name for p in Path("/dev/shm").glob(f"nbp-{os.getpid()}-*"))
+
+
+def test_large_activations_hand_off_through_shared_memory(pool):
+    """Wide layers (512 KB per micro-batch each way) train exactly, through reused segments."""
+    rng = np.random.default_rng(3)
+    sizes = [6, 8192, 3]
+    params = [(rng.standard_normal((i, o)) / np.sqrt(i), rng.standard_normal(o) * 0.1)
+              for i, o in zip(sizes, sizes[1:])]
+    x, t = data()
+    define(pool, params, [0, 1])
+    cursor = pool.transfers.cursor
+    losses = pipeline.train(x, t, 4, schedule="1f1b", steps=2, pool=pool)
+    want, want_losses = reference(params, x, t, 2)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for (W, b), (W2, _) in zip(weights(pool), want):
+        np.testing.assert_allclose(W, W2, rtol=1e-6)
+    moved = [r for r in pool.transfers.since(cursor)[0] if r.kind == "stage"]
+    shm_bytes = sum(r.nbytes for r in moved if r.transport == "shm")
+    assert shm_bytes >= 2 * 2 * 4 * 8 * 8192 * 8  # steps x (activations + gradients) x m x rows x width
+    # A warm pipeline reuses its segments: more steps create none.
+    before = _segments()
+    pipeline.train(x, t, 4, schedule="1f1b", steps=3, pool=pool)
+    assert _segments() == before
+    y = pipeline.run(x, 4, pool=pool)
+    assert y.shape == (N, 3)
+
+
+def test_a_stage_keeping_its_input_holds_the_segment_until_it_lets_go(pool):
+    pool.pipeline.clear()
+    pipeline.stage("wide", "def forward(x, ctx):\n    return np.repeat(x, 20_000, axis=1)",
+                   engine=0, namespace={"np": np}, pool=pool)
+    pipeline.stage("keep", "kept = []\ndef forward(x, ctx):\n    kept.append(x)\n"
+                   "    return x[:, :1].copy()", engine=1, pool=pool)
+    x = np.arange(8.0).reshape(8, 1)
+    for _ in range(3):
+        y = pipeline.run(x, 2, pool=pool)
+        np.testing.assert_array_equal(y, x)
+    kept = pool.pipeline.pull("keep", "kept")
+    # Six kept activations, each still intact although the sender sent more after them.
+    assert len(kept) == 6
+    for k, value in enumerate(kept):
+        half = x[:4] if k % 2 == 0 else x[4:]
+        np.testing.assert_array_equal(value, np.repeat(half, 20_000, axis=1))

@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import partition
 from ..errors import RemoteError, UsageError
+from ..reaper import remove_segments
 from ..telemetry.records import Ring, Transfer, transfer
 from . import parcel
 from .shm import Arena, NoRoom, Segment
@@ -398,6 +399,8 @@ class DataPlane:
         self._channels.clear()
         self.arena.close()
         atexit.unregister(self.arena.close)
+        # Engines name their pipeline hand-off segments for this kernel too (dataplane/handoff.py).
+        remove_segments(self.arena.owner_pid)
         self.closed = True
 
 

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from ..cellcode import CellCode, compile_cell, unpack_names
-from ..dataplane import parcel
+from ..dataplane import handoff, parcel
+from ..dataplane.shm import NoRoom
 from . import store
 from .runner import _failure, _register_source
 
@@ -26,6 +27,7 @@ RECV_TIMEOUT = 600.0  # a stage may be slow; Ctrl-C (SIGINT) ends a wait sooner
 
 _stages: dict[str, dict[str, Any]] = {}
 _peers: dict[str, Any] = {}
+_outbox: handoff.Outbox | None = None
 
 
 def define(name: str, cell: CellCode, names_blob: bytes) -> dict[str, Any]:
@@ -75,28 +77,56 @@ def _peer(endpoint: str) -> Any:
     return _peers[endpoint]
 
 
-def _send(endpoint: str, tid: str, value: Any) -> int:
+def _send(endpoint: str, tid: str, value: Any, owner: int | None) -> tuple[int, str]:
+    """Send ``value`` to the stage at ``endpoint``; returns the bytes moved and the transport.
+
+    ``owner`` (the notebook kernel's pid) is given when every engine shares this host: large
+    values then go through this engine's outbox segments and only their address is sent.
+    """
+    global _outbox
     header, buffers = parcel.dumps(value)
-    return _peer(endpoint).put(tid, header, [b.raw() for b in buffers])
+    if owner is not None and sum(b.raw().nbytes for b in buffers) >= handoff.THRESHOLD:
+        if _outbox is None or _outbox.owner_pid != owner:
+            close_outbox()
+            _outbox = handoff.Outbox(owner)
+        try:
+            note = _outbox.pack(header, buffers)
+        except NoRoom:
+            pass  # every segment is still being read: this one goes over the socket
+        else:
+            _peer(endpoint).put(tid, note, [])
+            return len(header) + sum(b.raw().nbytes for b in buffers), "shm"
+    return _peer(endpoint).put(tid, header, [b.raw() for b in buffers]), "direct"
 
 
 def _recv(tid: str) -> Any:
     header, frames = store._server.take(tid, RECV_TIMEOUT)
+    if handoff.is_handoff(header):
+        return handoff.receive(header)
     return parcel.loads(header, [bytearray(f) for f in frames])
+
+
+def close_outbox() -> None:
+    """Unlink this engine's hand-off segments and unmap those it received."""
+    global _outbox
+    if _outbox is not None:
+        _outbox.close()
+        _outbox = None
+    handoff.forget()
 
 
 def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[int, str],
              endpoints: dict[int, str], n_stages: int, inputs: dict[int, Any],
-             targets: dict[int, Any], train: bool) -> dict[str, Any]:
+             targets: dict[int, Any], train: bool, owner: int | None = None) -> dict[str, Any]:
     """Execute ``ops`` (kind, stage, micro-batch) in order; return outputs, losses, spans, stash.
 
     ``names`` maps the stages on this rank to their names; ``endpoints`` maps every stage to the
-    direct-channel endpoint of its engine.
+    direct-channel endpoint of its engine; ``owner`` enables shared-memory hand-off (see _send).
     """
     last = n_stages - 1
     ctxs: dict[tuple[int, int], dict[str, Any]] = {}
     finals: dict[int, Any] = {}
-    out: dict[str, Any] = {"outputs": {}, "losses": {}, "spans": [], "sent": 0,
+    out: dict[str, Any] = {"outputs": {}, "losses": {}, "spans": [], "sent": {},
                            "peak_stash": {s: 0 for s in names}}
     where: dict[str, Any] = {}
     try:
@@ -115,7 +145,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                     else:
                         out["outputs"][j] = y
                 else:
-                    out["sent"] += _send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y)
+                    _count(out["sent"], *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner))
                 stash = sum(1 for (ss, _) in ctxs if ss == s)
                 out["peak_stash"][s] = max(out["peak_stash"][s], stash)
             elif kind in ("B", "I"):
@@ -129,7 +159,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                 hook = ns["backward"] if kind == "B" else ns["backward_input"]
                 gin = hook(grad, ctx)
                 if s > 0:
-                    out["sent"] += _send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin)
+                    _count(out["sent"], *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner))
                 if kind == "B":
                     del ctxs[(s, j)]
             elif kind == "W":
@@ -148,6 +178,10 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
         return {"ok": False, "failure": _failure(exc, _filename(exc), **where), "rank": rank}
     out["outputs"] = {j: _host(v) for j, v in out["outputs"].items()}
     return {"ok": True, "rank": rank, **out}
+
+
+def _count(sent: dict[str, int], nbytes: int, transport: str) -> None:
+    sent[transport] = sent.get(transport, 0) + nbytes
 
 
 def _filename(exc: BaseException) -> str:

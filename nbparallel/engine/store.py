@@ -167,6 +167,9 @@ def collect(requests: list[tuple], todo: dict[str, list[str]] | None = None) -> 
 def reset() -> None:
     """Forget everything the notebook left here (it disconnected from this cluster)."""
     global _server
+    from .stages import close_outbox
+
+    close_outbox()
     _resident.clear()
     _stash.clear()
     for seg in _segments.values():

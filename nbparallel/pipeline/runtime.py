@@ -71,6 +71,9 @@ class Pipeline:
         self.pool = pool
         self.stages: dict[str, StageInfo] = {}
         self.last: list[RunResult] = []
+        #: Large activations between engines of this host go through shared memory; False sends
+        #: them over the signed sockets instead (``nbparallel bench`` compares the two).
+        self.handoff = True
 
     # -- stages --------------------------------------------------------------------------------
     def define(self, name: str, code: str, engine: int | None, namespace: Mapping[str, Any],
@@ -174,6 +177,9 @@ class Pipeline:
         endpoints = {i: plane.endpoint(self.stages[n].engine) for i, n in enumerate(names)}
         run_id = secrets.token_hex(6)
         last = len(names) - 1
+        # Engines that all share this host's /dev/shm share each other's: hand off through it.
+        local = self.handoff and all(plane.is_local(e) for e in ranks)
+        owner = plane.arena.owner_pid if local else None
         futures = []
         for r, eid in enumerate(ranks):
             mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
@@ -181,7 +187,7 @@ class Pipeline:
             inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
             targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
             futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
-                                           len(names), inputs, targets, train))
+                                           len(names), inputs, targets, train, owner))
         replies = self._collect(futures, ranks, run_id)
         result = RunResult(s)
         out: dict[str, Any] = {"outputs": {}, "losses": {}}
@@ -190,8 +196,9 @@ class Pipeline:
             out["losses"].update(reply["losses"])
             result.spans += [(r, *span) for span in reply["spans"]]
             result.peak_stash.update(reply["peak_stash"])
-            result.bytes_between_stages += reply["sent"]
-            plane.transfers.append(transfer(ranks[r], "stage", "out", "direct", reply["sent"]))
+            for how, nbytes in reply["sent"].items():
+                result.bytes_between_stages += nbytes
+                plane.transfers.append(transfer(ranks[r], "stage", "out", how, nbytes))
         self.last.append(result)
         return out
 
