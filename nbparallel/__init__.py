@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import config
 from .errors import (
     NbparallelError,
     PartitionError,
@@ -36,6 +37,7 @@ __all__ = [
     "RemoteError",
     "Resident",
     "UsageError",
+    "config",
     "connect",
     "current",
     "load_ipython_extension",

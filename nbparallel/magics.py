@@ -70,6 +70,8 @@ class NbparallelMagics(Magics):
     @argument("--transport", default="auto", choices=["auto", "shm", "direct", "ipp"],
               help="how data moves: shared memory, direct channels, or through ipyparallel "
                    "(default: auto, chosen per engine)")
+    @argument("--no-dashboard", action="store_true",
+              help="no live dashboard under this cell (nbparallel.config.dashboard for all)")
     @_engine_option
     @cell_magic
     def scatter(self, line: str, cell: str) -> None:
@@ -89,6 +91,7 @@ class NbparallelMagics(Magics):
             scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
             engines=args.engines, keep=tuple(args.keep), transport=args.transport,
+            dashboard=False if args.no_dashboard else None,
         )
         spec.check()
         values = self._lookup(list(spec.scatter), "to scatter")
@@ -102,8 +105,8 @@ class NbparallelMagics(Magics):
         """Parallel map: the cell is the body of a function of one item.
 
         ``%%pmap TARGET in ITERABLE -> NAME [--chunksize N] [--unordered] [--retries N]
-        [--engines SPEC] [--no-progress] [--transport auto|shm|ipp]``. The last expression is each item's result; NAME gets
-        the list of results in input order::
+        [--engines SPEC] [--no-progress] [--no-dashboard] [--transport auto|shm|ipp]``. The
+        last expression is each item's result; NAME gets the list of results in input order::
 
             %%pmap x in range(1000) -> squares
             x * x
@@ -118,7 +121,8 @@ class NbparallelMagics(Magics):
         if not rest.out.isidentifier():
             raise UsageError(f"the result name {rest.out!r} after -> is not a valid Python name.")
         spec = PmapSpec(m["target"], rest.chunksize, not rest.unordered, rest.retries,
-                        rest.engines, not rest.no_progress, rest.transport)
+                        rest.engines, not rest.no_progress, rest.transport,
+                        False if rest.no_dashboard else None)
         spec.check()
         target_names(spec.target)
         items = self.shell.ev(m["expr"])
@@ -173,16 +177,17 @@ class NbparallelMagics(Magics):
             pipe.clear()
         elif args.command == "run":
             x = self._lookup([args.input], "--input")[args.input]
-            self.shell.user_ns[_name(args.out)] = pipe.run(x, args.microbatches)
+            dashboard = False if args.no_dashboard else None
+            self.shell.user_ns[_name(args.out)] = pipe.run(x, args.microbatches, dashboard)
         elif args.command == "train":
             found = self._lookup([args.input, args.target], "--input/--target")
             losses = pipe.train(found[args.input], found[args.target], args.microbatches,
-                                args.schedule, args.steps)
+                                args.schedule, args.steps, False if args.no_dashboard else None)
             self.shell.user_ns[_name(args.out)] = losses
             last = pipe.last[-1]
             print(f"%pipeline train: {args.steps} step(s), loss {losses[0]:.6g} -> "
                   f"{losses[-1]:.6g}; measured bubble {last.bubble:.0%} (theory "
-                  f"{_theory(last.schedule):.0%})")
+                  f"{last.theory:.0%})")
         return None
 
     # -- %nbp ----------------------------------------------------------------------------------
@@ -215,13 +220,6 @@ def _name(text: str) -> str:
     if not text.isidentifier():
         raise UsageError(f"--out {text!r} is not a valid Python name.")
     return text
-
-
-def _theory(s: Any) -> float:
-    from .pipeline import schedule as sched
-
-    value = sched.theoretical_bubble(s.name, s.p, s.m, s.v)
-    return value if value is not None else sched.simulate(s).bubble
 
 
 def _stages_table(stages: list[Any]) -> str:
@@ -280,6 +278,7 @@ def _pmap_parser() -> _Parser:
     p.add_argument("--retries", type=int, default=0)
     p.add_argument("--engines", default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-dashboard", action="store_true")
     p.add_argument("--transport", default="auto", choices=["auto", "shm", "ipp"])
     return p
 
@@ -299,6 +298,7 @@ def _pipeline_parser() -> _Parser:
     run.add_argument("--microbatches", type=int, default=1)
     run.add_argument("--schedule", default="gpipe", choices=["gpipe"])
     run.add_argument("--out", required=True)
+    run.add_argument("--no-dashboard", action="store_true")
     train = sub.add_parser("train", add_help=False)
     train.add_argument("--input", required=True)
     train.add_argument("--target", required=True)
@@ -306,6 +306,7 @@ def _pipeline_parser() -> _Parser:
     train.add_argument("--schedule", default="1f1b")
     train.add_argument("--steps", type=int, default=1)
     train.add_argument("--out", required=True)
+    train.add_argument("--no-dashboard", action="store_true")
     schedule = sub.add_parser("schedule", add_help=False)
     schedule.add_argument("--stages", type=int, required=True)
     schedule.add_argument("--microbatches", type=int, required=True)

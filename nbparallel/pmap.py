@@ -46,6 +46,7 @@ class PmapSpec:
     engines: str | None = None
     progress: bool = True
     transport: str = "auto"
+    dashboard: bool | None = None  # None: nbparallel.config.dashboard
 
     def check(self) -> None:
         check_transport(self.transport)
@@ -137,6 +138,7 @@ def pmap(
     hidden: Sequence[str] = (),
     pool: pool_mod.Pool | None = None,
     show_progress: bool = True,
+    dashboard: bool | None = None,
     echo: Callable[[str], None] = print,
 ) -> list[Any]:
     """Run ``body`` once per item of ``items`` with ``target`` bound; return the results.
@@ -146,12 +148,13 @@ def pmap(
     ``retries`` times. Chunks whose items hold large arrays travel through shared memory when
     every engine is on this host (``transport="ipp"`` keeps them in the messages). If any item
     raises, :class:`~nbparallel.errors.PmapError` lists the failed indices and keeps every
-    successful result in ``.results``.
+    successful result in ``.results``. ``dashboard`` shows (or hides) the live dashboard when the
+    map takes more than half a second; None follows ``nbparallel.config.dashboard``.
 
     >>> nbparallel.pmap("x * x", "x", range(5))
     [0, 1, 4, 9, 16]
     """
-    spec = PmapSpec(target, chunksize, ordered, retries, None, show_progress, transport)
+    spec = PmapSpec(target, chunksize, ordered, retries, None, show_progress, transport, dashboard)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, body, items, namespace, hidden=hidden, engines=engines, pool=pool, echo=echo)
@@ -192,7 +195,9 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
 
     in_flight: dict[Any, range] = {}
     try:
-        return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items), payloads)
+        with pool.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
+            return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items),
+                            payloads, watch)
     except KeyboardInterrupt:
         pool.interrupt(list(in_flight), ids)
         raise
@@ -264,7 +269,7 @@ def _nbytes(item: Any) -> int:
 
 def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
              submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
-             n_engines: int, total: int, payloads: "_Payloads") -> list[Any]:
+             n_engines: int, total: int, payloads: "_Payloads", watch: Any) -> list[Any]:
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
@@ -278,12 +283,13 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
                 break
             continue
         finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
+        watch.tick()
         for fut in finished:
             r = in_flight.pop(fut)
             engine = _engine_of(fut)
             pool.relay_output(fut, engine)
             try:
-                chunk, seconds, held = fut.result()
+                chunk, seconds, held, started = fut.result()
             except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
                 payloads.finished(fut, engine, None)
                 failures.extend(pool.failure(exc, engine, item=i) for i in r)
@@ -292,6 +298,7 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
                 continue
             payloads.finished(fut, engine, held)
             chunker.record(len(chunk), seconds)
+            pool.monitor.span(engine, "pmap", started, started + seconds, items=len(chunk))
             for index, ok, value in chunk:
                 if ok:
                     results[index] = value

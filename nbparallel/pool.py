@@ -54,6 +54,7 @@ class Pool:
         self._lbview: Any = None
         self._plane: Any = None
         self._pipeline: Any = None
+        self._monitor: Any = None
         self._refresh_info()
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -140,6 +141,21 @@ class Pool:
         return self._pipeline
 
     @property
+    def monitor(self) -> Any:
+        """This pool's :class:`~nbparallel.monitor.Monitor`: spans, load samples, dashboards."""
+        if self._monitor is None:
+            from .monitor import Monitor
+
+            self._monitor = Monitor(self)
+        return self._monitor
+
+    def info(self, engine: int) -> dict[str, Any]:
+        """Host, pid and device of ``engine`` (empty if it is unknown or gone)."""
+        if engine not in self._info and engine in self.ids:
+            self._refresh_info()
+        return self._info.get(engine, {})
+
+    @property
     def transfers(self) -> Any:
         """The ring of :class:`~nbparallel.telemetry.Transfer` records of this pool."""
         return self.plane.transfers
@@ -147,6 +163,8 @@ class Pool:
     def stop(self) -> None:
         """Stop the cluster if nbparallel started it; otherwise only disconnect."""
         try:
+            if self._monitor is not None:
+                self._monitor.close()
             if self._plane is not None:
                 self._plane.close(engines_live_on=self.cluster is None)
         finally:
@@ -280,6 +298,13 @@ class Pool:
                                  "\n".join(exc.render_traceback()), **where)
         return RemoteFailure(engine if engine is not None else -1, type(exc).__name__, str(exc),
                              "", **where)
+
+    def published(self, future: Any) -> dict[str, Any]:
+        """What the task behind ``future`` published so far (``engine/live.py``), by key."""
+        try:
+            return dict(future.data)  # the client's IO thread merges new keys into this dict
+        except Exception:
+            return {}
 
     def relay_output(self, future: Any, engine: int) -> None:
         """Print what an engine printed while running ``future``, each line labelled by engine."""

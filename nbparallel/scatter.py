@@ -31,6 +31,8 @@ from .errors import RemoteError, RemoteFailure, UsageError
 
 __all__ = ["ScatterSpec", "scatter", "RUNNER_NAMES"]
 
+TICK = 0.1  # seconds between dashboard looks while the engines work
+
 #: Names the runner defines in every scatter cell.
 RUNNER_NAMES = ("rank", "size", "xp", "halo")
 
@@ -48,6 +50,7 @@ class ScatterSpec:
     engines: str | None = None
     keep: tuple[str, ...] = ()
     transport: str = "auto"
+    dashboard: bool | None = None  # None: nbparallel.config.dashboard
 
     def outputs(self) -> list[str]:
         return list(self.gather) + [name for name, _ in self.reduce] + list(self.keep)
@@ -175,6 +178,7 @@ def scatter(
     engines: str | Sequence[int] | None = None,
     keep: Sequence[str] = (),
     transport: str = "auto",
+    dashboard: bool | None = None,
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
     pool: pool_mod.Pool | None = None,
@@ -188,7 +192,8 @@ def scatter(
     In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined. Names in ``keep`` stay on
     the engines and come back as :class:`~nbparallel.Resident` handles, which a later call can
     take in ``data`` without moving a byte. ``transport`` forces ``"shm"``, ``"direct"`` or
-    ``"ipp"`` instead of choosing per engine.
+    ``"ipp"`` instead of choosing per engine. ``dashboard`` shows (or hides) the live dashboard
+    when the call takes more than half a second; None follows ``nbparallel.config.dashboard``.
 
     >>> nbparallel.scatter("y = x * 2", {"x": np.arange(6)}, gather=["y"])["y"]
     array([ 0,  2,  4,  6,  8, 10])
@@ -196,7 +201,7 @@ def scatter(
     data = dict(data or {})
     bcast = dict(broadcast or {})
     spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
-                       axis, halo, None, tuple(keep), transport)
+                       axis, halo, None, tuple(keep), transport, dashboard)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
@@ -225,7 +230,9 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
                        rank, len(ids), plan.halos[rank], outputs, keys, plane.chores(eid))
             for rank, eid in enumerate(ids)
         ]
-        replies = _collect(pool, futures, ids)
+        with pool.monitor.watch("%%scatter", ids, spec.dashboard) as watch:
+            watch.queued({eid: 1 for eid in ids})
+            replies = _collect(pool, futures, ids, watch)
         result = _combine(spec, replies, ids, plane, keys)
         ok = True
         return result
@@ -237,9 +244,11 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
                     plane.free_later(eid, key)
 
 
-def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[dict[str, Any]]:
+def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
+             watch: Any) -> list[dict[str, Any]]:
     try:
-        wait(futures)
+        while wait(futures, timeout=TICK).not_done:
+            watch.tick()
     except KeyboardInterrupt:
         pool.interrupt(futures, ids)
         raise
@@ -254,6 +263,8 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int]) -> list[di
                 pool.plane.engine_gone(eid)
             continue
         pool.plane.note(eid, reply)
+        if "time" in reply:
+            pool.monitor.span(eid, "scatter", *reply["time"])
         if not reply["ok"] and "failure" in reply:
             failures.append(RemoteFailure(engine=eid, **reply["failure"]))
         replies.append(reply)

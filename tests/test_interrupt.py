@@ -51,6 +51,7 @@ def test_ctrl_c_with_shared_memory_payloads_leases_nothing(ip, pool, magic, line
 
 
 def test_ctrl_c_during_a_pipeline_run_stops_every_stage(ip, pool):
+    pool.pipeline.clear()
     ip.user_ns.update(x=np.zeros((4, 2)), y="before")
     ip.run_cell_magic("stage", "s0 --engine 0", "def forward(x, ctx):\n    return x + 1")
     ip.run_cell_magic("stage", "s1 --engine 1",

@@ -246,11 +246,10 @@ def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
     assert abs(measured - simulated) < 0.05, (measured, simulated)
 
 
-def _segments():
-    import os
-    from pathlib import Path
+def _segments(pool):
+    from nbparallel.engine.stages import outbox_segments
 
-    return sorted(p.name for p in Path("/dev/shm").glob(f"nbp-{os.getpid()}-*"))
+    return {eid: sorted(pool.apply(eid, outbox_segments).get()) for eid in pool.ids}
 
 
 def test_large_activations_hand_off_through_shared_memory(pool):
@@ -271,9 +270,10 @@ def test_large_activations_hand_off_through_shared_memory(pool):
     shm_bytes = sum(r.nbytes for r in moved if r.transport == "shm")
     assert shm_bytes >= 2 * 2 * 4 * 8 * 8192 * 8  # steps x (activations + gradients) x m x rows x width
     # A warm pipeline reuses its segments: more steps create none.
-    before = _segments()
+    before = _segments(pool)
+    assert sum(map(len, before.values())) >= 2
     pipeline.train(x, t, 4, schedule="1f1b", steps=3, pool=pool)
-    assert _segments() == before
+    assert _segments(pool) == before
     y = pipeline.run(x, 4, pool=pool)
     assert y.shape == (N, 3)
 

@@ -53,10 +53,12 @@ def run_scatter(cell: CellCode, names_blob: bytes, payload: Any, rank: int, size
     resident under the given keys. The reply also lists the shared-memory segments this engine
     still holds views of.
     """
+    t0 = time.time()
     store.chores(todo)
     store.clear_stash()
     reply = _scatter_once(cell, names_blob, payload, rank, size, halo, outputs, keep or {})
     reply["held"] = store.held()  # after the cell's namespace is gone
+    reply["time"] = (t0, time.time())
     return reply
 
 
@@ -104,18 +106,19 @@ def _meta(value: Any) -> tuple[Any, str]:
 
 
 def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, items: Any
-                   ) -> tuple[list[tuple[int, bool, Any]], float, list[str] | None]:
+                   ) -> tuple[list[tuple[int, bool, Any]], float, list[str] | None, float]:
     """Run a ``%%pmap`` body once per ``(index, item)``; each result is ``(index, ok, value)``.
 
     A failing item does not stop the chunk: its value is the failure record instead. The seconds
     the chunk took come back too, so the notebook can size the next chunks. ``items`` is a list,
     or a shared-memory payload entry for one; then the segments still held come back as well.
+    Last comes the wall-clock start, for the notebook's telemetry.
     """
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     if isinstance(items, list):
-        return _pmap_items(cell, target, names_blob, items), time.perf_counter() - t0, None
+        return _pmap_items(cell, target, names_blob, items), time.perf_counter() - t0, None, started
     out = _pmap_items(cell, target, names_blob, store.open_payload({"items": items})["items"])
-    return out, time.perf_counter() - t0, store.held()
+    return out, time.perf_counter() - t0, store.held(), started
 
 
 def _pmap_items(cell: CellCode, target: str, names_blob: bytes,

@@ -18,6 +18,7 @@ from ..cellcode import CellCode, compile_cell, unpack_names
 from ..dataplane import handoff, parcel
 from ..dataplane.shm import NoRoom
 from . import store
+from .live import Publisher
 from .runner import _failure, _register_source
 
 __all__ = ["define", "describe", "drop", "pull", "run_rank"]
@@ -106,6 +107,11 @@ def _recv(tid: str) -> Any:
     return parcel.loads(header, [bytearray(f) for f in frames])
 
 
+def outbox_segments() -> list[str]:
+    """Names of this engine's hand-off segments (to check that a warm pipeline reuses them)."""
+    return [seg.name for seg in _outbox.segments] if _outbox is not None else []
+
+
 def close_outbox() -> None:
     """Unlink this engine's hand-off segments and unmap those it received."""
     global _outbox
@@ -129,6 +135,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
     out: dict[str, Any] = {"outputs": {}, "losses": {}, "spans": [], "sent": {},
                            "peak_stash": {s: 0 for s in names}}
     where: dict[str, Any] = {}
+    live = Publisher()
     try:
         for kind, s, j in ops:
             where = {"stage": names[s], "microbatch": j, "op": kind}
@@ -137,8 +144,8 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
             if kind == "F":
                 x = inputs.pop(j) if s == 0 else _recv(f"{run}:a:{s}:{j}")
                 t0 = time.time()
-                ctx = ctxs.setdefault((s, j), {})
-                y = ns["forward"](x, ctx)
+                y = ns["forward"](x, ctxs.setdefault((s, j), {}))
+                x = None  # a received activation's segment is free once nothing refers to it
                 if s == last:
                     if train:
                         finals[j] = y
@@ -146,6 +153,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                         out["outputs"][j] = y
                 else:
                     _count(out["sent"], *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner))
+                y = None
                 stash = sum(1 for (ss, _) in ctxs if ss == s)
                 out["peak_stash"][s] = max(out["peak_stash"][s], stash)
             elif kind in ("B", "I"):
@@ -155,16 +163,18 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                 else:
                     grad = _recv(f"{run}:g:{s}:{j}")
                     t0 = time.time()
-                ctx = ctxs[(s, j)]
                 hook = ns["backward"] if kind == "B" else ns["backward_input"]
-                gin = hook(grad, ctx)
+                gin = hook(grad, ctxs[(s, j)])
+                grad = None
+                if kind == "B":  # before sending: the previous stage may reuse our input's segment
+                    del ctxs[(s, j)]
                 if s > 0:
                     _count(out["sent"], *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner))
-                if kind == "B":
-                    del ctxs[(s, j)]
+                gin = None
             elif kind == "W":
                 ns["backward_weight"](ctxs.pop((s, j)))
             out["spans"].append((kind, s, j, t0, time.time()))
+            live.maybe(out["spans"], sent=dict(out["sent"]))
         where = {"op": "step"}
         if train:
             for s in sorted(names):

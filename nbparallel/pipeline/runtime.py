@@ -27,8 +27,9 @@ import numpy as np
 from .. import pool as pool_mod
 from ..cellcode import free_names, pack_names, parse_cell
 from ..errors import RemoteError, RemoteFailure, UsageError
-from ..telemetry.records import transfer
 from . import schedule as sched
+
+TICK = 0.1  # seconds between dashboard looks while the stages run
 
 __all__ = ["StageInfo", "RunResult", "Pipeline", "stage", "run", "train", "show", "clear"]
 
@@ -48,6 +49,7 @@ class RunResult:
     """What one schedule run measured: per-op spans (rank, kind, stage, mb, start, end)."""
 
     schedule: sched.Schedule
+    run: str = ""
     spans: list[tuple[int, str, int, int, float, float]] = field(default_factory=list)
     peak_stash: dict[int, int] = field(default_factory=dict)
     bytes_between_stages: int = 0
@@ -62,6 +64,16 @@ class RunResult:
         busy = sum(s[5] - s[4] for s in self.spans)
         total = self.schedule.p * (t1 - t0)
         return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
+
+    @property
+    def theory(self) -> float:
+        """The schedule's bubble fraction in theory: equal stages, free communication."""
+        s = self.schedule
+        if s.train:
+            value = sched.theoretical_bubble(s.name, s.p, s.m, s.v)
+            if value is not None:
+                return value
+        return sched.simulate(s).bubble  # forward-only runs, virtual stages included
 
 
 class Pipeline:
@@ -124,13 +136,14 @@ class Pipeline:
         return ranks, len(engines) // p
 
     # -- running -------------------------------------------------------------------------------
-    def run(self, x: Any, microbatches: int) -> Any:
+    def run(self, x: Any, microbatches: int, dashboard: bool | None = None) -> Any:
         ranks, v = self.placement()
         s = _forward_only(len(ranks), microbatches, v)
-        result = self._execute(s, ranks, _split(x, microbatches, "--input"), {}, train=False)
+        result = self._execute(s, ranks, _split(x, microbatches, "--input"), {}, False, dashboard)
         return _join(result["outputs"], microbatches)
 
-    def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int) -> list[float]:
+    def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int,
+              dashboard: bool | None = None) -> list[float]:
         ranks, v = self.placement()
         name = schedule
         if v > 1 and name != "interleaved":
@@ -148,7 +161,7 @@ class Pipeline:
         losses = []
         self.last = []
         for _ in range(steps):
-            result = self._execute(s, ranks, xs, ts, train=True)
+            result = self._execute(s, ranks, xs, ts, True, dashboard)
             losses.append(sum(result["losses"].values()))
         return losses
 
@@ -169,7 +182,7 @@ class Pipeline:
                              f"returning (value, gradient of the value with respect to y).")
 
     def _execute(self, s: sched.Schedule, ranks: list[int], xs: list[Any], ts: list[Any],
-                 train: bool) -> dict[str, Any]:
+                 train: bool, dashboard: bool | None) -> dict[str, Any]:
         from ..engine.stages import run_rank
 
         plane = self.pool.plane
@@ -181,35 +194,40 @@ class Pipeline:
         local = self.handoff and all(plane.is_local(e) for e in ranks)
         owner = plane.arena.owner_pid if local else None
         futures = []
-        for r, eid in enumerate(ranks):
-            mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
-            ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
-            inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
-            targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
-            futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
-                                           len(names), inputs, targets, train, owner))
-        replies = self._collect(futures, ranks, run_id)
-        result = RunResult(s)
-        out: dict[str, Any] = {"outputs": {}, "losses": {}}
-        for r, reply in enumerate(replies):
-            out["outputs"].update(reply["outputs"])
-            out["losses"].update(reply["losses"])
-            result.spans += [(r, *span) for span in reply["spans"]]
-            result.peak_stash.update(reply["peak_stash"])
-            for how, nbytes in reply["sent"].items():
-                result.bytes_between_stages += nbytes
-                plane.transfers.append(transfer(ranks[r], "stage", "out", how, nbytes))
+        with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
+            watch.queued({eid: 1 for eid in ranks})
+            for r, eid in enumerate(ranks):
+                mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
+                ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
+                inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
+                targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
+                futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
+                                               len(names), inputs, targets, train, owner))
+                watch.follow(futures[-1], eid, run_id)
+            replies = self._collect(futures, ranks, run_id, watch)
+            result = RunResult(s, run_id)
+            out: dict[str, Any] = {"outputs": {}, "losses": {}}
+            for r, (fut, reply) in enumerate(zip(futures, replies)):
+                out["outputs"].update(reply["outputs"])
+                out["losses"].update(reply["losses"])
+                result.spans += [(r, *span) for span in reply["spans"]]
+                result.peak_stash.update(reply["peak_stash"])
+                result.bytes_between_stages += sum(reply["sent"].values())
+                watch.settle(fut, reply["spans"], reply["sent"])
+            self.pool.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
         self.last.append(result)
         return out
 
-    def _collect(self, futures: list[Any], ranks: list[int], run_id: str) -> list[dict[str, Any]]:
+    def _collect(self, futures: list[Any], ranks: list[int], run_id: str,
+                 watch: Any) -> list[dict[str, Any]]:
         from ..engine.store import discard_run
 
         pending = set(futures)
         failed = False
         try:
             while pending and not failed:
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                done, pending = wait(pending, timeout=TICK, return_when=FIRST_COMPLETED)
+                watch.tick()
                 failed = any(f.exception() is not None or not f.result()["ok"] for f in done)
         except KeyboardInterrupt:
             failed = True
@@ -302,15 +320,22 @@ def stage(name: str, code: str, *, engine: int | None = None,
     return _pipeline(pool).define(name, code, engine, namespace)
 
 
-def run(x: Any, microbatches: int = 1, *, pool: Any | None = None) -> Any:
-    """Forward ``x`` through every stage in ``microbatches`` pieces; returns the joined output."""
-    return _pipeline(pool).run(x, microbatches)
+def run(x: Any, microbatches: int = 1, *, dashboard: bool | None = None,
+        pool: Any | None = None) -> Any:
+    """Forward ``x`` through every stage in ``microbatches`` pieces; returns the joined output.
+
+    >>> y = pipeline.run(x, microbatches=8)
+    """
+    return _pipeline(pool).run(x, microbatches, dashboard)
 
 
 def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
-          pool: Any | None = None) -> list[float]:
-    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss."""
-    return _pipeline(pool).train(x, target, microbatches, schedule, steps)
+          dashboard: bool | None = None, pool: Any | None = None) -> list[float]:
+    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss.
+
+    >>> losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
+    """
+    return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard)
 
 
 def show(*, pool: Any | None = None) -> list[StageInfo]:
