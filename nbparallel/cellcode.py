@@ -10,6 +10,7 @@ user wants: they are told to ``--broadcast`` or scatter it instead.
 from __future__ import annotations
 
 import ast
+import symtable
 import builtins
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
@@ -73,15 +74,25 @@ def compile_cell(cell: CellCode) -> Any:
 
 
 def free_names(tree: ast.AST) -> set[str]:
-    """Names a cell reads that it might not define itself (an over-approximation is harmless)."""
+    """Names a cell reads that it might not define itself (an over-approximation is harmless).
+
+    Scopes are Python's own (``symtable``): a function's parameters and locals are not the
+    notebook's, so ``def forward(x, ctx)`` does not ship the notebook's ``x``.
+    """
     names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Load, ast.Del)):
-            names.add(node.id)
-        elif isinstance(node, (ast.Global, ast.Nonlocal)):
-            names.update(node.names)
-        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name):
-            names.add(node.target.id)
+    tables = [symtable.symtable(ast.unparse(tree), "<cell>", "exec")]
+    while tables:
+        table = tables.pop()
+        tables.extend(table.get_children())
+        module = table.get_type() == "module"
+        for sym in table.get_symbols():
+            if module and sym.is_referenced():
+                names.add(sym.get_name())  # even if assigned: `x = x + 1` reads it first
+            elif not module and sym.is_global() and (sym.is_referenced() or sym.is_assigned()):
+                names.add(sym.get_name())
+    # symtable does not count `total += 1` as a read, but it reads the notebook's total.
+    names.update(node.target.id for node in ast.walk(tree)
+                 if isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Name))
     return names - set(dir(builtins))
 
 

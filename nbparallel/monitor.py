@@ -139,7 +139,7 @@ class Monitor:
     def _detach(self, board: Any) -> None:
         self._boards = [(b, c) for b, c in self._boards if b is not board]
 
-    def refresh(self) -> None:
+    def refresh(self, force: bool = False) -> None:
         """Feed each dashboard what is new since it last looked, and let it redraw if due."""
         rings = (self.transfers, self.spans, self.samples)
         for board, cursors in self._boards:
@@ -148,7 +148,7 @@ class Monitor:
                 new, cursors[k] = ring.since(cursors[k])
                 news.append(new)
             board.feed(transfers=news[0], spans=news[1], samples=news[2])
-            board.tick()
+            board.tick(force)
 
     def close(self) -> None:
         """The pool stopped: leave each open dashboard's last state in place."""
@@ -182,11 +182,11 @@ class Watch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.monitor._queued = {}  # before the last sample: nothing is queued any more
         self.tick(force=True)
         if self.board is not None:
             self.board.finish()
             self.monitor._detach(self.board)
-        self.monitor._queued = {}
 
     def queued(self, counts: dict[int, int]) -> None:
         """Tasks in flight per engine, shown as each engine's queue."""
@@ -216,7 +216,7 @@ class Watch:
             for run, info in self.monitor._pipelines.items():
                 self.board.pipeline(run, *info)
             self.board.show()
-        self.monitor.refresh()
+        self.monitor.refresh(force)
 
     def settle(self, future: Any, spans: list[Any], sent: dict[str, int]) -> None:
         """A followed task's reply: record whatever of it was not published while it ran."""

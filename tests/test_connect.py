@@ -70,3 +70,12 @@ def test_first_magic_without_a_pool_connects_to_the_running_default_cluster(ipcl
     """, tmp_path)
     assert "connected to the running default cluster (2 engines)" in out
     assert "RESULT True" in out
+
+
+def test_started_engines_share_the_cores_among_their_blas_threads(pool) -> None:
+    import os
+
+    want = os.environ.get("OPENBLAS_NUM_THREADS") or str(max(1, (os.cpu_count() or 1)
+                                                            // len(pool.ids)))
+    got = {pool.apply(e, os.getenv, "OPENBLAS_NUM_THREADS").get(timeout=30) for e in pool.ids}
+    assert got == {want}

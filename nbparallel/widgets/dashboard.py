@@ -116,13 +116,14 @@ class Dashboard:
         self._dirty = True
 
     # -- drawing ---------------------------------------------------------------------------------
-    def tick(self) -> bool:
+    def tick(self, force: bool = False) -> bool:
         """Redraw if at least :data:`MIN_INTERVAL` passed since the last look and something changed
-        (new records, a new pipeline, or busy fractions that decayed); returns whether it redrew."""
+        (new records, a new pipeline, or busy fractions that decayed); returns whether it redrew.
+        ``force`` skips the interval (a magic just ended: its last records must show)."""
         if self._finished:
             return False
         now = self._clock()
-        if 0 <= now - self._checked < MIN_INTERVAL:  # a clock that went back must not stall us
+        if not force and 0 <= now - self._checked < MIN_INTERVAL:  # a clock that went back must not stall us
             return False
         self._checked = now
         if not self._dirty and _load_html(self, now) == self._shown.get("load"):
