@@ -5,7 +5,8 @@ this machine; nothing printed is a constant. Three groups:
 
 * ``scatter``: a float64 array of ``size_mb`` MB split over the engines and joined again, timed per
   direction and as a round trip; ``numpy.copyto`` into a written buffer is the memory ceiling.
-* ``pmap``: ``items`` trivial items (``x + 1``), load-balanced over the engines.
+* ``pmap``: ``items`` trivial items (``x + 1``), load-balanced over the engines; also with
+  ``nbparallel.config.telemetry`` off, which prices the spans and samples the dashboard reads.
 * ``roundtrip``: the latency of a trivial cell, ``nbparallel.scatter("y = x", ...)`` of a few
   items, against ``%px pass``.
 * ``pipeline``: two stages on the first two engines. ``activation hop``: a forward-only run whose
@@ -51,6 +52,7 @@ TRANSPORTS = ("auto", "shm", "direct", "ipp")
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
 NB = "nbparallel"
+NO_TELEMETRY = "nbparallel, telemetry off"
 DIRECTIONS = ("scatter", "gather", "round trip")
 ONE_CELL = "scatter+gather (one cell)"
 ROUNDTRIP = "trivial cell"
@@ -272,8 +274,22 @@ def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
     def ipp(size: int) -> Setup:
         return _ready(_one("map", lambda: lview.map_sync(_inc, range(items), chunksize=size), want))
 
-    return (case(NB, _ready(_one("map", lambda: nbparallel.pmap(
-                "x + 1", "x", range(items), pool=pool, show_progress=False), want)))
+    def mine() -> list[int]:
+        return nbparallel.pmap("x + 1", "x", range(items), pool=pool, show_progress=False)
+
+    @contextmanager
+    def no_telemetry() -> Iterator[Trial]:
+        # What recording spans costs: the same map with nbparallel.config.telemetry off.
+        from . import config
+
+        was, config.telemetry = config.telemetry, False
+        try:
+            yield _one("map", mine, want)
+        finally:
+            config.telemetry = was
+
+    return (case(NB, _ready(_one("map", mine, want)))
+            + case(NO_TELEMETRY, no_telemetry)
             + case("ipyparallel chunksize=1", ipp(1)) + case("ipyparallel chunksize=100", ipp(100))
             + case("dask", dask if _dask_importable() else None)
             + case("multiprocessing", processes))

@@ -1,8 +1,13 @@
 """Settings that apply to every magic of this session.
 
 ``dashboard``: show the live dashboard under a magic that runs longer than half a second
-(default on; the environment variable ``NBPARALLEL_DASHBOARD=0`` turns it off for a whole
-session, ``--no-dashboard`` for one cell)::
+(default on; the environment variable ``NBPARALLEL_DASHBOARD=0`` or ``%nbp dashboard off`` turns
+it off for the session, ``--no-dashboard`` for one cell).
+
+``telemetry``: record spans and load samples at all (default on; ``NBPARALLEL_TELEMETRY=0``).
+Off, no dashboard shows and ``%nbp trace save`` has nothing to write; transfers are still
+counted, since the data plane's accounting depends on them. ``nbparallel bench`` measures its
+cost this way::
 
     import nbparallel
     nbparallel.config.dashboard = False
@@ -12,7 +17,12 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["dashboard"]
+__all__ = ["dashboard", "telemetry"]
 
-dashboard: bool = os.environ.get("NBPARALLEL_DASHBOARD", "1").strip().lower() not in (
-    "0", "false", "no", "off")
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+dashboard: bool = _flag("NBPARALLEL_DASHBOARD")
+telemetry: bool = _flag("NBPARALLEL_TELEMETRY")

@@ -194,7 +194,9 @@ class NbparallelMagics(Magics):
     @line_magic
     def nbp(self, line: str) -> Any:
         """Pool control: ``%nbp start [-n N]``, ``%nbp connect [--profile P] [--cluster-id ID]``,
-        ``%nbp status``, ``%nbp stop``."""
+        ``%nbp status``, ``%nbp stop``; telemetry: ``%nbp monitor`` (a dashboard that follows
+        every magic), ``%nbp trace save FILE.json`` (spans in Chrome trace format, for
+        Perfetto), ``%nbp dashboard on|off`` (the dashboard under long-running magics)."""
         args = _nbp_parser().parse(line)
         if args.command == "start":
             pool = pool_mod.start(args.n)
@@ -208,6 +210,21 @@ class NbparallelMagics(Magics):
                 print("nbparallel: no pool yet; `%nbp start` starts one (the first magic does too).")
                 return None
             print(_status_table(pool))
+        elif args.command == "monitor":
+            pool_mod.ensure().monitor.open()
+        elif args.command == "trace":
+            from .telemetry import trace
+
+            mon = pool_mod.ensure().monitor
+            spans = mon.spans.since(0)[0]
+            path = trace.save(args.file, spans, mon.transfers.since(0)[0], mon.samples.since(0)[0])
+            print(f"nbparallel: wrote {len(spans)} spans to {path}; open it in "
+                  f"https://ui.perfetto.dev or chrome://tracing.")
+        elif args.command == "dashboard":
+            from . import config
+
+            config.dashboard = args.state == "on"
+            print(f"nbparallel: the dashboard under long-running magics is {args.state}.")
         elif args.command == "stop":
             had = pool_mod.current()
             pool_mod.stop()
@@ -327,4 +344,10 @@ def _nbp_parser() -> _Parser:
     connect.add_argument("--cluster-id", default=None)
     sub.add_parser("status", add_help=False)
     sub.add_parser("stop", add_help=False)
+    sub.add_parser("monitor", add_help=False)
+    trace = sub.add_parser("trace", add_help=False)
+    trace.add_argument("action", choices=["save"])
+    trace.add_argument("file")
+    dashboard = sub.add_parser("dashboard", add_help=False)
+    dashboard.add_argument("state", choices=["on", "off"])
     return p

@@ -81,6 +81,10 @@ class Monitor:
 
     def span(self, engine: int, kind: str, start: float, end: float, **fields: Any) -> None:
         """Record work timed on ``engine``'s clock."""
+        from . import config
+
+        if not config.telemetry:
+            return
         off = self.offset(engine)
         self.spans.append(Span(engine, kind, start - off, end - off, **fields))
 
@@ -161,14 +165,17 @@ class Monitor:
         """The telemetry side of one magic run; ``show`` None means the configured default."""
         from . import config
 
-        return Watch(self, label, list(engines), config.dashboard if show is None else show)
+        show = config.dashboard if show is None else show
+        return Watch(self, label, list(engines), show and config.telemetry, config.telemetry)
 
 
 class Watch:
     """One magic run: ticks while it waits, follows pipeline tasks, shows its own dashboard."""
 
-    def __init__(self, monitor: Monitor, label: str, engines: list[int], show: bool):
+    def __init__(self, monitor: Monitor, label: str, engines: list[int], show: bool,
+                 enabled: bool = True):
         self.monitor = monitor
+        self.enabled = enabled
         self.label = label
         self.engines = engines
         self.show = show and _in_kernel()
@@ -199,12 +206,15 @@ class Watch:
     def tick(self, force: bool = False) -> None:
         """Pull, sample and redraw, at most every :data:`TICK` seconds unless ``force``."""
         now = time.monotonic()
-        if not force and now - self.last < TICK:
+        if not self.enabled or not force and now - self.last < TICK:
             return
         self.last = now
         for fut, f in self._followed.items():
-            for key, batch in sorted(self.monitor.pool.published(fut).items()):
-                if key.startswith("nbp") and key not in f.seen_keys:
+            batches = {k: v for k, v in self.monitor.pool.published(fut).items()
+                       if k.startswith("nbp") and k[3:].isdigit()}
+            for key in sorted(batches, key=lambda k: int(k[3:])):
+                batch = batches[key]
+                if key not in f.seen_keys:
                     f.seen_keys.add(key)
                     self._ingest(f, batch["spans"], batch["k"], batch.get("sent", {}))
         self.monitor.sample(force)
@@ -221,6 +231,8 @@ class Watch:
     def settle(self, future: Any, spans: list[Any], sent: dict[str, int]) -> None:
         """A followed task's reply: record whatever of it was not published while it ran."""
         f = self._followed[future]
+        if not self.enabled:  # stage bytes are transfers: counted even without telemetry
+            spans = []
         self._ingest(f, spans[f.spans:], f.spans, sent)
 
     def _ingest(self, f: _Followed, spans: Iterable[Any], k: int, sent: dict[str, int]) -> None:

@@ -21,8 +21,8 @@ from nbparallel import bench
 pytestmark = pytest.mark.cluster
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
-PMAP_CASES = ["nbparallel", "ipyparallel chunksize=1", "ipyparallel chunksize=100", "dask",
-              "multiprocessing"]
+PMAP_CASES = ["nbparallel", "nbparallel, telemetry off", "ipyparallel chunksize=1",
+              "ipyparallel chunksize=100", "dask", "multiprocessing"]
 ROUNDTRIP_CASES = ["nbparallel", "ipyparallel %px pass"]
 CELL = re.compile(r"(?<!\\)\|")  # a cell border: a pipe that is not escaped
 

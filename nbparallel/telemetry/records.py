@@ -32,7 +32,7 @@ SPAN_KINDS = ("scatter", "pmap", "F", "B", "I", "W", "step")
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transfer:
     """Bytes that moved between the notebook and one engine.
 
@@ -49,7 +49,7 @@ class Transfer:
     time: float
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Span:
     """Work one engine did, timed on the notebook's clock (engine clock minus its offset).
 
@@ -67,7 +67,7 @@ class Span:
     items: int = 0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Sample:
     """One engine's load at ``time``: CPU % of its process, tasks queued, GPU use where present."""
 
