@@ -242,3 +242,21 @@ def test_list_reduce_parts_survive_the_segment_reuse(pool):
         nbparallel.scatter("p = x * 0 + 9", {"x": BIG}, reduce={"p": "list"}, engines=TWO,
                            pool=pool)
     assert all(np.array_equal(a, b) for a, b in zip(out, snapshot))
+
+
+def test_a_gather_that_falls_back_to_direct_reaches_fresh_engines(monkeypatch):
+    """Scatter fits the budget, the second gather does not: its engines must get a channel first.
+
+    Fresh engines, since an engine whose channel an earlier test started would hide the bug.
+    """
+    monkeypatch.setenv("NBPARALLEL_SHM_BUDGET", "3M")
+    fresh = nbparallel.Pool.start(2)
+    try:
+        x = np.ones(125_000)  # 1 MB
+        kept = [nbparallel.scatter("y = x * 2", {"x": x}, gather=["y"], pool=fresh)["y"]
+                for _ in range(3)]  # each result holds its segment while we keep it
+        assert all(np.array_equal(k, x * 2) for k in kept)
+        transports = {t.transport for t in fresh.transfers.since(0)[0] if t.kind == "gather"}
+        assert "direct" in transports
+    finally:
+        fresh.stop()

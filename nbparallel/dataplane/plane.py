@@ -282,6 +282,9 @@ class DataPlane:
                     requests[r].append((job.sources[r], ("shm", dest)))
                 else:
                     requests[r].append((job.sources[r], (kind, where)))
+        for r, eid in enumerate(ids):
+            if any(plan[r][0] == "direct" for plan in plans.values()):
+                self.channel(eid)  # starts the engine's server before collect offers it parts
         try:
             replies = self._run_collect(ids, requests, collect)
             return self._assemble(ids, jobs, finals, plans, parts_segment, replies, how)
