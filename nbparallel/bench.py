@@ -54,6 +54,7 @@ ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a ban
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
 NB = "nbparallel"
 NO_TELEMETRY = "nbparallel, telemetry off"
+TELEMETRY_RUNS = 15
 DIRECTIONS = ("scatter", "gather", "round trip")
 ONE_CELL = "scatter+gather (one cell)"
 ROUNDTRIP = "trivial cell"
@@ -269,8 +270,8 @@ def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
         with multiprocessing.get_context("spawn").Pool(n) as mp:
             yield _one("map", lambda: mp.map_async(_inc, range(items)).get(MP_TIMEOUT), want)
 
-    def case(name: str, setup: Setup | None) -> list[dict[str, Any]]:
-        return _measure("pmap", name, ["map"], setup, repeat, say, items=items)
+    def case(name: str, setup: Setup | None, times: int = repeat) -> list[dict[str, Any]]:
+        return _measure("pmap", name, ["map"], setup, times, say, items=items)
 
     def ipp(size: int) -> Setup:
         return _ready(_one("map", lambda: lview.map_sync(_inc, range(items), chunksize=size), want))
@@ -289,8 +290,9 @@ def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
         finally:
             config.telemetry = was
 
-    return (case(NB, _ready(_one("map", mine, want)))
-            + case(NO_TELEMETRY, no_telemetry)
+    # A cost of a few percent hides in run-to-run noise: these two compare medians of 15 runs.
+    return (case(NB, _ready(_one("map", mine, want)), max(repeat, TELEMETRY_RUNS))
+            + case(NO_TELEMETRY, no_telemetry, max(repeat, TELEMETRY_RUNS))
             + case("ipyparallel chunksize=1", ipp(1)) + case("ipyparallel chunksize=100", ipp(100))
             + case("dask", dask if _dask_importable() else None)
             + case("multiprocessing", processes))
@@ -406,7 +408,7 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Unit "x": how many times faster nbparallel is (the other's time / nbparallel's). Unit "%"
     (against ``numpy.copyto``): nbparallel's GB/s as a percentage of its GB/s, which for the same
-    bytes is 100 times the same ratio. Latency compares medians, bandwidth and items the best runs.
+    bytes is 100 times the same ratio. Latency and telemetry's cost compare medians; bandwidth and items the best runs.
     """
     mine = {(c["group"], c["what"]): c for c in cases if c["name"] == NB}
     out = {}
@@ -414,7 +416,8 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         nb = mine.get((other["group"], other["what"]))
         if other["name"] == NB or nb is None:
             continue
-        stat = "seconds_median" if other["group"] == "roundtrip" else "seconds_best"
+        stat = ("seconds_median" if other["group"] == "roundtrip" or other["name"] == NO_TELEMETRY
+                else "seconds_best")
         pct = other["name"] == "numpy.copyto"
         a, b = nb[stat], other[stat]
         label = (f"{other['group']} {other['what']}: nbparallel "
