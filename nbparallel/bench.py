@@ -408,7 +408,8 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Unit "x": how many times faster nbparallel is (the other's time / nbparallel's). Unit "%"
     (against ``numpy.copyto``): nbparallel's GB/s as a percentage of its GB/s, which for the same
-    bytes is 100 times the same ratio. Latency and telemetry's cost compare medians; bandwidth and items the best runs.
+    bytes is 100 times the same ratio. Latency and telemetry's cost compare medians; bandwidth
+    and items the best runs.
     """
     mine = {(c["group"], c["what"]): c for c in cases if c["name"] == NB}
     out = {}
