@@ -193,17 +193,20 @@ class NbparallelMagics(Magics):
     # -- %nbp ----------------------------------------------------------------------------------
     @line_magic
     def nbp(self, line: str) -> Any:
-        """Pool control: ``%nbp start [-n N]``, ``%nbp connect [--profile P] [--cluster-id ID]``,
-        ``%nbp status``, ``%nbp stop``; telemetry: ``%nbp monitor`` (a dashboard that follows
-        every magic), ``%nbp trace save FILE.json`` (spans in Chrome trace format, for
-        Perfetto), ``%nbp dashboard on|off`` (the dashboard under long-running magics)."""
+        """Pool control: ``%nbp start [-n N] [--gpus all|none|0,1]``, ``%nbp connect [--profile P]
+        [--cluster-id ID] [--gpus ...]``, ``%nbp status``, ``%nbp stop``; telemetry:
+        ``%nbp monitor`` (a dashboard that follows every magic), ``%nbp trace save FILE.json``
+        (spans in Chrome trace format, for Perfetto), ``%nbp dashboard on|off`` (the dashboard
+        under long-running magics). ``--gpus``: each engine gets one CUDA device, round-robin
+        over those named (default: all it sees; none means CPU only)."""
         args = _nbp_parser().parse(line)
         if args.command == "start":
-            pool = pool_mod.start(args.n)
-            print(f"nbparallel: started a local cluster of {len(pool.ids)} engines.")
+            pool = pool_mod.start(args.n, gpus=args.gpus)
+            print(f"nbparallel: started a local cluster of {len(pool.ids)} engines"
+                  f"{_gpu_summary(pool)}.")
         elif args.command == "connect":
-            pool = pool_mod.connect(args.profile, args.cluster_id)
-            print(f"nbparallel: connected to {len(pool.ids)} engines.")
+            pool = pool_mod.connect(args.profile, args.cluster_id, gpus=args.gpus)
+            print(f"nbparallel: connected to {len(pool.ids)} engines{_gpu_summary(pool)}.")
         elif args.command == "status":
             pool = pool_mod.current()
             if pool is None:
@@ -262,10 +265,29 @@ def _reduce_pairs(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _status_table(pool: pool_mod.Pool) -> str:
-    rows = [("engine", "host", "pid", "device", "state")]
-    rows += [(str(e.id), e.host, str(e.pid), e.device, "busy" if e.busy else "idle")
-             for e in pool.status()]
+def _gpu_summary(pool: pool_mod.Pool) -> str:
+    """``"; GPUs: engine 0 cuda:0, engine 1 cuda:1"``, or ``""`` when no engine has one."""
+    bound = [(e, pool.info(e).get("gpu")) for e in pool.ids]
+    bound = [(e, d) for e, d in bound if d]
+    if not bound:
+        return ""
+    return "; GPUs: " + ", ".join(f"engine {e} cuda:{d['index']}" for e, d in bound)
+
+
+def _status_table(pool: Any) -> str:
+    from .gpu import fmt_mem
+
+    engines = pool.status()
+    gpus = any(e.gpu_uuid is not None or e.gpu_mem_total is not None or e.device.startswith("cuda")
+               for e in engines)
+    rows = [("engine", "host", "pid", "device", "state")
+            + (("GPU memory used / total",) if gpus else ())]
+    for e in engines:
+        row = (str(e.id), e.host, str(e.pid), e.device, "busy" if e.busy else "idle")
+        if gpus:
+            row += (f"{fmt_mem(e.gpu_mem)} / {fmt_mem(e.gpu_mem_total)}"
+                    if e.device.startswith("cuda") else "-",)
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -339,9 +361,12 @@ def _nbp_parser() -> _Parser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     start = sub.add_parser("start", add_help=False)
     start.add_argument("-n", type=int, default=None, help="engines (default: CPU cores)")
+    start.add_argument("--gpus", default=None,
+                       help="all, none, or CUDA devices like 0,1 (default: all when there are any)")
     connect = sub.add_parser("connect", add_help=False)
     connect.add_argument("--profile", default=None)
     connect.add_argument("--cluster-id", default=None)
+    connect.add_argument("--gpus", default=None)
     sub.add_parser("status", add_help=False)
     sub.add_parser("stop", add_help=False)
     sub.add_parser("monitor", add_help=False)

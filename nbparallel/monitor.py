@@ -96,7 +96,11 @@ class Monitor:
             board.pipeline(run, schedule, theory, peak_stash)
 
     def sample(self, force: bool = False) -> None:
-        """CPU % of each engine process on this host, at most every :data:`SAMPLE_EVERY` s."""
+        """CPU % of each engine process on this host, at most every :data:`SAMPLE_EVERY` s.
+
+        An engine bound to a GPU also gets its device's utilisation and memory from NVML, found
+        by UUID (``pool.gpu_metrics``, handles cached); without NVML those fields stay None.
+        """
         now = time.time()
         if not force and now - self._sampled < SAMPLE_EVERY:
             return
@@ -120,7 +124,8 @@ class Monitor:
             except psutil.Error:
                 self._procs.pop(eid, None)
                 continue
-            self.samples.append(Sample(eid, now, cpu, self._queued.get(eid, 0)))
+            util, used, total = self.pool.gpu_metrics(eid)
+            self.samples.append(Sample(eid, now, cpu, self._queued.get(eid, 0), util, used, total))
 
     # -- dashboards ----------------------------------------------------------------------------
     def open(self, engines: Sequence[int] | None = None, history: bool = True) -> Any:

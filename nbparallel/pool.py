@@ -9,12 +9,18 @@ In a notebook::
     pool = nbparallel.start(n=2)        # or %nbp start -n 2
     pool.status()                       # engine id, host, pid, device, busy/idle
     pool.stop()                         # only stops what nbparallel started
+
+GPUs: when the pool starts or connects, each engine is bound to one CUDA device, round-robin over
+the devices it sees by its rank among the engines of its host (``gpus="all"``, the default when
+there are any), to the devices listed (``gpus=[0, 1]``), or to none (``gpus="none"``); see
+``gpu.py``. Engines that join later are bound the same way when the pool first sees them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from . import gpu
 from .errors import PoolError, RemoteFailure, UsageError
 from .partition import parse_engines
 
@@ -38,35 +45,48 @@ class EngineInfo:
     id: int
     host: str
     pid: int
-    device: str
+    device: str  #: "cpu", or the bound GPU as "cuda:0 NVIDIA H200" (NVML's name on this host)
     busy: bool
+    gpu_uuid: str | None = None
+    gpu_mem: int | None = None  #: bytes used on the device (NVML; engines on this host only)
+    gpu_mem_total: int | None = None
 
 
 class Pool:
     """A connection to ipyparallel engines, and the cluster behind it if nbparallel started it."""
 
-    def __init__(self, client: Any, cluster: Any | None = None, how: str = "connected"):
+    def __init__(self, client: Any, cluster: Any | None = None, how: str = "connected",
+                 gpus: str | Sequence[int] | None = None):
         self.client = client
         self.cluster = cluster
         self.how = how
+        self.gpus = gpu.parse_gpus(gpus)
+        #: One line about the GPU binding worth telling the user (e.g. --gpus all found none).
+        self.gpu_note: str | None = None
+        self._nvml: gpu.Nvml | None = None
         self._info: dict[int, dict[str, Any]] = {}
         self._reaper: subprocess.Popen | None = None
         self._lbview: Any = None
         self._plane: Any = None
         self._pipeline: Any = None
         self._monitor: Any = None
-        self._refresh_info()
+        self._refresh_info(strict=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
     @classmethod
     def start(cls, n: int | None = None, *, profile: str | None = None,
-              timeout: float = ENGINE_TIMEOUT) -> "Pool":
-        """Start an embedded local cluster of ``n`` engines (default: one per CPU core)."""
+              timeout: float = ENGINE_TIMEOUT, gpus: str | Sequence[int] | None = None) -> "Pool":
+        """Start an embedded local cluster of ``n`` engines (default: one per CPU core).
+
+        ``gpus``: ``"all"`` (the default when the engines see a CUDA device), ``"none"``, or
+        device numbers such as ``[0, 1]``; each engine gets one, round-robin.
+        """
         import ipyparallel as ipp
 
-        n = n or os.cpu_count() or 1
+        n = n or usable_cores()
         if n < 1:
             raise UsageError(f"-n must be at least 1, not {n}.")
+        gpu.parse_gpus(gpus)  # a misspelt --gpus fails before any engine starts
         # ipyparallel 9 engines exit with code 1 even on a clean stop, which it reports as a
         # warning with each engine's whole log; our own errors cover every real failure.
         kwargs: dict[str, Any] = {"n": n, "log_level": logging.ERROR}
@@ -86,16 +106,28 @@ class Pool:
                     f"could not start a local cluster of {n} engines: {type(exc).__name__}: {exc}. "
                     f"Check that `ipengine` runs in this environment, or try fewer engines."
                 ) from exc
-        pool = cls(client, cluster, how="started")
+        try:
+            pool = cls(client, cluster, how="started", gpus=gpus)
+        except BaseException:  # e.g. --gpus 0,1 on engines without those devices
+            try:
+                client.close()
+            finally:
+                cluster.stop_cluster_sync()
+            raise
         pool._spawn_reaper()
         return pool
 
     @classmethod
     def connect(cls, profile: str | None = None, cluster_id: str | None = None,
-                timeout: float = CONNECT_TIMEOUT) -> "Pool":
-        """Attach to a cluster started with ``ipcluster start`` (its engines are never stopped here)."""
+                timeout: float = CONNECT_TIMEOUT, gpus: str | Sequence[int] | None = None) -> "Pool":
+        """Attach to a cluster started with ``ipcluster start`` (its engines are never stopped here).
+
+        Its engines are bound to GPUs as :meth:`start` does, the local rank of an engine being
+        its index among the engines of its host.
+        """
         import ipyparallel as ipp
 
+        gpu.parse_gpus(gpus)
         url_file = _connection_file(profile, cluster_id)
         if not url_file.exists():
             raise PoolError(
@@ -119,7 +151,11 @@ class Pool:
                 f"the cluster at {url_file} answered but has no engines after {timeout:.0f} s. "
                 f"Start some with `ipcluster engines -n 4{_flags(profile, cluster_id)}`."
             ) from None
-        pool = cls(client, None, how="connected")
+        try:
+            pool = cls(client, None, how="connected", gpus=gpus)
+        except BaseException:
+            client.close()
+            raise
         pool._spawn_reaper(engines=False)
         return pool
 
@@ -172,6 +208,9 @@ class Pool:
             self._close()
 
     def _close(self) -> None:
+        if self._nvml is not None:
+            self._nvml.close()
+            self._nvml = None
         try:
             self.client.close()
         finally:
@@ -201,13 +240,57 @@ class Pool:
     def ids(self) -> list[int]:
         return sorted(self.client.ids)
 
-    def _refresh_info(self) -> None:
-        from .engine.runner import engine_info
+    def _refresh_info(self, strict: bool = False) -> None:
+        """Learn the engines not seen yet, binding each to its GPU (see :func:`gpu.plan`).
+
+        ``strict`` (when the pool is made) lets a request for devices an engine lacks raise a
+        UsageError; an engine that joins later without them runs on the CPU instead.
+        """
+        from .engine.runner import bind_gpu, probe_gpus
 
         missing = [i for i in self.ids if i not in self._info]
-        if missing:
-            infos = self.client[missing].apply_async(engine_info).get(timeout=ENGINE_TIMEOUT)
-            self._info.update(zip(missing, infos))
+        if not missing:
+            return
+        visible: dict[int, list[int]] = {}
+        if self.gpus == "none":  # the engines never import CuPy
+            choice: dict[int, int | None] = {e: None for e in missing}
+        else:
+            probes = self.client[missing].apply_async(probe_gpus).get(timeout=ENGINE_TIMEOUT)
+            visible = {e: p["visible"] for e, p in zip(missing, probes)}
+            table = [(e, i.get("host", "?"), i.get("visible", [])) for e, i in self._info.items()]
+            table += [(e, p["host"], p["visible"]) for e, p in zip(missing, probes)]
+            try:
+                choice, note = gpu.plan(self.gpus, table)
+            except UsageError:
+                if strict:
+                    raise
+                choice = {e: None for e in missing}
+                note = (f"nbparallel: engine(s) {_ranges(missing)} joined without the CUDA devices "
+                        f"--gpus asked for; they run on the CPU.")
+            if note:
+                self.gpu_note = note
+        futures = {e: self.client[e].apply_async(bind_gpu, choice[e]) for e in missing}
+        for e, future in futures.items():
+            info = future.get(timeout=ENGINE_TIMEOUT)
+            info["visible"] = visible.get(e, [])
+            self._info[e] = info
+
+    def _nvml_reader(self) -> gpu.Nvml:
+        if self._nvml is None:
+            self._nvml = gpu.Nvml()
+        return self._nvml
+
+    def gpu_metrics(self, engine: int) -> tuple[float | None, int | None, int | None]:
+        """``(utilisation %, memory used, memory total)`` of ``engine``'s GPU, from NVML.
+
+        Only for an engine bound to a GPU on this host (NVML sees this host's devices); all None
+        otherwise, or without ``pynvml``. NVML is loaded on the first call that needs it.
+        """
+        info = self.info(engine)
+        device = info.get("gpu")
+        if not device or info.get("host") != socket.gethostname():
+            return None, None, None
+        return self._nvml_reader().metrics(device)
 
     def status(self) -> list[EngineInfo]:
         """One :class:`EngineInfo` per live engine."""
@@ -217,9 +300,19 @@ class Pool:
         for eid in self.ids:
             q = queues.get(eid, {})
             info = self._info.get(eid, {})
-            rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1),
-                                   info.get("device", "?"),
-                                   bool(q.get("queue", 0) or q.get("tasks", 0))))
+            device, uuid, used, total = info.get("device", "?"), None, None, None
+            bound = info.get("gpu")
+            if bound:
+                uuid, total = bound.get("uuid"), bound.get("total")
+                if info.get("host") == socket.gethostname():
+                    name = self._nvml_reader().name(bound)
+                    if name:
+                        device = f"cuda:{bound['index']} {name}"
+                    _, used, nv_total = self._nvml_reader().metrics(bound)
+                    total = nv_total or total
+            rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1), device,
+                                   bool(q.get("queue", 0) or q.get("tasks", 0)), uuid, used,
+                                   total))
         return rows
 
     def alive(self, engines: Sequence[int]) -> list[int]:
@@ -328,11 +421,27 @@ THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
+
+    ``os.cpu_count()`` is the whole machine's; in a container (Binder gives 1-2 cores of a big
+    node) one engine per machine core would run out of memory.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores or 1, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read: the affinity stands
+    return max(1, cores or 1)
+
+
 def _thread_limits(n: int) -> dict[str, str]:
     """Share the cores among the engines: n engines each running a BLAS pool as wide as the
     machine fight for the same cores (a matmul measured 6x slower with 2 engines on 2 cores).
     Variables the user already set are left as they are."""
-    per_engine = str(max(1, (os.cpu_count() or 1) // n))
+    per_engine = str(max(1, usable_cores() // n))
     return {var: per_engine for var in THREAD_VARS if var not in os.environ}
 
 
@@ -375,21 +484,30 @@ def current() -> Pool | None:
     return _current
 
 
-def start(n: int | None = None, **kwargs: Any) -> Pool:
-    """Start an embedded local cluster and make it current (stops a previous one we started)."""
+def start(n: int | None = None, *, say: Callable[[str], None] = print, **kwargs: Any) -> Pool:
+    """Start an embedded local cluster and make it current (stops a previous one we started).
+
+    ``gpus="all"|"none"|[0, 1]`` binds the engines to GPUs (see :meth:`Pool.start`); a note about
+    the binding worth knowing (``"all"`` found no device) goes to ``say``.
+    """
     global _current
     pool = Pool.start(n, **kwargs)
     stop()
     _current = pool
+    if pool.gpu_note:
+        say(pool.gpu_note)
     return pool
 
 
-def connect(profile: str | None = None, cluster_id: str | None = None, **kwargs: Any) -> Pool:
-    """Connect to a running ``ipcluster`` and make it current."""
+def connect(profile: str | None = None, cluster_id: str | None = None, *,
+            say: Callable[[str], None] = print, **kwargs: Any) -> Pool:
+    """Connect to a running ``ipcluster`` and make it current (``gpus=`` as for :func:`start`)."""
     global _current
     pool = Pool.connect(profile, cluster_id, **kwargs)
     stop()
     _current = pool
+    if pool.gpu_note:
+        say(pool.gpu_note)
     return pool
 
 

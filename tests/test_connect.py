@@ -79,3 +79,10 @@ def test_started_engines_share_the_cores_among_their_blas_threads(pool) -> None:
                                                             // len(pool.ids)))
     got = {pool.apply(e, os.getenv, "OPENBLAS_NUM_THREADS").get(timeout=30) for e in pool.ids}
     assert got == {want}
+
+
+def test_default_engine_count_follows_the_cores_this_process_may_use() -> None:
+    code = ("import os; os.sched_setaffinity(0, {0}); "
+            "from nbparallel.pool import usable_cores; print(usable_cores())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "1", out.stderr

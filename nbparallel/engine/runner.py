@@ -18,7 +18,7 @@ from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
 from ..dataplane import parcel
 from . import store
 
-__all__ = ["run_scatter", "run_pmap_chunk", "engine_info"]
+__all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "probe_gpus", "bind_gpu"]
 
 
 def _register_source(cell: CellCode) -> None:
@@ -68,7 +68,7 @@ def _scatter_once(cell: CellCode, names_blob: bytes, payload: Any, rank: int, si
     try:
         ns = _base_namespace(names_blob)
         for part in payload if isinstance(payload, list) else [payload]:
-            ns.update(store.open_payload(part))
+            ns.update(gpu.to_device(store.open_payload(part)))  # shards go to the GPU once
     except Exception as exc:  # a resident value that is gone, or a payload that did not arrive
         return {"ok": False, "failure": {"ename": type(exc).__name__, "evalue": str(exc),
                                          "traceback": traceback.format_exc(), "rank": rank}}
@@ -97,12 +97,12 @@ def _scatter_once(cell: CellCode, names_blob: bytes, payload: Any, rank: int, si
     return {"ok": True, "values": values, "pending": pending, "kept": kept}
 
 
-def _meta(value: Any) -> tuple[Any, str]:
+def _meta(value: Any) -> tuple[Any, Any]:
     """(shape, dtype) of an array, or (None, type name) of anything else."""
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         return None, type(value).__name__
-    return tuple(shape), dtype.str
+    return tuple(shape), dtype  # the dtype itself: the .str of a record dtype is only "|V8"
 
 
 def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, items: Any
@@ -142,7 +142,34 @@ def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
 
 
 def engine_info() -> dict[str, Any]:
-    """Host, pid and device of this engine, for the pool's engine table."""
+    """Host, pid and device of this engine, for the pool's engine table.
+
+    ``gpu`` describes the bound CUDA device (index, uuid, pci, name, total) or is None.
+    ``ident`` is the engine's identity with the controller: a load-balanced task lost with its
+    engine is reported under it alone, after the client has forgotten the engine's id.
+    """
     import socket
 
-    return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name(),
+            "gpu": gpu.bound(), "ident": _ident()}
+
+
+def _ident() -> str | None:
+    from IPython import get_ipython
+
+    ident = getattr(getattr(get_ipython(), "kernel", None), "ident", None)
+    return ident.decode() if isinstance(ident, bytes) else ident
+
+
+def probe_gpus() -> dict[str, Any]:
+    """Host, pid and the CUDA device numbers this engine sees (imports CuPy if installed)."""
+    import socket
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "visible": [d["index"] for d in gpu.visible()]}
+
+
+def bind_gpu(index: int | None) -> dict[str, Any]:
+    """Bind this engine to CUDA device ``index`` (``None``: the CPU); returns its engine_info."""
+    gpu.bind(index)
+    return engine_info()
