@@ -14,7 +14,7 @@ import ast
 import math
 import sys
 from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from . import pool as pool_mod
@@ -182,6 +182,8 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
 
     chunker = Chunker(len(items), len(ids), spec.chunksize)
     payloads = _Payloads(pool.plane, ids, spec.transport)
+    # A chunk lost with its engine comes back under the engine's identity only: name it by id.
+    idents = {pool.info(e)["ident"]: e for e in ids if pool.info(e).get("ident")}
 
     def submit() -> tuple[Any, range] | None:
         r = chunker.next()
@@ -197,7 +199,7 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     try:
         with pool.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
             return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items),
-                            payloads, watch)
+                            payloads, watch, idents)
     except KeyboardInterrupt:
         pool.interrupt(list(in_flight), ids)
         raise
@@ -269,7 +271,8 @@ def _nbytes(item: Any) -> int:
 
 def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
              submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
-             n_engines: int, total: int, payloads: "_Payloads", watch: Any) -> list[Any]:
+             n_engines: int, total: int, payloads: "_Payloads", watch: Any,
+             idents: Mapping[Any, int]) -> list[Any]:
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
@@ -286,13 +289,22 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
         watch.tick()
         for fut in finished:
             r = in_flight.pop(fut)
-            engine = _engine_of(fut)
+            engine = _engine_of(fut, idents)
             pool.relay_output(fut, engine)
             try:
                 chunk, seconds, held, started = fut.result()
             except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
                 payloads.finished(fut, engine, None)
-                failures.extend(pool.failure(exc, engine, item=i) for i in r)
+                if engine >= 0 and not pool.alive([engine]):
+                    pool.plane.engine_gone(engine)  # what it held of our segments is free
+                lost = pool.failure(exc, engine)
+                if lost.ename == "EngineDied":
+                    hint = (f"The items it held were retried {spec.retries} time(s) and lost each "
+                            f"time." if spec.retries else
+                            "`--retries 1` (retries=1) re-runs the items of an engine that stops "
+                            "on the other engines.")
+                    lost = replace(lost, traceback=f"{lost.traceback.rstrip()} {hint}\n")
+                failures.extend(replace(lost, item=i) for i in r)
                 chunker.record(len(r), None)
                 done += len(r)
                 continue
@@ -313,6 +325,16 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
     return results if spec.ordered else arrival
 
 
-def _engine_of(fut: Any) -> int:
+def _engine_of(fut: Any, idents: Mapping[Any, int]) -> int:
+    """The engine that ran (or lost) ``fut``; -1 if it is unknown."""
     engine_id = getattr(fut, "engine_id", None)
-    return engine_id if isinstance(engine_id, int) else -1
+    if isinstance(engine_id, int):
+        return engine_id
+    # An engine that died is dropped from the client's table before its lost tasks are failed,
+    # so their replies carry only its identity.
+    try:
+        md = fut.metadata
+        ident = (md[0] if isinstance(md, list) and md else md or {}).get("engine_uuid")
+    except Exception:
+        return -1
+    return idents.get(ident, -1)

@@ -246,9 +246,19 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
 
 def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
              watch: Any) -> list[dict[str, Any]]:
+    pending = set(futures)
+    stopped = False
     try:
-        while wait(futures, timeout=TICK).not_done:
+        while pending:
+            done, pending = wait(pending, timeout=TICK)
             watch.tick()
+            if pending and any(_died(pool, fut) for fut in done):
+                # An engine died: the cell cannot complete, so stop the others now instead of
+                # letting them run to the end for results that would be thrown away.
+                pool.interrupt(list(pending), [e for e, f in zip(ids, futures) if f in pending])
+                wait(pending, timeout=10)
+                stopped = True
+                break
     except KeyboardInterrupt:
         pool.interrupt(futures, ids)
         raise
@@ -256,9 +266,11 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
     for rank, (eid, fut) in enumerate(zip(ids, futures)):
         pool.relay_output(fut, eid)
         try:
-            reply = fut.result()
+            reply = fut.result(timeout=0) if stopped else fut.result()
         except Exception as exc:  # the engine died or the runner could not start
-            failures.append(pool.failure(exc, eid, rank=rank))
+            failure = pool.failure(exc, eid, rank=rank)
+            if not (stopped and failure.ename in _STOPPED):  # stopped by us: not news
+                failures.append(failure)
             if not pool.alive([eid]):
                 pool.plane.engine_gone(eid)
             continue
@@ -279,6 +291,16 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
                 f"--gather/--reduce/--keep."
             )
     return replies
+
+
+#: How an engine interrupted because another one died reports (or fails to report) back.
+_STOPPED = ("KeyboardInterrupt", "TimeoutError")
+
+
+def _died(pool: pool_mod.Pool, fut: Any) -> bool:
+    """Whether ``fut`` failed because its engine stopped."""
+    exc = fut.exception()
+    return exc is not None and pool.failure(exc, None).ename == "EngineDied"
 
 
 def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int], plane: Any,

@@ -30,14 +30,15 @@ FREE, BUSY = 0, 1
 
 
 class Outbox:
-    """A sending engine's reusable segments, named for the notebook's kernel so its reaper finds them.
+    """A sending engine's reusable segments, named after the notebook's arena (``<kernel pid>-<tag>``)
+    so that its reaper, and the pool when it stops, find them.
 
     ``budget`` caps the bytes of all segments together; when it is reached and none is free,
     :meth:`send` raises :class:`~nbparallel.dataplane.shm.NoRoom` and the caller sends inline.
     """
 
-    def __init__(self, owner_pid: int, budget: int | None = None):
-        self.owner_pid = owner_pid
+    def __init__(self, owner: int | str, budget: int | None = None):
+        self.owner = owner
         self.budget = default_budget() // 4 if budget is None else budget
         self.segments: list[Segment] = []
 
@@ -66,7 +67,7 @@ class Outbox:
             self._drop(seg)
         if self._total() + size > self.budget or free_bytes() - size < MARGIN:
             raise NoRoom(f"outbox holds {self._total()} bytes; {size} more exceed its budget")
-        seg = Segment.create(size, self.owner_pid)
+        seg = Segment.create(size, self.owner)
         self.segments.append(seg)
         return seg
 

@@ -40,7 +40,7 @@ class ArraySlot:
     size: int
     offset: int
     shape: tuple[int, ...]
-    dtype: str
+    dtype: np.dtype
     readonly: bool = False
 
 
@@ -118,7 +118,8 @@ class Layout:
                 return lambda seg: Inline(value)
             offset = self.reserve(value.nbytes)
             self._writes.append((offset, value))
-            return lambda seg: ArraySlot(seg.name, seg.size, offset, value.shape, value.dtype.str,
+            # The dtype itself, not its .str: "|V8" would turn a record array into raw bytes.
+            return lambda seg: ArraySlot(seg.name, seg.size, offset, value.shape, value.dtype,
                                          readonly)
         header, buffers = dumps(value)
         if not buffers:

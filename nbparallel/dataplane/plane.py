@@ -17,6 +17,7 @@ costs more than it saves.
 from __future__ import annotations
 
 import atexit
+import functools
 import secrets
 import sys
 from concurrent.futures import wait
@@ -60,7 +61,7 @@ class Job:
     name: str
     kind: str
     sources: list[tuple[str, str]]  # ("stash", name) or ("resident", key), per rank
-    metas: list[tuple[tuple[int, ...], str]]  # (shape, dtype) per rank
+    metas: list[tuple[tuple[int, ...] | None, Any]]  # (shape, dtype), (None, type name)
     axis: int = 0
     op: str = "join"  # join, or a reduce operation
 
@@ -71,8 +72,12 @@ class DataPlane:
     def __init__(self, pool: Any, budget: int | None = None):
         self.pool = pool
         self.arena = Arena(budget)
-        # A script that ends without stopping its pool must not leave segments in /dev/shm.
-        atexit.register(self.arena.close)
+        # A script or kernel that ends without stopping its pool must not leave segments in
+        # /dev/shm: neither its own nor the engines' hand-off segments, named after it too. The
+        # engines do not remove theirs (a stopped engine gets no chance), and the reaper only
+        # does when it sees the kernel die before the engines.
+        self._at_exit = functools.partial(_leave, self.arena)  # holds the arena, not the pool
+        atexit.register(self._at_exit)
         self.transfers: Ring[Transfer] = Ring()
         self._local: dict[int, bool] = {}
         self._channels: dict[int, Any] = {}
@@ -93,7 +98,7 @@ class DataPlane:
         if not self.arena.ok:
             self._local.update({e: False for e in engines})
             return
-        seg = Segment.create(1 << 12, self.arena.owner_pid)
+        seg = Segment.create(1 << 12, self.arena.owner)
         secret = secrets.token_bytes(16)
         seg.mm[:16] = secret
         try:
@@ -242,7 +247,7 @@ class DataPlane:
             final = self._final(job, how)
             if final is not None:
                 finals[job.name] = final
-                seg, shape, dtype = final[0], final[1].shape, final[1].dtype.str
+                seg, shape, dtype = final[0], final[1].shape, final[1].dtype
                 lo = 0
                 for r, (shp, _) in enumerate(job.metas):
                     requests[r].append((job.sources[r], ("shm", (seg.name, seg.size, 0, shape, dtype,
@@ -400,11 +405,17 @@ class DataPlane:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
-        self.arena.close()
-        atexit.unregister(self.arena.close)
-        # Engines name their pipeline hand-off segments for this kernel too (dataplane/handoff.py).
-        remove_segments(self.arena.owner_pid)
+        self._at_exit()
+        atexit.unregister(self._at_exit)
         self.closed = True
+
+
+def _leave(arena: Arena) -> None:
+    """Unlink the segments of ``arena`` and those engines made under its name."""
+    arena.close()
+    # Engines name their pipeline hand-off segments after the arena too (dataplane/handoff.py),
+    # also those of an engine that died; other pools of this kernel keep theirs.
+    remove_segments(arena.owner)
 
 
 def _large(values: dict[str, Any], shared: dict[str, Any]) -> bool:

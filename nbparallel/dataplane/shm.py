@@ -1,7 +1,7 @@
 """Shared-memory segments and the notebook's arena of warm ones.
 
 A segment is a file in ``/dev/shm`` created with mode 0600 under an unguessable name
-(``nbp-<kernel pid>-<128 random bits>``), mapped ``MAP_SHARED`` by the notebook and by every local
+(``nbp-<kernel pid>-<pool tag>-<128 random bits>``), mapped ``MAP_SHARED`` by the notebook and by every local
 engine that reads or writes it.
 
 Why an arena: the first write to a fresh tmpfs page costs a page fault and a zeroing, which held a
@@ -42,9 +42,14 @@ class NoRoom(Exception):
     """Shared memory cannot take this payload now (budget, free space, or no /dev/shm at all)."""
 
 
-def new_name(owner_pid: int | None = None) -> str:
-    """An unguessable segment name; the owner pid lets a watchdog clean up after a killed kernel."""
-    return f"{PREFIX}{owner_pid or os.getpid()}-{secrets.token_hex(16)}"
+def new_name(owner: int | str | None = None) -> str:
+    """An unguessable segment name, ``nbp-<owner>-<128 random bits>``.
+
+    ``owner`` starts with the kernel's pid, so a watchdog can clean up after a killed kernel
+    (``nbp-<pid>-*``); an arena adds its own tag (``<pid>-<tag>``) so that one pool stopping
+    removes its own segments and never those of another pool in the same kernel.
+    """
+    return f"{PREFIX}{owner or os.getpid()}-{secrets.token_hex(16)}"
 
 
 def available() -> bool:
@@ -75,8 +80,8 @@ class Segment:
         self.mm = mm
 
     @classmethod
-    def create(cls, size: int, owner_pid: int | None = None) -> "Segment":
-        name = new_name(owner_pid)
+    def create(cls, size: int, owner: int | str | None = None) -> "Segment":
+        name = new_name(owner)
         path = SHM_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
@@ -147,6 +152,9 @@ class Arena:
 
     def __init__(self, budget: int | None = None, keep_free: int = 1 << 30):
         self.owner_pid = os.getpid()
+        #: What every segment of this arena (and the engines' hand-off segments for its pool) is
+        #: named after: ``<kernel pid>-<tag>``, unique to this arena.
+        self.owner = f"{self.owner_pid}-{secrets.token_hex(4)}"
         self.ok = available()
         self.budget = budget if budget is not None else default_budget()
         self.keep_free = keep_free
@@ -167,7 +175,7 @@ class Arena:
                     best = entry
         if best is None:
             self._make_room(size)
-            best = _Entry(Segment.create(size, self.owner_pid))
+            best = _Entry(Segment.create(size, self.owner))
             self._entries[best.segment.name] = best
         best.state = "leased"
         best.last_used = time.monotonic()

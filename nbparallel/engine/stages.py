@@ -78,16 +78,16 @@ def _peer(endpoint: str) -> Any:
     return _peers[endpoint]
 
 
-def _send(endpoint: str, tid: str, value: Any, owner: int | None) -> tuple[int, str]:
+def _send(endpoint: str, tid: str, value: Any, owner: str | None) -> tuple[int, str]:
     """Send ``value`` to the stage at ``endpoint``; returns the bytes moved and the transport.
 
-    ``owner`` (the notebook kernel's pid) is given when every engine shares this host: large
+    ``owner`` (the notebook arena's ``<kernel pid>-<tag>``) is given when every engine shares this host: large
     values then go through this engine's outbox segments and only their address is sent.
     """
     global _outbox
     header, buffers = parcel.dumps(value)
     if owner is not None and sum(b.raw().nbytes for b in buffers) >= handoff.THRESHOLD:
-        if _outbox is None or _outbox.owner_pid != owner:
+        if _outbox is None or _outbox.owner != owner:
             close_outbox()
             _outbox = handoff.Outbox(owner)
         try:
@@ -123,7 +123,7 @@ def close_outbox() -> None:
 
 def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[int, str],
              endpoints: dict[int, str], n_stages: int, inputs: dict[int, Any],
-             targets: dict[int, Any], train: bool, owner: int | None = None) -> dict[str, Any]:
+             targets: dict[int, Any], train: bool, owner: str | None = None) -> dict[str, Any]:
     """Execute ``ops`` (kind, stage, micro-batch) in order; return outputs, losses, spans, stash.
 
     ``names`` maps the stages on this rank to their names; ``endpoints`` maps every stage to the

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import pool as pool_mod
 from ..cellcode import free_names, pack_names, parse_cell
-from ..errors import RemoteError, RemoteFailure, UsageError
+from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
 from . import schedule as sched
 
 TICK = 0.1  # seconds between dashboard looks while the stages run
@@ -112,7 +112,7 @@ class Pipeline:
                 f"    def forward(x, ctx):\n        ctx['x'] = x\n        return x @ W"
             )
         old = self.stages.get(name)
-        if old is not None and old.engine != engine:
+        if old is not None and old.engine != engine and self.pool.alive([old.engine]):
             from ..engine.stages import drop
 
             self.pool.apply(old.engine, drop, [name]).get()
@@ -125,6 +125,15 @@ class Pipeline:
         if not self.stages:
             raise UsageError("no stages yet: define them with %%stage NAME cells, first to last.")
         engines = [info.engine for info in self.stages.values()]
+        live = set(self.pool.alive(engines))
+        lost = [(info.name, info.engine) for info in self.stages.values() if info.engine not in live]
+        if lost:
+            names = ", ".join(f"`{n}` (engine {e})" for n, e in lost)
+            raise PoolError(
+                f"stage(s) {names} lived on an engine that has stopped, and their parameters "
+                f"with it. Define them again on a live engine (`%%stage NAME --engine K`, K one "
+                f"of {pool_mod._ranges(self.pool.ids)}), or `%pipeline clear` and start over."
+            )
         ranks = list(dict.fromkeys(engines))
         p = len(ranks)
         if len(engines) % p or any(engines[s] != ranks[s % p] for s in range(len(engines))):
@@ -154,8 +163,13 @@ class Pipeline:
         s = sched.build(name, len(ranks), microbatches, v)
         self._check_hooks(name)
         xs, ts = _split(x, microbatches, "--input"), _split(target, microbatches, "--target")
-        if len(xs) != len(ts):
-            raise UsageError("--input and --target must have the same number of rows.")
+        # Split alike, rows of different counts would pair each input with the wrong targets.
+        if len(np.asarray(x)) != len(np.asarray(target)):
+            raise UsageError(
+                f"--input has {len(np.asarray(x))} rows but --target has "
+                f"{len(np.asarray(target))}; row i of the target goes with row i of the input, "
+                f"so they must have the same number of rows."
+            )
         if steps < 1:
             raise UsageError(f"--steps must be 1 or more, not {steps}.")
         losses = []
@@ -192,7 +206,7 @@ class Pipeline:
         last = len(names) - 1
         # Engines that all share this host's /dev/shm share each other's: hand off through it.
         local = self.handoff and all(plane.is_local(e) for e in ranks)
-        owner = plane.arena.owner_pid if local else None
+        owner = plane.arena.owner if local else None
         futures = []
         with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
             watch.queued({eid: 1 for eid in ranks})
@@ -238,8 +252,14 @@ class Pipeline:
                 self.pool.interrupt(list(pending), ranks)
                 wait(pending, timeout=10)
             if failed:
+                for eid in self.pool.alive(ranks):
+                    try:
+                        self.pool.apply(eid, discard_run, f"{run_id}:")
+                    except PoolError:
+                        pass  # it stopped just now: nothing of the run is left on it either
                 for eid in ranks:
-                    self.pool.apply(eid, discard_run, f"{run_id}:")
+                    if not self.pool.alive([eid]):
+                        self.pool.plane.engine_gone(eid)
         failures = []
         replies = []
         for r, (eid, fut) in enumerate(zip(ranks, futures)):
@@ -274,8 +294,10 @@ class Pipeline:
         """Forget every stage, here and on the engines."""
         from ..engine.stages import drop
 
+        live = set(self.pool.alive([info.engine for info in self.stages.values()]))
         for info in self.stages.values():
-            self.pool.apply(info.engine, drop, [info.name]).get()
+            if info.engine in live:  # a stage on an engine that stopped went with it
+                self.pool.apply(info.engine, drop, [info.name]).get()
         self.stages.clear()
 
 
@@ -346,4 +368,3 @@ def show(*, pool: Any | None = None) -> list[StageInfo]:
 def clear(*, pool: Any | None = None) -> None:
     """Remove every stage (``%pipeline clear``)."""
     _pipeline(pool).clear()
-
