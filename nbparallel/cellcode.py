@@ -110,6 +110,7 @@ def pack_names(
     *,
     skip: Iterable[str] = (),
     limit: int = AUTO_SEND_LIMIT,
+    too_big: str = "",
 ) -> bytes:
     """Serialize the notebook values of ``names`` that exist in ``namespace``.
 
@@ -124,7 +125,7 @@ def pack_names(
         value = namespace[name]
         nbytes = getattr(value, "nbytes", None)
         if isinstance(nbytes, int) and nbytes > limit:
-            raise _too_big(name, nbytes, limit)
+            raise _too_big(name, nbytes, limit, too_big)
         chosen[name] = value
     blobs = {}
     for name, value in chosen.items():
@@ -137,17 +138,18 @@ def pack_names(
                 f"open files or connections there), or pass what it holds as plain data."
             ) from None
         if len(blob) > limit:
-            raise _too_big(name, len(blob), limit)
+            raise _too_big(name, len(blob), limit, too_big)
         blobs[name] = blob
     return cloudpickle.dumps(blobs)
 
 
-def _too_big(name: str, size: int, limit: int) -> UsageError:
+def _too_big(name: str, size: int, limit: int, advice: str) -> UsageError:
+    advice = advice.format(name=name) or (
+        f"Say how it should travel: --broadcast {name} sends a full copy to every engine, or "
+        f"list it before the options to split it across engines.")
     return UsageError(
         f"the cell reads `{name}` ({_human(size)}) from the notebook, which is over the "
-        f"{_human(limit)} limit for sending names automatically. Say how it should travel: "
-        f"--broadcast {name} sends a full copy to every engine, or list it before the options "
-        f"to split it across engines."
+        f"{_human(limit)} limit for sending names automatically. {advice}"
     )
 
 

@@ -12,6 +12,7 @@ import shlex
 from typing import Any
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.error import UsageError as IPythonUsageError
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from . import pool as pool_mod
@@ -86,7 +87,10 @@ class NbparallelMagics(Magics):
         ``--keep c`` instead of ``--gather c`` leaves c's shards on the engines and binds a
         :class:`~nbparallel.Resident` handle; scatter the handle in a later cell to reuse them.
         """
-        args = parse_argstring(self.scatter, line)
+        try:
+            args = parse_argstring(self.scatter, line)
+        except IPythonUsageError as exc:  # ours: one error class for every bad magic line
+            raise UsageError(f"%%scatter {line.strip()}: {exc}. `%%scatter?` lists the options.") from None
         spec = ScatterSpec(
             scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
@@ -125,7 +129,13 @@ class NbparallelMagics(Magics):
                         False if rest.no_dashboard else None)
         spec.check()
         target_names(spec.target)
-        items = self.shell.ev(m["expr"])
+        try:
+            items = self.shell.ev(m["expr"])
+        except NameError as exc:
+            raise UsageError(
+                f"{exc.name and f'`{exc.name}`' or m['expr']} (the iterable of %%pmap) is not "
+                f"defined in the notebook; define it in a cell above, or check the spelling."
+            ) from None
         result = run_pmap(spec, cell, items, self.shell.user_ns, hidden=self._hidden())
         self.shell.user_ns[rest.out] = result
 
@@ -176,14 +186,16 @@ class NbparallelMagics(Magics):
         elif args.command == "clear":
             pipe.clear()
         elif args.command == "run":
+            out = _name(args.out)  # before running: a bad name must not cost a run
             x = self._lookup([args.input], "--input")[args.input]
             dashboard = False if args.no_dashboard else None
-            self.shell.user_ns[_name(args.out)] = pipe.run(x, args.microbatches, dashboard)
+            self.shell.user_ns[out] = pipe.run(x, args.microbatches, dashboard)
         elif args.command == "train":
+            out = _name(args.out)
             found = self._lookup([args.input, args.target], "--input/--target")
             losses = pipe.train(found[args.input], found[args.target], args.microbatches,
                                 args.schedule, args.steps, False if args.no_dashboard else None)
-            self.shell.user_ns[_name(args.out)] = losses
+            self.shell.user_ns[out] = losses
             last = pipe.last[-1]
             print(f"%pipeline train: {args.steps} step(s), loss {losses[0]:.6g} -> "
                   f"{losses[-1]:.6g}; measured bubble {last.bubble:.0%} (theory "
@@ -220,7 +232,12 @@ class NbparallelMagics(Magics):
 
             mon = pool_mod.ensure().monitor
             spans = mon.spans.since(0)[0]
-            path = trace.save(args.file, spans, mon.transfers.since(0)[0], mon.samples.since(0)[0])
+            try:
+                path = trace.save(args.file, spans, mon.transfers.since(0)[0],
+                                  mon.samples.since(0)[0])
+            except OSError as exc:
+                raise UsageError(f"cannot write the trace to {args.file}: {exc.strerror or exc}; "
+                                 f"pick a path in a directory you can write to.") from None
             print(f"nbparallel: wrote {len(spans)} spans to {path}; open it in "
                   f"https://ui.perfetto.dev or chrome://tracing.")
         elif args.command == "dashboard":

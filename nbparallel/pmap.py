@@ -167,7 +167,9 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     spec.check()
     bound = target_names(spec.target)
     cell, tree = parse_cell(body, "%%pmap cell", result=True)
-    names_blob = pack_names(free_names(tree), namespace, skip=bound | {"xp"} | set(hidden))
+    names_blob = pack_names(free_names(tree), namespace, skip=bound | {"xp"} | set(hidden),
+                            too_big="Make `{name}` the iterable of items, or build it inside "
+                                    "the cell (for example load it from a file there).")
     try:
         items = list(items)
     except TypeError:

@@ -83,7 +83,8 @@ class Pool:
         """
         import ipyparallel as ipp
 
-        n = n or usable_cores()
+        if n is None:
+            n = usable_cores()
         if n < 1:
             raise UsageError(f"-n must be at least 1, not {n}.")
         gpu.parse_gpus(gpus)  # a misspelt --gpus fails before any engine starts

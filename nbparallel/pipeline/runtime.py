@@ -95,7 +95,10 @@ class Pipeline:
         if not name.isidentifier():
             raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
         cell, tree = parse_cell(code, f"%%stage {name} cell")
-        blob = pack_names(free_names(tree), namespace, skip={"xp", *hidden})
+        blob = pack_names(free_names(tree), namespace, skip={"xp", *hidden},
+                          too_big="Build `{name}` inside the %%stage cell instead (for example "
+                                  "initialise or load the parameters there): it stays on the "
+                                  "stage's engine.")
         ids = self.pool.ids
         if engine is None:
             index = list(self.stages).index(name) if name in self.stages else len(self.stages)
