@@ -144,7 +144,7 @@ CASES = [
     Case("pmap-syntax", "%%pmap", "x in range(3) -> r", "y = x\nreturn y +", "UsageError",
          r"the %%pmap cell has a syntax error on line 2"),
     Case("pmap-too-big-to-send", "%%pmap", "x in range(3) -> r", "bigv[x]", "UsageError",
-         r"reads `bigv` \(15\.3 MB\).*over the 10\.0 MB limit\. Make `bigv` the iterable"),
+         r"reads `bigv` \(15\.3 MB\).*over the 10\.0 MB limit.*Make `bigv` the iterable"),
     Case("pmap-items-fail", "%%pmap", "x in range(4) -> r", "1 / (x - 2)", "PmapError",
          r"1 of 4 items failed \(indices 2\).*ZeroDivisionError", sent=True),
     Case("pmap-iterable-undefined", "%%pmap", "x in nope -> r", "x", "UsageError",
