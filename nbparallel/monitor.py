@@ -35,6 +35,7 @@ class _Followed:
 
     engine: int
     run: str
+    stage_engines: dict[int, int] = field(default_factory=dict)
     seen_keys: set[str] = field(default_factory=set)
     spans: int = 0
     sent: dict[str, int] = field(default_factory=dict)
@@ -204,9 +205,10 @@ class Watch:
         """Tasks in flight per engine, shown as each engine's queue."""
         self.monitor._queued = counts
 
-    def follow(self, future: Any, engine: int, run: str) -> None:
-        """Read a pipeline rank's published spans while it runs."""
-        self._followed[future] = _Followed(engine, run)
+    def follow(self, future: Any, engine: int, run: str, stage_engines: dict[int, int]) -> None:
+        """Read a pipeline rank's published spans while it runs; ``stage_engines`` maps each
+        stage to its engine, for the receiving end of the bytes it sends."""
+        self._followed[future] = _Followed(engine, run, dict(stage_engines))
 
     def tick(self, force: bool = False) -> None:
         """Pull, sample and redraw, at most every :data:`TICK` seconds unless ``force``."""
@@ -248,11 +250,13 @@ class Watch:
         for kind, stage, mb, t0, t1 in spans:
             self.monitor.span(f.engine, kind, t0, t1, run=f.run, stage=stage, microbatch=mb)
         f.spans += len(spans)
-        for how, total in sent.items():
-            delta = total - f.sent.get(how, 0)
+        for key, total in sent.items():
+            delta = total - f.sent.get(key, 0)
             if delta > 0:
-                self.monitor.transfers.append(transfer(f.engine, "stage", "out", how, delta))
-                f.sent[how] = total
+                how, _, stage = key.partition(">")  # "<transport>><receiving stage>"
+                peer = f.stage_engines.get(int(stage), -1) if stage.isdigit() else -1
+                self.monitor.transfers.append(transfer(f.engine, "stage", "out", how, delta, peer))
+                f.sent[key] = total
 
 
 def _in_kernel() -> bool:

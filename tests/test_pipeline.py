@@ -268,6 +268,7 @@ def test_large_activations_hand_off_through_shared_memory(pool):
         np.testing.assert_allclose(W, W2, rtol=1e-6)
     moved = [r for r in pool.transfers.since(cursor)[0] if r.kind == "stage"]
     shm_bytes = sum(r.nbytes for r in moved if r.transport == "shm")
+    assert {(r.engine, r.peer) for r in moved} == {(0, 1), (1, 0)}  # activations, gradients
     assert shm_bytes >= 2 * 2 * 4 * 8 * 8192 * 8  # steps x (activations + gradients) x m x rows x width
     # A warm pipeline reuses its segments: more steps create none.
     before = _segments(pool)

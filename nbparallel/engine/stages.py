@@ -152,7 +152,8 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                     else:
                         out["outputs"][j] = y
                 else:
-                    _count(out["sent"], *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner))
+                    _count(out["sent"], s + 1,
+                           *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner))
                 y = None
                 stash = sum(1 for (ss, _) in ctxs if ss == s)
                 out["peak_stash"][s] = max(out["peak_stash"][s], stash)
@@ -169,7 +170,8 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                 if kind == "B":  # before sending: the previous stage may reuse our input's segment
                     del ctxs[(s, j)]
                 if s > 0:
-                    _count(out["sent"], *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner))
+                    _count(out["sent"], s - 1,
+                           *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner))
                 gin = None
             elif kind == "W":
                 ns["backward_weight"](ctxs.pop((s, j)))
@@ -190,8 +192,9 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
     return {"ok": True, "rank": rank, **out}
 
 
-def _count(sent: dict[str, int], nbytes: int, transport: str) -> None:
-    sent[transport] = sent.get(transport, 0) + nbytes
+def _count(sent: dict[str, int], to_stage: int, nbytes: int, transport: str) -> None:
+    key = f"{transport}>{to_stage}"  # the notebook maps the stage to its engine
+    sent[key] = sent.get(key, 0) + nbytes
 
 
 def _filename(exc: BaseException) -> str:

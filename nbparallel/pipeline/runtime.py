@@ -220,7 +220,8 @@ class Pipeline:
                 targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
                 futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
                                                len(names), inputs, targets, train, owner))
-                watch.follow(futures[-1], eid, run_id)
+                watch.follow(futures[-1], eid, run_id,
+                             {i: self.stages[n].engine for i, n in enumerate(names)})
             replies = self._collect(futures, ranks, run_id, watch)
             result = RunResult(s, run_id)
             out: dict[str, Any] = {"outputs": {}, "losses": {}}

@@ -38,7 +38,8 @@ class Transfer:
 
     ``direction`` is ``"out"`` (notebook to engine) or ``"in"`` (engine to notebook). ``nbytes``
     counts the payload as delivered to that engine: a broadcast placed once in shared memory and
-    read by three engines is three records.
+    read by three engines is three records. Kind ``"stage"`` is engine to engine: ``engine`` sent
+    the bytes and ``peer`` received them (-1 for every other kind).
     """
 
     engine: int
@@ -47,6 +48,7 @@ class Transfer:
     transport: str
     nbytes: int
     time: float
+    peer: int = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +108,7 @@ class Ring(Generic[T]):
         return len(self._items)
 
 
-def transfer(engine: int, kind: str, direction: str, transport: str, nbytes: int) -> Transfer:
+def transfer(engine: int, kind: str, direction: str, transport: str, nbytes: int,
+             peer: int = -1) -> Transfer:
     """A :class:`Transfer` stamped with the current wall-clock time."""
-    return Transfer(engine, kind, direction, transport, int(nbytes), time.time())
+    return Transfer(engine, kind, direction, transport, int(nbytes), time.time(), peer)
