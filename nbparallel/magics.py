@@ -206,7 +206,8 @@ class NbparallelMagics(Magics):
     @line_magic
     def nbp(self, line: str) -> Any:
         """Pool control: ``%nbp start [-n N] [--gpus all|none|0,1]``, ``%nbp connect [--profile P]
-        [--cluster-id ID] [--gpus ...]``, ``%nbp status``, ``%nbp stop``; telemetry:
+        [--cluster-id ID] [--gpus ...]``, ``%nbp status``, ``%nbp restart`` (a started pool, fresh,
+        dead engines back), ``%nbp stop``; telemetry:
         ``%nbp monitor`` (a dashboard that follows every magic), ``%nbp trace save FILE.json``
         (spans in Chrome trace format, for Perfetto), ``%nbp dashboard on|off`` (the dashboard
         under long-running magics). ``--gpus``: each engine gets one CUDA device, round-robin
@@ -225,6 +226,9 @@ class NbparallelMagics(Magics):
                 print("nbparallel: no pool yet; `%nbp start` starts one (the first magic does too).")
                 return None
             print(_status_table(pool))
+        elif args.command == "restart":
+            pool = pool_mod.restart()
+            print(f"nbparallel: restarted: a fresh local cluster of {len(pool.ids)} engines.")
         elif args.command == "monitor":
             pool_mod.ensure().monitor.open()
         elif args.command == "trace":
@@ -300,7 +304,8 @@ def _status_table(pool: Any) -> str:
     rows = [("engine", "host", "pid", "device", "state")
             + (("GPU memory used / total",) if gpus else ())]
     for e in engines:
-        row = (str(e.id), e.host, str(e.pid), e.device, "busy" if e.busy else "idle")
+        state = "dead" if not e.alive else "busy" if e.busy else "idle"
+        row = (str(e.id), e.host, str(e.pid), e.device, state)
         if gpus:
             row += (f"{fmt_mem(e.gpu_mem)} / {fmt_mem(e.gpu_mem_total)}"
                     if e.device.startswith("cuda") else "-",)
@@ -387,6 +392,7 @@ def _nbp_parser() -> _Parser:
     sub.add_parser("status", add_help=False)
     sub.add_parser("stop", add_help=False)
     sub.add_parser("monitor", add_help=False)
+    sub.add_parser("restart", add_help=False)
     trace = sub.add_parser("trace", add_help=False)
     trace.add_argument("action", choices=["save"])
     trace.add_argument("file")

@@ -50,6 +50,7 @@ class EngineInfo:
     gpu_uuid: str | None = None
     gpu_mem: int | None = None  #: bytes used on the device (NVML; engines on this host only)
     gpu_mem_total: int | None = None
+    alive: bool = True  #: False: it was part of this pool and has stopped (killed, crashed)
 
 
 class Pool:
@@ -63,6 +64,9 @@ class Pool:
         self.gpus = gpu.parse_gpus(gpus)
         #: One line about the GPU binding worth telling the user (e.g. --gpus all found none).
         self.gpu_note: str | None = None
+        self._stopped = False
+        #: How Pool.start made this pool (n, profile, gpus), for restart(); empty when connected.
+        self.started_with: dict[str, Any] = {}
         self._nvml: gpu.Nvml | None = None
         self._info: dict[int, dict[str, Any]] = {}
         self._reaper: subprocess.Popen | None = None
@@ -116,6 +120,7 @@ class Pool:
                 cluster.stop_cluster_sync()
             raise
         pool._spawn_reaper()
+        pool.started_with = {"n": n, "profile": profile, "timeout": timeout, "gpus": gpus}
         return pool
 
     @classmethod
@@ -199,7 +204,10 @@ class Pool:
         return self.plane.transfers
 
     def stop(self) -> None:
-        """Stop the cluster if nbparallel started it; otherwise only disconnect."""
+        """Stop the cluster if nbparallel started it; otherwise only disconnect. Idempotent."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             if self._monitor is not None:
                 self._monitor.close()
@@ -294,10 +302,15 @@ class Pool:
         return self._nvml_reader().metrics(device)
 
     def status(self) -> list[EngineInfo]:
-        """One :class:`EngineInfo` per live engine."""
+        """One :class:`EngineInfo` per engine this pool has had, by id; stopped ones have
+        ``alive=False`` (``%nbp restart`` brings a started pool back to full strength)."""
         self._refresh_info()
         queues = self.client.queue_status()
         rows = []
+        for eid in sorted(set(self._info) - set(self.ids)):
+            info = self._info[eid]
+            rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1),
+                                   info.get("device", "?"), False, alive=False))
         for eid in self.ids:
             q = queues.get(eid, {})
             info = self._info.get(eid, {})
@@ -314,7 +327,7 @@ class Pool:
             rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1), device,
                                    bool(q.get("queue", 0) or q.get("tasks", 0)), uuid, used,
                                    total))
-        return rows
+        return sorted(rows, key=lambda row: row.id)
 
     def alive(self, engines: Sequence[int]) -> list[int]:
         """Those of ``engines`` still registered with the controller."""
@@ -510,6 +523,26 @@ def connect(profile: str | None = None, cluster_id: str | None = None, *,
     if pool.gpu_note:
         say(pool.gpu_note)
     return pool
+
+
+def restart(say: Callable[[str], None] = print) -> Pool:
+    """Stop the current pool and start a fresh one as it was started (engines that died are back).
+
+    Only for a pool nbparallel started: a cluster from ``ipcluster`` is restarted there, then
+    ``%nbp connect`` reconnects.
+    """
+    old = _current
+    if old is None or old.how != "started":
+        raise UsageError(
+            "%nbp restart restarts a pool nbparallel started, and "
+            + ("there is none; `%nbp start` starts one." if old is None else
+               "this one is a cluster it connected to: restart its engines where it runs "
+               "(`ipcluster start`), then `%nbp connect`.")
+        )
+    kwargs = dict(old.started_with)
+    n = kwargs.pop("n", None) or len(old.status())
+    stop()  # first: the new engines must not find the old ones' memory or cores taken
+    return start(n, say=say, **kwargs)
 
 
 def stop() -> None:

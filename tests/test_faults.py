@@ -295,3 +295,23 @@ def test_a_kernel_that_exits_without_stopping_its_pool_leaves_no_segment(tmp_pat
                 pass
         for path in Path("/dev/shm").glob(f"nbp-{seen['pid']}-*"):
             path.unlink()
+
+
+def test_status_shows_a_dead_engine_and_restart_brings_the_pool_back(faulty, ip, capsys):
+    pid = faulty.info(VICTIM)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    wait_gone(faulty, VICTIM)
+    ip.run_line_magic("nbp", "status")
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[3:]}
+    assert "dead" in rows[str(VICTIM)] and str(pid) in rows[str(VICTIM)]
+    assert all("dead" not in rows[str(e)] for e in (0, 2))
+    ip.run_line_magic("nbp", "restart")
+    fresh = pool_mod.current()
+    try:
+        assert fresh is not faulty and len(fresh.ids) == 3
+        assert all(row.alive for row in fresh.status())
+        ip.user_ns.update(a=np.arange(6))
+        ip.run_cell_magic("scatter", "a --gather c", "c = a * 2")
+        np.testing.assert_array_equal(ip.user_ns["c"], np.arange(6) * 2)
+    finally:
+        pool_mod.stop()

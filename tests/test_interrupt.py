@@ -69,3 +69,29 @@ def test_ctrl_c_during_a_pipeline_run_stops_every_stage(ip, pool):
     np.testing.assert_array_equal(ip.user_ns["y"], np.full((4, 2), 2.0))
     assert pool.plane.arena.leased() == []
     pool.pipeline.clear()
+
+
+def test_ctrl_c_during_pipeline_training_stops_every_stage(ip, pool):
+    pool.pipeline.clear()
+    ip.user_ns.update(x=np.zeros((4, 2)), losses="before")
+    quick = ("def forward(x, ctx):\n    return x\n"
+             "def backward(grad, ctx):\n    return grad\n")
+    ip.run_cell_magic("stage", "s0 --engine 0", quick)
+    ip.run_cell_magic("stage", "s1 --engine 1",
+                      "import time\ndef forward(x, ctx):\n    return x\n"
+                      "def loss(y, t):\n    return 0.0, y\n"
+                      "def backward(grad, ctx):\n    time.sleep(30)\n    return grad\n")
+    _interrupt_after(1.0)
+    t0 = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_line_magic("pipeline", "train --input x --target x --microbatches 4 "
+                                      "--schedule 1f1b --out losses")
+    assert time.perf_counter() - t0 < 1.0 + 2.0
+    assert ip.user_ns["losses"] == "before"
+    ip.run_cell_magic("stage", "s1 --engine 1", quick + "def loss(y, t):\n    return 1.0, y\n")
+    t1 = time.perf_counter()
+    ip.run_line_magic("pipeline", "train --input x --target x --microbatches 4 --out losses")
+    assert time.perf_counter() - t1 < 5.0
+    assert ip.user_ns["losses"] == [4.0]
+    assert pool.plane.arena.leased() == []
+    pool.pipeline.clear()
