@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from .telemetry.records import Ring, Sample, Span, Transfer, transfer
+from .widgets.progress import _in_kernel
 
 __all__ = ["Monitor", "Watch", "SHOW_AFTER"]
 
@@ -258,11 +259,3 @@ class Watch:
                 self.monitor.transfers.append(transfer(f.engine, "stage", "out", how, delta, peer))
                 f.sent[key] = total
 
-
-def _in_kernel() -> bool:
-    try:
-        from IPython import get_ipython
-    except ImportError:
-        return False
-    shell = get_ipython()
-    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
