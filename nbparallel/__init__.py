@@ -14,6 +14,7 @@ from typing import Any
 
 from . import config
 from .errors import (
+    ControllerLost,
     NbparallelError,
     PartitionError,
     PmapError,
@@ -22,13 +23,14 @@ from .errors import (
     UsageError,
 )
 from .pmap import pmap
-from .pool import Pool, connect, current, start, stop
+from .pool import Pool, connect, current, restart, start, stop
 from .resident import Resident
 from .scatter import scatter
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ControllerLost",
     "NbparallelError",
     "PartitionError",
     "PmapError",
@@ -42,6 +44,7 @@ __all__ = [
     "current",
     "load_ipython_extension",
     "pmap",
+    "restart",
     "scatter",
     "start",
     "stop",

@@ -6,6 +6,7 @@
     ├── UsageError            bad input caught in the notebook, before anything is sent
     │   └── PartitionError    a value that cannot be split, joined or reduced as asked
     ├── PoolError             no cluster reachable, unknown or missing engines
+    │   └── ControllerLost    the cluster's controller stopped; the pool cannot be used again
     └── RemoteError           user code raised inside an engine
         └── PmapError         some %%pmap items failed; the rest of the results are kept
 
@@ -23,6 +24,7 @@ __all__ = [
     "UsageError",
     "PartitionError",
     "PoolError",
+    "ControllerLost",
     "RemoteError",
     "RemoteFailure",
     "PmapError",
@@ -48,6 +50,12 @@ class PartitionError(UsageError):
 
 class PoolError(NbparallelError, RuntimeError):
     """No usable engine pool: nothing to connect to, or engines that do not exist or died."""
+
+
+class ControllerLost(PoolError):
+    """The controller of the pool's cluster stopped answering: no work reaches the engines and no
+    result comes back. The message says how to get a working pool again (``%nbp restart`` for a
+    pool nbparallel started, ``ipcluster start`` then ``%nbp connect`` for one it connected to)."""
 
 
 @dataclass(frozen=True)

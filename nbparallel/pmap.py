@@ -289,6 +289,8 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
             continue
         finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
         watch.tick()
+        if not finished:
+            pool.check_controller()
         for fut in finished:
             r = in_flight.pop(fut)
             engine = _engine_of(fut, idents)

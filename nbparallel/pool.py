@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import gpu
-from .errors import PoolError, RemoteFailure, UsageError
+from .controller import ControllerWatch
+from .errors import ControllerLost, PoolError, RemoteFailure, UsageError
 from .partition import parse_engines
 
 __all__ = ["EngineInfo", "Pool", "start", "connect", "current", "ensure", "stop"]
@@ -67,6 +68,8 @@ class Pool:
         self._stopped = False
         #: How Pool.start made this pool (n, profile, gpus), for restart(); empty when connected.
         self.started_with: dict[str, Any] = {}
+        #: The profile and cluster id Pool.connect found the cluster by; empty when started.
+        self.connected_with: dict[str, Any] = {}
         self._nvml: gpu.Nvml | None = None
         self._info: dict[int, dict[str, Any]] = {}
         self._reaper: subprocess.Popen | None = None
@@ -74,6 +77,12 @@ class Pool:
         self._plane: Any = None
         self._pipeline: Any = None
         self._monitor: Any = None
+        #: The controller and its scheduler processes, when nbparallel started them: a controller
+        #: killed alone leaves its schedulers behind, and stop() must not.
+        self._controller_pids = _controller_pids(cluster)
+        self._controller = ControllerWatch(
+            None if getattr(client, "_ssh", False) else client._config.get("registration"),
+            self._controller_pids[:1])
         self._refresh_info(strict=True)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -163,6 +172,7 @@ class Pool:
             client.close()
             raise
         pool._spawn_reaper(engines=False)
+        pool.connected_with = {"profile": profile, "cluster_id": cluster_id}
         return pool
 
     @property
@@ -224,8 +234,15 @@ class Pool:
             self.client.close()
         finally:
             if self.cluster is not None:
-                self.cluster.stop_cluster_sync()
-                self.cluster = None
+                try:
+                    self.cluster.stop_cluster_sync()
+                finally:
+                    self.cluster = None
+                    # What ipyparallel could not stop: the schedulers of a controller that was
+                    # killed alone, engines it lost track of.
+                    from .reaper import stop_processes
+
+                    stop_processes(self._controller_pids + [i["pid"] for i in self._info.values()])
             if self._reaper is not None:
                 if self.how == "connected":
                     self._reaper.terminate()  # it only watched for segments; they are gone now
@@ -238,10 +255,7 @@ class Pool:
         if not engines:  # a connected cluster's engines are not ours to stop
             self._reaper = reaper.spawn(os.getpid(), [])
             return
-        pids = [info["pid"] for info in self._info.values()]
-        controller = getattr(self.cluster, "controller", None)
-        if controller is not None and getattr(controller, "pid", -1) > 0:
-            pids.append(controller.pid)
+        pids = [info["pid"] for info in self._info.values()] + self._controller_pids
         self._reaper = reaper.spawn(os.getpid(), pids)
 
     # -- engines -------------------------------------------------------------------------------
@@ -304,6 +318,7 @@ class Pool:
     def status(self) -> list[EngineInfo]:
         """One :class:`EngineInfo` per engine this pool has had, by id; stopped ones have
         ``alive=False`` (``%nbp restart`` brings a started pool back to full strength)."""
+        self.check_controller(force=True)  # queue_status would wait forever for a lost one
         self._refresh_info()
         queues = self.client.queue_status()
         rows = []
@@ -328,6 +343,28 @@ class Pool:
                                    bool(q.get("queue", 0) or q.get("tasks", 0)), uuid, used,
                                    total))
         return sorted(rows, key=lambda row: row.id)
+
+    def check_controller(self, force: bool = False) -> None:
+        """Raise :class:`ControllerLost` if the cluster's controller has gone.
+
+        Cheap enough for every wait loop: it looks at most once a second unless ``force``.
+        """
+        reason = self._controller.check(force)
+        if reason is None:
+            return
+        if self.how == "started":
+            way = (f"`%nbp restart` (nbparallel.restart()) clears what is left of it and starts "
+                   f"a fresh local cluster of {self.started_with.get('n', len(self._info))} engines")
+        else:
+            flags = _flags(self.connected_with.get("profile"), self.connected_with.get("cluster_id"))
+            way = (f"start the cluster again where it runs (`ipcluster start -n "
+                   f"{len(self._info)}{flags}`), then run `%nbp connect{flags}`")
+        raise ControllerLost(
+            f"the cluster's controller has stopped: {reason}. No work can reach the engines and "
+            f"no result can come back, so this pool cannot be used again, and values kept on its "
+            f"engines (--keep, %%stage parameters) are lost with it. Your notebook variables are "
+            f"as they were. To go on, {way}."
+        )
 
     def alive(self, engines: Sequence[int]) -> list[int]:
         """Those of ``engines`` still registered with the controller."""
@@ -355,6 +392,7 @@ class Pool:
     # -- work ----------------------------------------------------------------------------------
     def apply(self, engine: int, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn(*args)`` on one engine; returns a future (an ipyparallel AsyncResult)."""
+        self.check_controller()
         try:
             view = self.client[engine]
         except IndexError:  # it died after the engines for this call were chosen
@@ -367,6 +405,7 @@ class Pool:
     def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
                  retries: int = 0) -> Any:
         """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
+        self.check_controller()
         alive = self.alive(engines)
         if not alive:
             raise PoolError(
@@ -459,6 +498,19 @@ def _thread_limits(n: int) -> dict[str, str]:
     return {var: per_engine for var in THREAD_VARS if var not in os.environ}
 
 
+def _controller_pids(cluster: Any) -> list[int]:
+    """The started controller's pid, then those of the scheduler processes it forked."""
+    import psutil
+
+    pid = getattr(getattr(cluster, "controller", None), "pid", -1) or -1
+    if pid <= 0:
+        return []
+    try:
+        return [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
 def _text(value: Any) -> str:
     return "".join(value) if isinstance(value, list) else (value or "")
 
@@ -540,7 +592,7 @@ def restart(say: Callable[[str], None] = print) -> Pool:
                "(`ipcluster start`), then `%nbp connect`.")
         )
     kwargs = dict(old.started_with)
-    n = kwargs.pop("n", None) or len(old.status())
+    n = kwargs.pop("n", None) or len(old.ids)
     stop()  # first: the new engines must not find the old ones' memory or cores taken
     return start(n, say=say, **kwargs)
 

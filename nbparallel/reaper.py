@@ -30,11 +30,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _stop(pids: list[int]) -> None:
+def stop_processes(pids: list[int]) -> None:
+    """Terminate ``pids`` and their children; kill what is left after a grace period.
+
+    A pid that is no longer an ipyparallel process (it ended and the number was reused) is left
+    alone.
+    """
     procs = []
     for pid in pids:
         try:
             proc = psutil.Process(pid)
+            if "ipyparallel" not in " ".join(proc.cmdline()):
+                continue
             procs.extend([proc, *proc.children(recursive=True)])
         except psutil.Error:
             continue
@@ -67,7 +74,7 @@ def watch(kernel_pid: int, pids: list[int]) -> None:
     """Block until the kernel dies (then stop ``pids``) or every pid in ``pids`` has ended."""
     while True:
         if not _alive(kernel_pid):
-            _stop(pids)
+            stop_processes(pids)
             remove_segments(kernel_pid)
             return
         if pids and not any(_alive(pid) for pid in pids):

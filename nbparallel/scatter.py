@@ -252,6 +252,8 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
         while pending:
             done, pending = wait(pending, timeout=TICK)
             watch.tick()
+            if pending:
+                pool.check_controller()
             if pending and any(_died(pool, fut) for fut in done):
                 # An engine died: the cell cannot complete, so stop the others now instead of
                 # letting them run to the end for results that would be thrown away.

@@ -246,6 +246,8 @@ class Pipeline:
             while pending and not failed:
                 done, pending = wait(pending, timeout=TICK, return_when=FIRST_COMPLETED)
                 watch.tick()
+                if not done:
+                    self.pool.check_controller()
                 failed = any(f.exception() is not None or not f.result()["ok"] for f in done)
         except KeyboardInterrupt:
             failed = True

@@ -1,0 +1,90 @@
+"""Notice when a cluster's controller has gone, instead of waiting for it forever.
+
+Everything between the notebook and the engines goes through ipyparallel's controller. When it
+stops, requests are queued by ZeroMQ and never answered: a cell would hang until the user gave
+up. A :class:`ControllerWatch` answers "is it still there?" cheaply enough to ask once a second
+while a magic waits:
+
+- for a controller this kernel started, whether its process is still alive;
+- for one it connected to, whether its registration port still accepts a TCP connection. A
+  refused connection means nothing listens there any more; a host that stopped answering
+  altogether is declared gone after :data:`MISSES` silent probes in a row.
+
+Nothing is sent on the probe connection: ZeroMQ drops a peer that closes before its greeting.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from typing import Sequence
+from urllib.parse import urlsplit
+
+import psutil
+
+__all__ = ["ControllerWatch"]
+
+PROBE_TIMEOUT = 1.0
+MISSES = 3
+
+
+class ControllerWatch:
+    """Probe a controller at most every ``every`` seconds; :meth:`check` returns why it is gone.
+
+    ``url`` is the controller's registration address (``tcp://host:port``), or None where it
+    cannot be probed directly (an SSH tunnel); ``pids`` the controller's own processes when this
+    kernel started them. Once gone, it stays gone: a controller that comes back is a new cluster,
+    with none of this pool's engines or state.
+    """
+
+    def __init__(self, url: str | None, pids: Sequence[int] = (), every: float = 1.0):
+        self.url = url
+        self.pids = list(pids)
+        self.every = every
+        self.lost: str | None = None
+        self._address = _address(url)
+        self._misses = 0
+        self._next = 0.0
+
+    def check(self, force: bool = False) -> str | None:
+        """None while the controller is there; otherwise one clause saying what was seen."""
+        now = time.monotonic()
+        if self.lost is not None or not (force or now >= self._next):
+            return self.lost
+        self._next = now + self.every
+        if self.pids:
+            dead = [pid for pid in self.pids if not _alive(pid)]
+            if dead:
+                self.lost = f"its process (pid {dead[0]}) has exited"
+        elif self._address is not None:
+            self.lost = self._probe()
+        return self.lost
+
+    def _probe(self) -> str | None:
+        try:
+            socket.create_connection(self._address, timeout=PROBE_TIMEOUT).close()
+        except ConnectionRefusedError:
+            return f"nothing listens at {self.url} any more"
+        except OSError as exc:  # timed out, unreachable: count, a busy network may recover
+            self._misses += 1
+            if self._misses >= MISSES:
+                return f"{self.url} has not answered {MISSES} probes in a row ({exc})"
+            return None
+        self._misses = 0
+        return None
+
+
+def _address(url: str | None) -> tuple[str, int] | None:
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
+        return None  # ipc:// and the like: nothing to probe from here
+    return parts.hostname, parts.port
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
