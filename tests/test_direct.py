@@ -18,7 +18,7 @@ import psutil
 import pytest
 import zmq
 
-from nbparallel.dataplane.direct import ChannelError, Channel, Server, sign
+from nbparallel.dataplane.direct import ChannelError, Channel, Server, route_address, sign
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -364,3 +364,28 @@ def test_refusal_log_names_peer_not_payload(server, raw, caplog):
         raw.recv_multipart()
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "127.0.0.1" in text and "'evil'" in text and "secret-payload" not in text
+
+
+def test_listen_adds_an_address_sharing_the_transfers(server):
+    # Loopback is 127.0.0.0/8 on Linux: a second address of this machine without a network.
+    other = server.listen("127.0.0.2")
+    assert other.startswith("tcp://127.0.0.2:") and other != server.endpoint
+    with Channel(other, KEY, timeout=3) as c2, Channel(server.endpoint, KEY, timeout=3) as c1:
+        c2.put("via-second", b"h2", [b"two"])
+        c1.put("via-first", b"h1", [b"one"])
+        assert bytes(server.take("via-second")[1][0]) == b"two"
+        assert bytes(server.take("via-first")[1][0]) == b"one"
+    with pytest.raises(ChannelError, match="could not listen on '10.255.255.254'"):
+        server.listen("10.255.255.254")  # not an address of this machine
+
+
+def test_listen_after_close_is_refused():
+    s = Server(KEY)
+    s.close()
+    with pytest.raises(ChannelError, match="closed"):
+        s.listen("127.0.0.2")
+
+
+def test_route_address_is_the_interface_towards_a_host():
+    assert route_address("127.0.0.1") == "127.0.0.1"
+    assert route_address("127.0.0.5") == "127.0.0.1"  # the kernel picks loopback's own address

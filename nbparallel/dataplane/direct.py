@@ -48,12 +48,13 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
-__all__ = ["ChannelError", "sign", "Server", "Channel"]
+__all__ = ["ChannelError", "sign", "route_address", "Server", "Channel"]
 
 log = logging.getLogger("nbparallel.dataplane")
 
@@ -118,6 +119,19 @@ def _advertised_host(host: str) -> str:
         return host
 
 
+def route_address(host: str) -> str:
+    """The address of this machine's interface that packets to ``host`` leave by.
+
+    No packet is sent: connecting a UDP socket only asks the kernel for the route. An engine uses
+    it to listen where its cluster reaches it (the interface towards its controller), rather than
+    on every interface or on whatever its hostname resolves to (127.0.1.1 on Debian).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect((host, 9))
+        return str(probe.getsockname()[0])
+
+
 def _peer(frame: zmq.Frame) -> str:
     try:
         return str(frame.get("Peer-Address"))
@@ -146,9 +160,10 @@ class Server:
 
     A ROUTER socket bound to ``tcp://host:<free port>``, owned by one background daemon thread;
     the other methods may be called from any thread. ``host`` defaults to loopback; to accept
-    other machines pass an address of this machine, or ``"0.0.0.0"`` to listen on every
-    interface, in which case :attr:`endpoint` advertises the address the hostname resolves to
-    (or ``"0.0.0.0"`` when it does not resolve).
+    other machines pass an address of this machine (an engine uses :func:`route_address`), or
+    ``"0.0.0.0"`` to listen on every interface, in which case :attr:`endpoint` advertises the
+    address the hostname resolves to (or ``"0.0.0.0"`` when it does not resolve).
+    :meth:`listen` adds another address later.
 
     Attributes:
         endpoint: where Channels connect, e.g. ``"tcp://127.0.0.1:53211"``.
@@ -167,6 +182,7 @@ class Server:
         self._seen_order: collections.deque[bytes] = collections.deque()
         self._closed = False
         self._stop = False
+        self._binds: list[tuple[str, Future[str]]] = []
 
         self._ctx = zmq.Context()
         try:
@@ -265,6 +281,17 @@ class Server:
                 self._offered.pop(k, None)
         return len(stale)
 
+    def listen(self, host: str, timeout: float = 10.0) -> str:
+        """Accept Channels on ``host`` too (another interface of this machine); returns the
+        endpoint there. Transfers are shared: a PUT on either endpoint can be taken once."""
+        done: Future[str] = Future()
+        with self._lock:
+            if self._closed:
+                raise ChannelError(f"cannot listen on {host!r}: the server {self.endpoint} is closed.")
+            self._binds.append((host, done))
+            self._wake()
+        return done.result(timeout)
+
     def pending(self) -> int:
         """How many transfers are stored: received but not taken, plus offered but not served."""
         with self._lock:
@@ -286,6 +313,9 @@ class Server:
         with self._lock:
             self._inbox.clear()
             self._offered.clear()
+            for host, done in self._binds:
+                done.set_exception(ChannelError(f"cannot listen on {host!r}: the server closed."))
+            self._binds.clear()
             self._wake_out.close(linger=0)
         self._ctx.term()
 
@@ -310,6 +340,7 @@ class Server:
                     ready = dict(poller.poll(self._poll_ms(parked)))
                     if self._wake_in in ready:
                         self._drain_wakes()
+                        self._bind_requested()
                     if self._router in ready:
                         self._drain_router(parked)
                     self._answer_parked(parked)
@@ -339,6 +370,18 @@ class Server:
                 self._wake_in.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
+
+    def _bind_requested(self) -> None:
+        with self._lock:
+            todo, self._binds = self._binds, []
+        for host, done in todo:
+            try:
+                port = self._router.bind_to_random_port(f"tcp://{host}")
+            except zmq.ZMQError as e:
+                done.set_exception(ChannelError(
+                    f"could not listen on {host!r} ({e}): pass an address of this machine."))
+            else:
+                done.set_result(f"tcp://{_advertised_host(host)}:{port}")
 
     def _drain_router(self, parked: list[_Parked]) -> None:
         # Bounded, so parked GETs and close() still get a turn under a flood.

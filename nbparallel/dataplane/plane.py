@@ -81,7 +81,7 @@ class DataPlane:
         self.transfers: Ring[Transfer] = Ring()
         self._local: dict[int, bool] = {}
         self._channels: dict[int, Any] = {}
-        self._endpoints: dict[int, str] = {}
+        self._endpoints: dict[tuple[int, str], str] = {}
         self._free: dict[int, list[str]] = {}
         self.closed = False
 
@@ -120,17 +120,19 @@ class DataPlane:
             )
         return forced
 
-    def endpoint(self, engine: int) -> str:
+    def endpoint(self, engine: int, cluster: bool = False) -> str:
         """Where ``engine``'s direct channel listens (started on first use).
 
-        Loopback when the engine shares this host, so nothing listens beyond the machine.
+        Loopback when the engine shares this host, so nothing listens beyond the machine; on
+        another host, or with ``cluster`` (engines of other hosts must reach it: a pipeline that
+        spans hosts), the address the engine reaches its controller by, on that network alone.
         """
-        if engine not in self._endpoints:
+        host = "127.0.0.1" if self.is_local(engine) and not cluster else "cluster"
+        if (engine, host) not in self._endpoints:
             from ..engine.store import serve
 
-            host = "127.0.0.1" if self.is_local(engine) else "0.0.0.0"
-            self._endpoints[engine] = self.pool.apply(engine, serve, host).get(timeout=30)
-        return self._endpoints[engine]
+            self._endpoints[engine, host] = self.pool.apply(engine, serve, host).get(timeout=30)
+        return self._endpoints[engine, host]
 
     def channel(self, engine: int) -> Any:
         """The notebook's direct channel to ``engine``."""
@@ -157,7 +159,8 @@ class DataPlane:
     def engine_gone(self, engine: int) -> None:
         self.arena.engine_gone(engine)
         self._local.pop(engine, None)
-        self._endpoints.pop(engine, None)
+        for key in [k for k in self._endpoints if k[0] == engine]:
+            del self._endpoints[key]
         ch = self._channels.pop(engine, None)
         if ch is not None:
             ch.close()

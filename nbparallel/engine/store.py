@@ -20,7 +20,7 @@ from ..dataplane import parcel
 from ..dataplane.shm import Segment
 
 __all__ = ["token", "stored", "keep", "stash", "take_stash", "clear_stash", "held", "chores",
-           "open_payload", "serve", "offer", "write_array", "collect", "probe", "reset", "channel_stats", "discard_run", "resident_keys"]
+           "open_payload", "serve", "offer", "write_array", "collect", "probe", "reset", "cluster_address", "channel_stats", "discard_run", "resident_keys"]
 
 _segments: dict[str, Segment] = {}
 _tokens: dict[str, list[weakref.ref]] = {}
@@ -178,6 +178,7 @@ def reset() -> None:
     if _server is not None:
         _server.close()
         _server = None
+    _endpoints.clear()
 
 
 def probe(name: str, size: int, secret: bytes) -> bool:
@@ -192,16 +193,60 @@ def probe(name: str, size: int, secret: bytes) -> bool:
         seg.close()
 
 
+#: Where this engine's channel listens, by the address it was asked for.
+_endpoints: dict[str, str] = {}
+
+#: Set on an engine whose cluster reaches it by another address than the route to its controller.
+ADDRESS_VAR = "NBPARALLEL_DATAPLANE_IP"
+
+
 def serve(host: str) -> str:
-    """Start this engine's direct channel (once) and return its endpoint."""
+    """Start this engine's direct channel (once) and return its endpoint on ``host``.
+
+    ``host`` is an address of this machine, or ``"cluster"``: the one the rest of the cluster
+    reaches this engine by (see :func:`cluster_address`). One channel can listen on several
+    addresses, e.g. loopback for the notebook and the cluster's network for a pipeline stage on
+    another host.
+    """
     global _server
+    if host == "cluster":
+        host = cluster_address()
     if _server is None:
         from IPython import get_ipython
 
         from ..dataplane.direct import Server
 
         _server = Server(get_ipython().kernel.session.key, host)
-    return _server.endpoint
+        _endpoints[host] = _server.endpoint
+    elif host not in _endpoints:
+        _endpoints[host] = _server.listen(host)
+    return _endpoints[host]
+
+
+def cluster_address() -> str:
+    """This engine's address on the network it shares with its controller.
+
+    The interface of the route to the controller, so a channel listens on that one network and
+    nowhere else; ``$NBPARALLEL_DATAPLANE_IP`` overrides it where the notebook reaches engines by
+    another network. Loopback when the controller is on this machine's loopback.
+    """
+    import os
+    from urllib.parse import urlsplit
+
+    from ..dataplane.direct import route_address
+
+    if os.environ.get(ADDRESS_VAR):
+        return os.environ[ADDRESS_VAR]
+    try:
+        from ipyparallel.engine.app import IPEngine
+
+        if IPEngine.initialized():
+            controller = urlsplit(IPEngine.instance().registration_url).hostname
+            if controller:
+                return route_address(controller)
+    except (ImportError, OSError, ValueError):
+        pass
+    return "0.0.0.0"  # not an ipyparallel engine (or no route): every interface
 
 
 def discard_run(prefix: str) -> int:

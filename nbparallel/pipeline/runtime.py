@@ -204,11 +204,14 @@ class Pipeline:
 
         plane = self.pool.plane
         names = list(self.stages)
-        endpoints = {i: plane.endpoint(self.stages[n].engine) for i, n in enumerate(names)}
+        # Engines that all share this host's /dev/shm share each other's: hand off through it,
+        # and their channels listen on loopback. Across hosts, on the cluster's network.
+        one_host = all(plane.is_local(e) for e in ranks)
+        endpoints = {i: plane.endpoint(self.stages[n].engine, cluster=not one_host)
+                     for i, n in enumerate(names)}
         run_id = secrets.token_hex(6)
         last = len(names) - 1
-        # Engines that all share this host's /dev/shm share each other's: hand off through it.
-        local = self.handoff and all(plane.is_local(e) for e in ranks)
+        local = self.handoff and one_host
         owner = plane.arena.owner if local else None
         futures = []
         with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
