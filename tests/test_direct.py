@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -18,7 +19,14 @@ import psutil
 import pytest
 import zmq
 
-from nbparallel.dataplane.direct import ChannelError, Channel, Server, route_address, sign
+from nbparallel.dataplane.direct import (
+    Channel,
+    ChannelError,
+    Server,
+    check_reachable,
+    route_address,
+    sign,
+)
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32
@@ -389,3 +397,13 @@ def test_listen_after_close_is_refused():
 def test_route_address_is_the_interface_towards_a_host():
     assert route_address("127.0.0.1") == "127.0.0.1"
     assert route_address("127.0.0.5") == "127.0.0.1"  # the kernel picks loopback's own address
+
+
+def test_check_reachable_says_which_endpoint_and_how_to_fix(server):
+    check_reachable(server.endpoint, "the test server")
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]  # bound, not listening: connections are refused
+        with pytest.raises(ChannelError, match=rf"the next stage at tcp://127\.0\.0\.1:{port} "
+                           r"cannot be reached from .*NBPARALLEL_DATAPLANE_IP"):
+            check_reachable(f"tcp://127.0.0.1:{port}", "the next stage")

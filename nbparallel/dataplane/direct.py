@@ -54,7 +54,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["ChannelError", "sign", "route_address", "Server", "Channel"]
+__all__ = ["ChannelError", "sign", "route_address", "check_reachable", "Server", "Channel"]
 
 log = logging.getLogger("nbparallel.dataplane")
 
@@ -130,6 +130,24 @@ def route_address(host: str) -> str:
     with socket.socket(family, socket.SOCK_DGRAM) as probe:
         probe.connect((host, 9))
         return str(probe.getsockname()[0])
+
+
+def check_reachable(endpoint: str, what: str, timeout: float = 10.0) -> None:
+    """Raise :class:`ChannelError` unless a TCP connection to ``endpoint`` can be opened.
+
+    ZeroMQ connects in the background and would only time out on the first answer; this says
+    at once, and why, when a server cannot be reached from here (a firewall, a loopback address
+    of another machine).
+    """
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError) as exc:
+        raise ChannelError(
+            f"{what} at {endpoint} cannot be reached from {socket.gethostname()} ({exc}). Engines "
+            f"that exchange data must reach each other: open the port range between their hosts, "
+            f"or set NBPARALLEL_DATAPLANE_IP on the engines to an address the others can reach."
+        ) from None
 
 
 def _peer(frame: zmq.Frame) -> str:

@@ -72,8 +72,10 @@ def _peer(endpoint: str) -> Any:
     if endpoint not in _peers:
         from IPython import get_ipython
 
-        from ..dataplane.direct import Channel
+        from ..dataplane.direct import Channel, check_reachable
 
+        # A put waits RECV_TIMEOUT for its acknowledgement: find an unreachable stage now.
+        check_reachable(endpoint, "the channel of a neighbouring stage")
         _peers[endpoint] = Channel(endpoint, get_ipython().kernel.session.key, timeout=RECV_TIMEOUT)
     return _peers[endpoint]
 
