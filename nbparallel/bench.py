@@ -1,7 +1,7 @@
 """Side by side on one pool: nbparallel against ipyparallel, Dask, multiprocessing and ``numpy.copyto``.
 
 Every case runs in the same process on the same engines, so the ratios compare like with like on
-this machine; nothing printed is a constant. Three groups:
+this machine; nothing printed is a constant. The groups:
 
 * ``scatter``: a float64 array of ``size_mb`` MB split over the engines and joined again, timed per
   direction and as a round trip; ``numpy.copyto`` into a written buffer is the memory ceiling.
@@ -9,6 +9,8 @@ this machine; nothing printed is a constant. Three groups:
   ``nbparallel.config.telemetry`` off, which prices the spans and samples the dashboard reads.
 * ``roundtrip``: the latency of a trivial cell, ``nbparallel.scatter("y = x", ...)`` of a few
   items, against ``%px pass``.
+* ``gpu`` (only with ``--only gpu``): CUDA IPC between GPU engines and a RawKernel stencil over a
+  device-resident shard, each against the device's own copy speed; see ``benchgpu.py``.
 * ``pipeline``: two stages on the first two engines. ``activation hop``: the time of a
   forward-only run whose first stage hands ``size_mb`` MB of activations, in 8 micro-batches, to
   the second, minus the same run with 8-byte activations; through shared memory and through the
@@ -46,9 +48,13 @@ import nbparallel
 if TYPE_CHECKING:
     from .pool import Pool
 
-__all__ = ["GROUPS", "TRANSPORTS", "run", "format_table", "markdown_table", "machine"]
+__all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "run", "format_table", "markdown_table", "machine"]
 
-GROUPS = ("scatter", "pmap", "roundtrip", "pipeline")
+GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "gpu")
+#: What runs without --only: the GPU group only where asked for (its rows need GPU engines).
+DEFAULT_GROUPS = GROUPS[:4]
+#: Rows that are the memory ceiling of their group: ratios against them are percentages.
+CEILINGS = ("numpy.copyto", "cupy device-to-device copy")
 TRANSPORTS = ("auto", "shm", "direct", "ipp")
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
@@ -73,7 +79,7 @@ def _inc(x: int) -> int:
 
 # -- running -----------------------------------------------------------------------------------
 def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int = 3,
-        only: Sequence[str] = GROUPS, transport: str = "auto",
+        only: Sequence[str] = DEFAULT_GROUPS, transport: str = "auto",
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the groups in ``only`` on ``pool``; return the report (plain data, JSON-ready).
 
@@ -97,6 +103,10 @@ def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int
         cases += _roundtrip_group(pool, n, say)
     if "pipeline" in only:
         cases += _pipeline_group(pool, size_mb, repeat, say)
+    if "gpu" in only:
+        from . import benchgpu
+
+        cases += benchgpu.group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,
             "repeat": repeat, "transport": transport, "groups": [g for g in GROUPS if g in only],
             "cases": cases, "ratios": _ratios(cases)}
@@ -419,8 +429,10 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             continue
         stat = ("seconds_median" if other["group"] == "roundtrip" or other["name"] == NO_TELEMETRY
                 else "seconds_best")
-        pct = other["name"] == "numpy.copyto"
+        pct = other["name"] in CEILINGS
         a, b = nb[stat], other[stat]
+        if pct and nb.get("gbps") and other.get("gbps"):  # the same as b / a for the same bytes
+            a, b = 1 / nb["gbps"], 1 / other["gbps"]
         label = (f"{other['group']} {other['what']}: nbparallel "
                  f"{'GB/s as % of' if pct else 'vs'} {other['name']}")
         out[label] = {"value": b / a * (100 if pct else 1) if a and b else None,

@@ -236,9 +236,10 @@ def _add_bench(commands: Any) -> None:
     bench.add_argument("--repeat", type=_positive_int, default=3, metavar="K",
                        help="timed runs per case after one warm-up; best and median are reported "
                             "(default: 3)")
-    bench.add_argument("--only", type=_bench_groups, default=list(bench_mod.GROUPS),
+    bench.add_argument("--only", type=_bench_groups, default=list(bench_mod.DEFAULT_GROUPS),
                        metavar="GROUPS", help=f"comma-separated groups to run, of "
-                                              f"{','.join(bench_mod.GROUPS)} (default: all)")
+                                              f"{','.join(bench_mod.GROUPS)} (default: all but "
+                                              f"gpu)")
     bench.add_argument("--transport", choices=bench_mod.TRANSPORTS, default="auto",
                        help="data plane of nbparallel's scatter (default: auto, chosen per engine)")
     shape = bench.add_mutually_exclusive_group()

@@ -163,6 +163,11 @@ def _cupy() -> Any | None:
         return None
 
 
+def cupy_if_device() -> Any | None:
+    """CuPy, when it is installed and sees a CUDA device; None otherwise (imports CuPy if there)."""
+    return _cupy()
+
+
 def uuid_string(raw: Any) -> str | None:
     """NVML's spelling (``GPU-8-4-4-4-12`` hex digits) of the UUID in CUDA's device properties.
 

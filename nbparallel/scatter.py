@@ -226,7 +226,8 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     ok = False
     try:
         futures = [
-            pool.apply(eid, run_scatter, cell, names_blob, [out.payloads[rank], plan.stored[rank]],
+            pool.apply(eid, run_scatter, cell, names_blob,
+                       [out.payloads[rank], plan.stored[rank], *filter(None, [out.device[rank]])],
                        rank, len(ids), plan.halos[rank], outputs, keys, plane.chores(eid))
             for rank, eid in enumerate(ids)
         ]

@@ -4,6 +4,7 @@ A payload is a dict of named values. Small values ride in the message itself (:c
 large arrays are written once into a shared-memory segment (:class:`ArraySlot`), other large
 objects are pickled with protocol 5 so that their buffers go to the segment out of band
 (:class:`Pickled`); a value resident on the engine is named by its store key (:class:`Stored`);
+a CuPy array sent device to device is the CUDA IPC message that points at it (:class:`Device`);
 over a direct channel the whole dict travels as one signed message (:class:`Direct`).
 
 The notebook side places values (:func:`place`); the engine side opens them (:func:`open_entry`),
@@ -21,7 +22,7 @@ import numpy as np
 
 from .shm import Segment, align
 
-__all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Stored", "Direct", "Entry",
+__all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Stored", "Direct", "Device", "Entry",
            "INLINE_LIMIT", "Layout", "is_plain_array", "dumps", "loads"]
 
 #: Arrays and buffers smaller than this ride in the ipyparallel message: for them a segment
@@ -70,7 +71,14 @@ class Direct:
     readonly: tuple[str, ...] = ()
 
 
-Entry = Union[Inline, ArraySlot, Pickled, Stored]
+@dataclass(frozen=True)
+class Device:
+    """A CuPy array handed over by CUDA IPC (``cudaipc.py``): the message that points at it."""
+
+    note: bytes
+
+
+Entry = Union[Inline, ArraySlot, Pickled, Stored, Device]
 
 
 def is_plain_array(value: Any) -> bool:

@@ -52,6 +52,8 @@ class Outbound:
     payloads: list[Any]
     segments: list[Segment] = field(default_factory=list)
     used: list[str] = field(default_factory=list)  # transport actually used, per rank
+    #: CuPy arrays of the notebook sent device to device, per rank: name -> parcel.Device.
+    device: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -83,6 +85,7 @@ class DataPlane:
         self._channels: dict[int, Any] = {}
         self._endpoints: dict[tuple[int, str], str] = {}
         self._free: dict[int, list[str]] = {}
+        self._device_box: Any = None  # a cudaipc.DeviceOutbox once a CuPy array is scattered
         self.closed = False
 
     # -- engines -------------------------------------------------------------------------------
@@ -170,7 +173,9 @@ class DataPlane:
              kinds: tuple[str, str] = ("scatter", "broadcast"), transport: str = "auto") -> Outbound:
         """Place ``per_rank[r]`` for engine ``ids[r]`` and ``shared`` for all of them."""
         forced = check_transport(transport)
-        out = Outbound([None] * len(ids), used=[""] * len(ids))
+        out = Outbound([None] * len(ids), used=[""] * len(ids), device=[{} for _ in ids])
+        if any(_on_device(v) for values in (*per_rank, shared) for v in values.values()):
+            per_rank, shared = self._send_device(ids, per_rank, shared, forced, out)
         how = {rank: self.choose(eid, forced) if _large(per_rank[rank], shared) else "ipp"
                for rank, eid in enumerate(ids)}
         shm_ranks = [r for r, h in how.items() if h == "shm"]
@@ -193,6 +198,40 @@ class DataPlane:
                 self._account(eid, kinds, per_rank[rank], shared, "ipp")
             out.used[rank] = how[rank]
         return out
+
+    def _send_device(self, ids: Sequence[int], per_rank: Sequence[dict[str, Any]],
+                     shared: dict[str, Any], forced: str,
+                     out: Outbound) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Hand the notebook's CuPy shards to GPU engines of this host by CUDA IPC; the rest
+        (other engines, broadcast values, a forced transport) go through host memory."""
+        from .. import gpu
+
+        cp = gpu.cupy_if_device() if forced == "auto" else None
+        rest = []
+        for rank, eid in enumerate(ids):
+            values = dict(per_rank[rank])
+            if cp is not None and self.is_local(eid) and self.pool.info(eid).get("gpu"):
+                for name, value in list(values.items()):
+                    if not isinstance(value, cp.ndarray):
+                        continue
+                    try:
+                        packed = self._device_outbox(cp).pack(value)
+                    except NoRoom:
+                        break  # the device outbox is full: the rest go through the host
+                    if packed is None:
+                        continue  # small: the host is quicker
+                    out.device[rank][name] = parcel.Device(packed[0])
+                    self.transfers.append(transfer(eid, "scatter", "out", "cuda-ipc", packed[1]))
+                    del values[name]
+            rest.append(gpu.to_host(values))
+        return rest, gpu.to_host(shared)
+
+    def _device_outbox(self, cp: Any) -> Any:
+        if self._device_box is None:
+            from .cudaipc import DeviceOutbox
+
+            self._device_box = DeviceOutbox(cp, self.arena.owner)
+        return self._device_box
 
     def _send_shm(self, ids: Sequence[int], per_rank: Sequence[dict[str, Any]],
                   shared: dict[str, Any], ranks: list[int], kinds: tuple[str, str],
@@ -408,6 +447,9 @@ class DataPlane:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
+        if self._device_box is not None:
+            self._device_box.close()
+            self._device_box = None
         self._at_exit()
         atexit.unregister(self._at_exit)
         self.closed = True
@@ -419,6 +461,11 @@ def _leave(arena: Arena) -> None:
     # Engines name their pipeline hand-off segments after the arena too (dataplane/handoff.py),
     # also those of an engine that died; other pools of this kernel keep theirs.
     remove_segments(arena.owner)
+
+
+def _on_device(value: Any) -> bool:
+    # By the type's module: CuPy is imported only when the notebook already holds its arrays.
+    return type(value).__module__.startswith("cupy")
 
 
 def _large(values: dict[str, Any], shared: dict[str, Any]) -> bool:

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .. import gpu
 from ..cellcode import CellCode, compile_cell, unpack_names
-from ..dataplane import handoff, parcel
+from ..dataplane import cudaipc, handoff, parcel
 from ..dataplane.shm import NoRoom
 from . import store
 from .live import Publisher
@@ -29,6 +30,7 @@ RECV_TIMEOUT = 600.0  # a stage may be slow; Ctrl-C (SIGINT) ends a wait sooner
 _stages: dict[str, dict[str, Any]] = {}
 _peers: dict[str, Any] = {}
 _outbox: handoff.Outbox | None = None
+_device_outbox: cudaipc.DeviceOutbox | None = None
 
 
 def define(name: str, cell: CellCode, names_blob: bytes) -> dict[str, Any]:
@@ -36,8 +38,6 @@ def define(name: str, cell: CellCode, names_blob: bytes) -> dict[str, Any]:
     _register_source(cell)
     ns: dict[str, Any] = {"__builtins__": builtins, "__name__": f"__nbparallel_stage_{name}__"}
     ns.update(unpack_names(names_blob))
-    from .. import gpu
-
     ns["xp"] = gpu.array_module()
     try:
         exec(compile_cell(cell), ns)
@@ -58,8 +58,6 @@ def describe(name: str) -> dict[str, Any]:
 
 def pull(name: str, var: str) -> Any:
     """A stage variable's current value (parameters, for checking or saving)."""
-    from .. import gpu
-
     return gpu.to_host(_stages[name][var])
 
 
@@ -80,13 +78,20 @@ def _peer(endpoint: str) -> Any:
     return _peers[endpoint]
 
 
-def _send(endpoint: str, tid: str, value: Any, owner: str | None) -> tuple[int, str]:
+def _send(endpoint: str, tid: str, value: Any, owner: str | None,
+          to_gpu: bool = False) -> tuple[int, str]:
     """Send ``value`` to the stage at ``endpoint``; returns the bytes moved and the transport.
 
-    ``owner`` (the notebook arena's ``<kernel pid>-<tag>``) is given when every engine shares this host: large
-    values then go through this engine's outbox segments and only their address is sent.
+    ``owner`` (the notebook arena's ``<kernel pid>-<tag>``) is given when every engine shares this
+    host: large values then go through this engine's outbox segments and only their address is
+    sent. ``to_gpu`` says the receiving engine has a GPU too: CuPy arrays then go by CUDA IPC,
+    device to device.
     """
     global _outbox
+    if owner is not None and to_gpu and gpu.bound():
+        sent = _send_device(endpoint, tid, value, owner)
+        if sent is not None:
+            return sent
     header, buffers = parcel.dumps(value)
     if owner is not None and sum(b.raw().nbytes for b in buffers) >= handoff.THRESHOLD:
         if _outbox is None or _outbox.owner != owner:
@@ -102,8 +107,28 @@ def _send(endpoint: str, tid: str, value: Any, owner: str | None) -> tuple[int, 
     return _peer(endpoint).put(tid, header, [b.raw() for b in buffers]), "direct"
 
 
+def _send_device(endpoint: str, tid: str, value: Any, owner: str) -> tuple[int, str] | None:
+    global _device_outbox
+    cp = gpu.cupy_if_device()
+    if _device_outbox is None or _device_outbox.owner != owner:
+        if _device_outbox is not None:
+            _device_outbox.close()
+        _device_outbox = cudaipc.DeviceOutbox(cp, owner)
+    try:
+        packed = _device_outbox.pack(value)
+    except NoRoom:
+        return None  # every slot is still being read: this one goes through the host
+    if packed is None:
+        return None
+    note, nbytes = packed
+    _peer(endpoint).put(tid, note, [])
+    return nbytes, "cuda-ipc"
+
+
 def _recv(tid: str) -> Any:
     header, frames = store._server.take(tid, RECV_TIMEOUT)
+    if cudaipc.is_ipc(header):
+        return cudaipc.receive(gpu.cupy_if_device(), header)
     if handoff.is_handoff(header):
         return handoff.receive(header)
     return parcel.loads(header, [bytearray(f) for f in frames])
@@ -116,20 +141,26 @@ def outbox_segments() -> list[str]:
 
 def close_outbox() -> None:
     """Unlink this engine's hand-off segments and unmap those it received."""
-    global _outbox
+    global _outbox, _device_outbox
     if _outbox is not None:
         _outbox.close()
         _outbox = None
     handoff.forget()
+    if _device_outbox is not None:
+        _device_outbox.close()
+        _device_outbox = None
+    cudaipc.forget(gpu.cupy_if_device() if gpu.bound() else None)
 
 
 def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[int, str],
              endpoints: dict[int, str], n_stages: int, inputs: dict[int, Any],
-             targets: dict[int, Any], train: bool, owner: str | None = None) -> dict[str, Any]:
+             targets: dict[int, Any], train: bool, owner: str | None = None,
+             gpu_stages: frozenset[int] = frozenset()) -> dict[str, Any]:
     """Execute ``ops`` (kind, stage, micro-batch) in order; return outputs, losses, spans, stash.
 
     ``names`` maps the stages on this rank to their names; ``endpoints`` maps every stage to the
-    direct-channel endpoint of its engine; ``owner`` enables shared-memory hand-off (see _send).
+    direct-channel endpoint of its engine; ``owner`` enables shared-memory hand-off, and
+    ``gpu_stages`` (the stages on engines bound to a GPU) CUDA IPC between them (see _send).
     """
     last = n_stages - 1
     ctxs: dict[tuple[int, int], dict[str, Any]] = {}
@@ -155,7 +186,8 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                         out["outputs"][j] = y
                 else:
                     _count(out["sent"], s + 1,
-                           *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner))
+                           *_send(endpoints[s + 1], f"{run}:a:{s + 1}:{j}", y, owner,
+                                 s + 1 in gpu_stages))
                 y = None
                 stash = sum(1 for (ss, _) in ctxs if ss == s)
                 out["peak_stash"][s] = max(out["peak_stash"][s], stash)
@@ -173,7 +205,8 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                     del ctxs[(s, j)]
                 if s > 0:
                     _count(out["sent"], s - 1,
-                           *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner))
+                           *_send(endpoints[s - 1], f"{run}:g:{s - 1}:{j}", gin, owner,
+                                 s - 1 in gpu_stages))
                 gin = None
             elif kind == "W":
                 ns["backward_weight"](ctxs.pop((s, j)))
@@ -211,7 +244,5 @@ def _filename(exc: BaseException) -> str:
 
 
 def _host(value: Any) -> Any:
-    from .. import gpu
-
     value = gpu.to_host(value)
     return np.asarray(value) if hasattr(value, "__array__") else value

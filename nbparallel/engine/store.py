@@ -130,7 +130,15 @@ def open_payload(payload: Any) -> dict[str, Any]:
             if isinstance(values.get(name), np.ndarray):
                 values[name].flags.writeable = False
         return values
-    return {name: parcel.open_entry(entry, token, stored) for name, entry in payload.items()}
+    return {name: _device(entry) if isinstance(entry, parcel.Device) else
+            parcel.open_entry(entry, token, stored) for name, entry in payload.items()}
+
+
+def _device(entry: parcel.Device) -> Any:
+    from .. import gpu
+    from ..dataplane import cudaipc
+
+    return cudaipc.receive(gpu.cupy_if_device(), entry.note)
 
 
 def write_array(value: Any, dest: tuple) -> None:

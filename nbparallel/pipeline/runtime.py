@@ -213,6 +213,9 @@ class Pipeline:
         last = len(names) - 1
         local = self.handoff and one_host
         owner = plane.arena.owner if local else None
+        # Stages on GPU engines of this host pass CuPy arrays by CUDA IPC (dataplane/cudaipc.py).
+        gpu_stages = frozenset(i for i, n in enumerate(names)
+                               if local and self.pool.info(self.stages[n].engine).get("gpu"))
         futures = []
         with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
             watch.queued({eid: 1 for eid in ranks})
@@ -222,7 +225,8 @@ class Pipeline:
                 inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
                 targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
                 futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
-                                               len(names), inputs, targets, train, owner))
+                                               len(names), inputs, targets, train, owner,
+                                               gpu_stages))
                 watch.follow(futures[-1], eid, run_id,
                              {i: self.stages[n].engine for i, n in enumerate(names)})
             replies = self._collect(futures, ranks, run_id, watch)

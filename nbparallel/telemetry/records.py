@@ -22,8 +22,9 @@ __all__ = ["Transfer", "Span", "Sample", "Ring", "KINDS", "TRANSPORTS", "SPAN_KI
 
 #: What a transfer carried.
 KINDS = ("scatter", "broadcast", "gather", "reduce", "payload", "result", "stage")
-#: How it travelled: shared memory, a direct authenticated channel, ipyparallel's controller.
-TRANSPORTS = ("shm", "direct", "ipp")
+#: How it travelled: shared memory, a direct authenticated channel, ipyparallel's controller,
+#: or device to device by CUDA IPC (pipeline stages on GPU engines of one host).
+TRANSPORTS = ("shm", "direct", "ipp", "cuda-ipc")
 
 #: What a span timed: a %%scatter cell on one shard, a %%pmap chunk, or a pipeline op
 #: (F forward, B backward, I backward-input, W backward-weight, step the optimiser step).
