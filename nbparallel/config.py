@@ -7,7 +7,11 @@ it off for the session, ``--no-dashboard`` for one cell).
 ``telemetry``: record spans and load samples at all (default on; ``NBPARALLEL_TELEMETRY=0``).
 Off, no dashboard shows and ``%nbp trace save`` has nothing to write; transfers are still
 counted, since the data plane's accounting depends on them. ``nbparallel bench`` measures its
-cost this way::
+cost this way.
+
+``cuda_ipc``: pass CuPy arrays between GPU processes of one host by CUDA IPC (default on;
+``NBPARALLEL_CUDA_IPC=0`` sends them through host memory, for engines that cannot share device
+memory, e.g. in containers that do not share an IPC namespace)::
 
     import nbparallel
     nbparallel.config.dashboard = False
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["dashboard", "telemetry"]
+__all__ = ["dashboard", "telemetry", "cuda_ipc"]
 
 
 def _flag(name: str) -> bool:
@@ -26,3 +30,4 @@ def _flag(name: str) -> bool:
 
 dashboard: bool = _flag("NBPARALLEL_DASHBOARD")
 telemetry: bool = _flag("NBPARALLEL_TELEMETRY")
+cuda_ipc: bool = _flag("NBPARALLEL_CUDA_IPC")

@@ -244,7 +244,16 @@ def _open(cp: Any, name: str, handle: bytes, size: int) -> _Opened:
     opened = _opened.get(name)
     if opened is None:  # slot names are never reused: one open per slot
         flag = Segment.attach(name, FLAG_BYTES)
-        ptr = int(cp.cuda.runtime.ipcOpenMemHandle(handle))
+        try:
+            ptr = int(cp.cuda.runtime.ipcOpenMemHandle(handle))
+        except Exception as exc:
+            flag.close()
+            raise RuntimeError(
+                f"CUDA IPC: this engine cannot open the device memory another process of this "
+                f"host shared with it ({exc}). Processes in separate containers must share the "
+                f"IPC namespace (docker run --ipc=host); or set NBPARALLEL_CUDA_IPC=0 in the "
+                f"notebook to send CuPy arrays through host memory."
+            ) from None
         opened = _opened[name] = _Opened(flag, ptr, size)
         for old in [n for n, o in _opened.items() if o.live == 0 and n != name]:
             if len(_opened) <= OPENED_MAX:

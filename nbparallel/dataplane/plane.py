@@ -204,9 +204,9 @@ class DataPlane:
                      out: Outbound) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """Hand the notebook's CuPy shards to GPU engines of this host by CUDA IPC; the rest
         (other engines, broadcast values, a forced transport) go through host memory."""
-        from .. import gpu
+        from .. import config, gpu
 
-        cp = gpu.cupy_if_device() if forced == "auto" else None
+        cp = gpu.cupy_if_device() if forced == "auto" and config.cuda_ipc else None
         rest = []
         for rank, eid in enumerate(ids):
             values = dict(per_rank[rank])

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .. import config
 from .. import pool as pool_mod
 from ..cellcode import free_names, pack_names, parse_cell
 from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
@@ -215,7 +216,8 @@ class Pipeline:
         owner = plane.arena.owner if local else None
         # Stages on GPU engines of this host pass CuPy arrays by CUDA IPC (dataplane/cudaipc.py).
         gpu_stages = frozenset(i for i, n in enumerate(names)
-                               if local and self.pool.info(self.stages[n].engine).get("gpu"))
+                               if local and config.cuda_ipc
+                               and self.pool.info(self.stages[n].engine).get("gpu"))
         futures = []
         with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
             watch.queued({eid: 1 for eid in ranks})
