@@ -234,15 +234,20 @@ class Pool:
             self.client.close()
         finally:
             if self.cluster is not None:
+                from .reaper import stop_processes
+
+                ours = self._controller_pids + [i["pid"] for i in self._info.values()]
                 try:
+                    if self._controller.lost is not None:
+                        # ipyparallel's stop waits 10 s for busy engines to leave a controller
+                        # that is gone; they have nothing left to save.
+                        stop_processes(ours, grace=1.0)
                     self.cluster.stop_cluster_sync()
                 finally:
                     self.cluster = None
                     # What ipyparallel could not stop: the schedulers of a controller that was
                     # killed alone, engines it lost track of.
-                    from .reaper import stop_processes
-
-                    stop_processes(self._controller_pids + [i["pid"] for i in self._info.values()])
+                    stop_processes(ours)
             if self._reaper is not None:
                 if self.how == "connected":
                     self._reaper.terminate()  # it only watched for segments; they are gone now

@@ -30,7 +30,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def stop_processes(pids: list[int]) -> None:
+def stop_processes(pids: list[int], grace: float = GRACE_SECONDS) -> None:
     """Terminate ``pids`` and their children; kill what is left after a grace period.
 
     A pid that is no longer an ipyparallel process (it ended and the number was reused) is left
@@ -50,7 +50,7 @@ def stop_processes(pids: list[int]) -> None:
             proc.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(procs, timeout=GRACE_SECONDS)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
     for proc in alive:
         try:
             proc.kill()
