@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 from . import gpu
 from .controller import ControllerWatch
+from .cores import thread_limits, usable_cores
 from .errors import ControllerLost, PoolError, RemoteFailure, UsageError
 from .partition import parse_engines
 
@@ -107,7 +108,7 @@ class Pool:
         if profile:
             kwargs["profile"] = profile
         cluster = ipp.Cluster(**kwargs)
-        cluster.config.BaseLauncher.environment = _thread_limits(n)
+        cluster.config.BaseLauncher.environment = thread_limits(n)
         try:
             cluster.start_cluster_sync()
             client = cluster.connect_client_sync()
@@ -472,35 +473,6 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<nbparallel.Pool {self.how}, engines {_ranges(self.ids) or 'none'}>"
-
-
-#: The thread pools of the BLAS libraries NumPy may use, and OpenMP's.
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-               "BLIS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
-
-    ``os.cpu_count()`` is the whole machine's; in a container (Binder gives 1-2 cores of a big
-    node) one engine per machine core would run out of memory.
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores or 1, max(1, -(-int(quota) // int(period))))
-    except (OSError, ValueError):
-        pass  # no cgroup v2 limit to read: the affinity stands
-    return max(1, cores or 1)
-
-
-def _thread_limits(n: int) -> dict[str, str]:
-    """Share the cores among the engines: n engines each running a BLAS pool as wide as the
-    machine fight for the same cores (a matmul measured 6x slower with 2 engines on 2 cores).
-    Variables the user already set are left as they are."""
-    per_engine = str(max(1, usable_cores() // n))
-    return {var: per_engine for var in THREAD_VARS if var not in os.environ}
 
 
 def _controller_pids(cluster: Any) -> list[int]:

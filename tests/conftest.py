@@ -39,3 +39,16 @@ def ip(shell):
     """The shell with a clean user namespace for each test."""
     shell.reset(new_session=False)
     return shell
+
+
+@pytest.fixture(scope="session")
+def cuda():
+    """CuPy with at least one device, or a skip (for tests marked ``gpu``)."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver
+        pytest.skip(f"CuPy finds no CUDA driver: {exc}")
+    if count < 1:
+        pytest.skip("CuPy finds no CUDA device")
+    return cupy

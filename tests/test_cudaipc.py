@@ -69,19 +69,7 @@ def test_the_gpu_bench_group_says_why_it_did_not_run_on_cpu_engines(pool):
     assert "gpu" not in bench.DEFAULT_GROUPS
 
 
-# -- gpu: real devices -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cuda():
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver
-        pytest.skip(f"CuPy finds no CUDA driver: {exc}")
-    if count < 1:
-        pytest.skip("CuPy finds no CUDA device")
-    return cupy
-
-
+# -- gpu: real devices (the `cuda` fixture is in conftest.py) -------------------------------------
 @pytest.mark.gpu
 def test_a_slot_is_reused_only_once_the_receivers_arrays_are_gone(cuda):
     cp = cuda

@@ -19,14 +19,8 @@ import psutil
 import pytest
 import zmq
 
-from nbparallel.dataplane.direct import (
-    Channel,
-    ChannelError,
-    Server,
-    check_reachable,
-    route_address,
-    sign,
-)
+from nbparallel.dataplane.addresses import check_reachable, route_address
+from nbparallel.dataplane.direct import Channel, ChannelError, Server, sign
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32

@@ -405,20 +405,7 @@ def test_engines_bind_round_robin_and_status_matches_nvml_by_uuid(fake_env, tmp_
     assert sorted(int(p.name) for p in marks.iterdir()), "engines should have imported cupy"
 
 
-# -- gpu: real devices -----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def cuda():
-    """CuPy with at least one device, or a skip."""
-    cupy = pytest.importorskip("cupy")
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver
-        pytest.skip(f"CuPy finds no CUDA driver: {exc}")
-    if count < 1:
-        pytest.skip("CuPy finds no CUDA device")
-    return cupy
-
-
+# -- gpu: real devices (the `cuda` fixture is in conftest.py) -------------------------------------
 @pytest.mark.gpu
 @pytest.mark.cluster
 def test_each_engine_uses_the_device_it_was_assigned(cuda, ip, pool):

@@ -54,7 +54,7 @@ from typing import Any
 
 import zmq
 
-__all__ = ["ChannelError", "sign", "route_address", "check_reachable", "Server", "Channel"]
+__all__ = ["ChannelError", "sign", "Server", "Channel"]
 
 log = logging.getLogger("nbparallel.dataplane")
 
@@ -119,37 +119,6 @@ def _advertised_host(host: str) -> str:
         return host
 
 
-def route_address(host: str) -> str:
-    """The address of this machine's interface that packets to ``host`` leave by.
-
-    No packet is sent: connecting a UDP socket only asks the kernel for the route. An engine uses
-    it to listen where its cluster reaches it (the interface towards its controller), rather than
-    on every interface or on whatever its hostname resolves to (127.0.1.1 on Debian).
-    """
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.connect((host, 9))
-        return str(probe.getsockname()[0])
-
-
-def check_reachable(endpoint: str, what: str, timeout: float = 10.0) -> None:
-    """Raise :class:`ChannelError` unless a TCP connection to ``endpoint`` can be opened.
-
-    ZeroMQ connects in the background and would only time out on the first answer; this says
-    at once, and why, when a server cannot be reached from here (a firewall, a loopback address
-    of another machine).
-    """
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as exc:
-        raise ChannelError(
-            f"{what} at {endpoint} cannot be reached from {socket.gethostname()} ({exc}). Engines "
-            f"that exchange data must reach each other: open the port range between their hosts, "
-            f"or set NBPARALLEL_DATAPLANE_IP on the engines to an address the others can reach."
-        ) from None
-
-
 def _peer(frame: zmq.Frame) -> str:
     try:
         return str(frame.get("Peer-Address"))
@@ -178,7 +147,7 @@ class Server:
 
     A ROUTER socket bound to ``tcp://host:<free port>``, owned by one background daemon thread;
     the other methods may be called from any thread. ``host`` defaults to loopback; to accept
-    other machines pass an address of this machine (an engine uses :func:`route_address`), or
+    other machines pass an address of this machine (an engine uses :func:`~nbparallel.dataplane.addresses.route_address`), or
     ``"0.0.0.0"`` to listen on every interface, in which case :attr:`endpoint` advertises the
     address the hostname resolves to (or ``"0.0.0.0"`` when it does not resolve).
     :meth:`listen` adds another address later.

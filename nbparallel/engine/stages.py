@@ -70,7 +70,8 @@ def _peer(endpoint: str) -> Any:
     if endpoint not in _peers:
         from IPython import get_ipython
 
-        from ..dataplane.direct import Channel, check_reachable
+        from ..dataplane.addresses import check_reachable
+        from ..dataplane.direct import Channel
 
         # A put waits RECV_TIMEOUT for its acknowledgement: find an unreachable stage now.
         check_reachable(endpoint, "the channel of a neighbouring stage")

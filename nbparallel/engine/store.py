@@ -241,7 +241,7 @@ def cluster_address() -> str:
     import os
     from urllib.parse import urlsplit
 
-    from ..dataplane.direct import route_address
+    from ..dataplane.addresses import route_address
 
     if os.environ.get(ADDRESS_VAR):
         return os.environ[ADDRESS_VAR]
