@@ -185,7 +185,7 @@ def test_a_pipeline_across_hosts_sends_activations_host_to_host(ip, current):
 
 def test_training_across_hosts_equals_one_process(current):
     """Four layers alternating between the hosts: every activation and gradient crosses."""
-    from test_pipeline import data, define, model, reference, weights
+    from test_pipeline import assert_like_one_process, data, define, model
 
     pool, _, _ = current
     params = model()
@@ -193,11 +193,7 @@ def test_training_across_hosts_equals_one_process(current):
     define(pool, params, [HOST, PEER, HOST, PEER])
     cursor = pool.transfers.cursor
     losses = pipeline.train(x, t, 4, schedule="interleaved", steps=2, pool=pool)
-    want, want_losses = reference(params, x, t, 2)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-    for (W, b), (W2, b2) in zip(weights(pool), want):
-        np.testing.assert_allclose(W, W2, rtol=1e-6)
-        np.testing.assert_allclose(b, b2, rtol=1e-6)
+    assert_like_one_process(pool, params, x, t, losses, 2)
     stage = {(t.engine, t.peer, t.transport) for t in pool.transfers.since(cursor)[0]
              if t.kind == "stage"}
     assert stage == {(HOST, PEER, "direct"), (PEER, HOST, "direct")}

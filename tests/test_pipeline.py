@@ -97,6 +97,15 @@ def weights(pool):
             for info in pipeline.show(pool=pool)]
 
 
+def assert_like_one_process(pool, params, x, t, losses, steps):
+    """The losses, and every stage's weights and biases, equal one process's training."""
+    want, want_losses = reference(params, x, t, steps)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    for (W, b), (W2, b2) in zip(weights(pool), want):
+        np.testing.assert_allclose(W, W2, rtol=1e-6)
+        np.testing.assert_allclose(b, b2, rtol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def pool4():
     p = nbparallel.Pool.start(4)
@@ -115,11 +124,7 @@ def test_four_stages_train_like_one_process(pool4, schedule):
     x, t = data()
     define(pool4, params, pool4.ids)
     losses = pipeline.train(x, t, 8, schedule=schedule, steps=3, pool=pool4)
-    want, want_losses = reference(params, x, t, 3)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-    for (W, b), (W2, b2) in zip(weights(pool4), want):
-        np.testing.assert_allclose(W, W2, rtol=1e-6)
-        np.testing.assert_allclose(b, b2, rtol=1e-6)
+    assert_like_one_process(pool4, params, x, t, losses, 3)
     result = pool4.pipeline.last[-1]
     assert len(result.spans) == len(result.schedule.ranks[0]) * 4
     assert 0 <= result.bubble < 1
@@ -130,10 +135,7 @@ def test_four_stages_on_two_engines_train_interleaved(pool, pool4):
     x, t = data()
     define(pool, params, [0, 1, 0, 1])
     losses = pipeline.train(x, t, 4, schedule="interleaved", steps=2, pool=pool)
-    want, want_losses = reference(params, x, t, 2)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-    for (W, b), (W2, _) in zip(weights(pool), want):
-        np.testing.assert_allclose(W, W2, rtol=1e-6)
+    assert_like_one_process(pool, params, x, t, losses, 2)
 
 
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
@@ -262,10 +264,7 @@ def test_large_activations_hand_off_through_shared_memory(pool):
     define(pool, params, [0, 1])
     cursor = pool.transfers.cursor
     losses = pipeline.train(x, t, 4, schedule="1f1b", steps=2, pool=pool)
-    want, want_losses = reference(params, x, t, 2)
-    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
-    for (W, b), (W2, _) in zip(weights(pool), want):
-        np.testing.assert_allclose(W, W2, rtol=1e-6)
+    assert_like_one_process(pool, params, x, t, losses, 2)
     moved = [r for r in pool.transfers.since(cursor)[0] if r.kind == "stage"]
     shm_bytes = sum(r.nbytes for r in moved if r.transport == "shm")
     assert {(r.engine, r.peer) for r in moved} == {(0, 1), (1, 0)}  # activations, gradients
