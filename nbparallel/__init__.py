@@ -5,14 +5,15 @@ Load the magics with ``%load_ext nbparallel`` (the "Python 3 (nbparallel)" kerne
     %%scatter a --gather b
     b = a * 2
 
-Every magic has a Python twin: :func:`scatter`, :func:`pmap`, :func:`start`, :func:`connect`.
+Every magic has a Python twin: :func:`scatter`, :func:`pmap`, :func:`start`, :func:`connect`, and
+``pipeline.stage`` / ``pipeline.run`` / ``pipeline.train`` (:mod:`nbparallel.pipeline`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import config
+from . import config, pipeline
 from .errors import (
     ControllerLost,
     NbparallelError,
@@ -20,12 +21,14 @@ from .errors import (
     PmapError,
     PoolError,
     RemoteError,
+    RemoteFailure,
     UsageError,
 )
 from .pmap import pmap
-from .pool import Pool, connect, current, restart, start, stop
+from .pool import Pool
 from .resident import Resident
 from .scatter import scatter
+from .session import Session, connect, current, restart, start, stop
 
 __version__ = "0.1.0"
 
@@ -37,12 +40,15 @@ __all__ = [
     "Pool",
     "PoolError",
     "RemoteError",
+    "RemoteFailure",
     "Resident",
+    "Session",
     "UsageError",
     "config",
     "connect",
     "current",
     "load_ipython_extension",
+    "pipeline",
     "pmap",
     "restart",
     "scatter",

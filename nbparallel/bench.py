@@ -18,8 +18,8 @@ this machine; nothing printed is a constant. The groups:
   micro-batches - time of 1) / 63 for 8x8 arrays.
 
 Each case has one untimed warm-up run, which also checks the result, then ``repeat`` timed runs;
-the best and the median are reported. A case that raises is reported in its own row and the
-others still run. In a notebook::
+the best and the median are reported (``benchkit.py`` holds that loop, which every group shares).
+A case that raises is reported in its own row and the others still run. In a notebook::
 
     import nbparallel
     from nbparallel import bench
@@ -35,40 +35,46 @@ import logging
 import multiprocessing
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 import nbparallel
 
-if TYPE_CHECKING:
-    from .pool import Pool
+from . import benchgpu, config
+from .benchkit import HOP, HOP_MBS, MB, NB, Setup, Trial
+from .benchkit import check as _check
+from .benchkit import measure as _measure
+from .benchkit import one as _one
+from .benchkit import ready as _ready
+from .benchkit import split as _split
+from .dataplane import transport
+from .format import seconds
+from .pipeline.runtime import Pipeline
 
-__all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "run", "format_table", "markdown_table", "machine"]
+if TYPE_CHECKING:
+    from .session import Session
+
+__all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "Trial", "Setup", "run", "format_table",
+           "markdown_table", "machine"]
 
 GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "gpu")
 #: What runs without --only: the GPU group only where asked for (its rows need GPU engines).
 DEFAULT_GROUPS = GROUPS[:4]
 #: Rows that are the memory ceiling of their group: ratios against them are percentages.
 CEILINGS = ("numpy.copyto", "cupy device-to-device copy")
-TRANSPORTS = ("auto", "shm", "direct", "ipp")
+TRANSPORTS = transport.OPTIONS  #: what --transport takes (the data plane defines them)
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
-NB = "nbparallel"
 NO_TELEMETRY = "nbparallel, telemetry off"
 TELEMETRY_RUNS = 15
 DIRECTIONS = ("scatter", "gather", "round trip")
 ONE_CELL = "scatter+gather (one cell)"
 ROUNDTRIP = "trivial cell"
 IPP_NAME = "_nbp_bench_x"  # not `x`: the pool may be the user's, whose engines may hold an `x`
-MB, GB = 10**6, 10**9  # decimal units, as GB/s is usually quoted
-
-Trial = Callable[[bool], "dict[str, float]"]  # trial(check) -> seconds per `what`
-Setup = Callable[[], AbstractContextManager]  # yields a Trial; entering and leaving are not timed
 
 
 def _inc(x: int) -> int:
@@ -78,7 +84,7 @@ def _inc(x: int) -> int:
 
 
 # -- running -----------------------------------------------------------------------------------
-def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int = 3,
+def run(pool: Session | None, *, size_mb: int = 256, items: int = 2000, repeat: int = 3,
         only: Sequence[str] = DEFAULT_GROUPS, transport: str = "auto",
         progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the groups in ``only`` on ``pool``; return the report (plain data, JSON-ready).
@@ -104,96 +110,20 @@ def run(pool: Pool | None, *, size_mb: int = 256, items: int = 2000, repeat: int
     if "pipeline" in only:
         cases += _pipeline_group(pool, size_mb, repeat, say)
     if "gpu" in only:
-        from . import benchgpu
-
         cases += benchgpu.group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,
             "repeat": repeat, "transport": transport, "groups": [g for g in GROUPS if g in only],
             "cases": cases, "ratios": _ratios(cases)}
 
 
-def _measure(group: str, name: str, whats: Sequence[str], setup: Setup | None, repeat: int,
-             say: Callable[[str], None], *, nbytes: dict[str, int] | None = None,
-             items: int | None = None) -> list[dict[str, Any]]:
-    """One case: set up, warm up (and check), time ``repeat`` runs; one row per ``what``.
-
-    ``setup`` None means the library is not installed."""
-    say(f"bench: {group}: {name}: {', '.join(whats)}")
-    runs: list[dict[str, float]] = []
-    error = None if setup else "not installed"
-    try:
-        if setup:
-            with setup() as trial:
-                trial(True)  # pays imports, connections and first-touch page faults, untimed
-                runs = [trial(False) for _ in range(repeat)]
-    except Exception as exc:  # isolation: one broken case must not hide the others
-        error, runs = f"error: {type(exc).__name__}: {exc}", []
-    rows = []
-    for what in whats:
-        times = [r[what] for r in runs]
-        best = min(times) if times else None
-        row: dict[str, Any] = {"group": group, "name": name, "what": what, "seconds_best": best,
-                               "seconds_median": statistics.median(times) if times else None,
-                               "error": error}
-        if nbytes is not None:
-            row["gbps"] = nbytes[what] / best / GB if best else None
-        if items is not None:
-            row["items_per_s"] = items / best if best else None
-        rows.append(row)
-    return rows
-
-
-def _check(got: Any, want: Any) -> None:
-    if not np.array_equal(np.asarray(got), np.asarray(want)):
-        raise RuntimeError(f"the result differs from the input (got shape {np.shape(got)}, "
-                           f"expected {np.shape(want)}): the benchmarked path is broken")
-
-
-def _one(what: str, fn: Callable[[], Any], want: Any = None) -> Trial:
-    """A trial timing one call of ``fn``; the warm-up compares its result with ``want``."""
-    def trial(check: bool) -> dict[str, float]:
-        t0 = time.perf_counter()
-        got = fn()
-        seconds = time.perf_counter() - t0
-        if check and want is not None:
-            _check(got, want)
-        return {what: seconds}
-    return trial
-
-
-def _ready(trial: Trial) -> Setup:
-    """The setup of a case that needs none."""
-    return lambda: nullcontext(trial)
-
-
-def _split(first: Callable[[], Any], second: Callable[[Any], Any], after: Callable[[Any], Any],
-           want: np.ndarray, verify: Callable[[Any], None] = lambda _sent: None) -> Trial:
-    """A trial timing ``first()`` (scatter) then ``second(its result)`` (gather); ``after`` frees
-    what ``first`` left behind, and the warm-up also runs ``verify(what first returned)``."""
-    def trial(check: bool) -> dict[str, float]:
-        t0 = time.perf_counter()
-        sent = first()
-        t1 = time.perf_counter()
-        try:
-            back = second(sent)
-            t2 = time.perf_counter()
-            if check:
-                _check(back, want)
-                verify(sent)
-        finally:
-            after(sent)
-        return {"scatter": t1 - t0, "gather": t2 - t1, "round trip": t2 - t0}
-    return trial
-
-
 # -- the groups --------------------------------------------------------------------------------
-def _scatter_group(pool: Pool, n: int, size_mb: int, repeat: int, transport: str,
+def _scatter_group(pool: Session, n: int, size_mb: int, repeat: int, transport: str,
                    say: Callable[[str], None]) -> list[dict[str, Any]]:
     a = np.random.default_rng(0).random(size_mb * MB // 8)
     moved = {"scatter": a.nbytes, "gather": a.nbytes, "round trip": 2 * a.nbytes,
              ONE_CELL: 2 * a.nbytes}
     kw: dict[str, Any] = {} if transport == "auto" else {"transport": transport}
-    dv = pool.client[pool.ids]
+    dv = pool.pool.client[pool.ids]
 
     def keep() -> Any:
         return nbparallel.scatter("", {"x": a}, keep=["x"], pool=pool, **kw)["x"]
@@ -262,10 +192,10 @@ def _dask_client(n: int) -> Iterator[Any]:
         yield client
 
 
-def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
+def _pmap_group(pool: Session, n: int, items: int, repeat: int,
                 say: Callable[[str], None]) -> list[dict[str, Any]]:
     want = list(range(1, items + 1))
-    lview = pool.client.load_balanced_view(pool.ids)
+    lview = pool.pool.client.load_balanced_view(pool.ids)
 
     @contextmanager
     def dask() -> Iterator[Trial]:
@@ -292,8 +222,6 @@ def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
     @contextmanager
     def no_telemetry() -> Iterator[Trial]:
         # What recording spans costs: the same map with nbparallel.config.telemetry off.
-        from . import config
-
         was, config.telemetry = config.telemetry, False
         try:
             yield _one("map", mine, want)
@@ -308,9 +236,9 @@ def _pmap_group(pool: Pool, n: int, items: int, repeat: int,
             + case("multiprocessing", processes))
 
 
-def _roundtrip_group(pool: Pool, n: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+def _roundtrip_group(pool: Session, n: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
     x = np.arange(max(8, n))  # at least one row per engine: more engines than rows is an error
-    dv = pool.client[pool.ids]
+    dv = pool.pool.client[pool.ids]
     def case(name: str, fn: Callable[[], Any], want: Any) -> list[dict[str, Any]]:
         return _measure("roundtrip", name, [ROUNDTRIP], _ready(_one(ROUNDTRIP, fn, want)),
                         ROUNDTRIP_CALLS, say)
@@ -319,8 +247,7 @@ def _roundtrip_group(pool: Pool, n: int, say: Callable[[str], None]) -> list[dic
             + case("ipyparallel %px pass", lambda: dv.execute("pass", block=True), None))
 
 
-HOP, PER_MB = "activation hop", "per micro-batch"
-HOP_MBS = 8
+PER_MB = "per micro-batch"
 # A row of ones asks the first stage for ACT bytes of activation, a row of zeros for the row itself.
 SENDER = """
 big = np.ones((1, ACT // 8))
@@ -330,10 +257,8 @@ def forward(x, ctx):
 RECEIVER = "def forward(x, ctx):\n    return x[:, :1].copy()\n"
 
 
-def _pipeline_group(pool: Pool, size_mb: int, repeat: int,
+def _pipeline_group(pool: Session, size_mb: int, repeat: int,
                     say: Callable[[str], None]) -> list[dict[str, Any]]:
-    from .pipeline.runtime import Pipeline
-
     if len(pool.ids) < 2:
         return _measure("pipeline", NB, [HOP, PER_MB], None, repeat, say)
     act = size_mb * MB // HOP_MBS // 8 * 8
@@ -342,7 +267,7 @@ def _pipeline_group(pool: Pool, size_mb: int, repeat: int,
     @contextmanager
     def stages(nbytes: int, handoff: bool = True) -> Iterator[Pipeline]:
         # A pipeline of its own, with names of its own: the user's stages stay as they were.
-        pipe = Pipeline(pool)
+        pipe = Pipeline(pool.pool, pool.plane, pool.monitor)
         pipe.handoff = handoff
         try:
             pipe.define("_nbp_bench_send", SENDER, pool.ids[0], {"np": np, "ACT": nbytes})
@@ -488,7 +413,7 @@ def _summary(report: dict[str, Any]) -> tuple[str, str]:
 
 
 def _seconds(s: float | None) -> str:
-    return "-" if s is None else f"{s:.3f} s" if s >= 1 else f"{s * 1e3:.2f} ms"
+    return "-" if s is None else seconds(s)
 
 
 def _rows(report: dict[str, Any], width: int | None) -> list[list[str]]:

@@ -26,10 +26,12 @@ import numpy as np
 
 import nbparallel
 
-from . import bench
+from .benchkit import HOP, HOP_MBS, MB, NB, Setup, Trial, check, measure, ready
+from .dataplane.transport import CUDA_IPC
+from .pipeline.runtime import Pipeline
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from .session import Session
 
 __all__ = ["COPY", "STENCIL", "group"]
 
@@ -86,7 +88,7 @@ def forward(x, ctx):
 RECEIVER = "def forward(x, ctx):\n    return x[:, :1].copy()\n"
 
 
-def group(pool: Pool, size_mb: int, repeat: int,
+def group(pool: Session, size_mb: int, repeat: int,
           say: Callable[[str], None]) -> list[dict[str, Any]]:
     """The rows of the ``gpu`` group (see the module docstring)."""
     gpus = [e for e in pool.ids if pool.info(e).get("gpu") and pool.plane.is_local(e)]
@@ -94,79 +96,77 @@ def group(pool: Pool, size_mb: int, repeat: int,
         why = (f"needs two engines of this host bound to GPUs; this pool has {len(gpus)} "
                f"(start one where CuPy sees a device: `nbparallel bench -n 2 --only gpu`)")
         return [{**row, "error": why} for row in
-                bench._measure("gpu", bench.NB, [bench.HOP, STENCIL], None, repeat, say)
-                + bench._measure("gpu", COPY, [bench.HOP, STENCIL], None, repeat, say)]
-    act = size_mb * bench.MB // bench.HOP_MBS // 8 * 8
-    side = int((size_mb * bench.MB / 8) ** 0.5)
+                measure("gpu", NB, [HOP, STENCIL], None, repeat, say)
+                + measure("gpu", COPY, [HOP, STENCIL], None, repeat, say)]
+    act = size_mb * MB // HOP_MBS // 8 * 8
+    side = int((size_mb * MB / 8) ** 0.5)
     stencil_bytes = ((side + 2) ** 2 + side * side) * 8
-    return (bench._measure("gpu", bench.NB, [bench.HOP], _hop(pool, gpus, act), repeat, say,
-                           nbytes={bench.HOP: act * bench.HOP_MBS})
-            + bench._measure("gpu", COPY, [bench.HOP], _copies(pool, gpus[0], act), repeat, say,
-                             nbytes={bench.HOP: act * bench.HOP_MBS})
-            + bench._measure("gpu", bench.NB, [STENCIL], _stencil(pool, gpus[0], side), repeat,
-                             say, nbytes={STENCIL: stencil_bytes})
-            + bench._measure("gpu", COPY, [STENCIL], _copies(pool, gpus[0], (side + 2) ** 2 * 8,
-                                                             what=STENCIL, count=1),
-                             repeat, say, nbytes={STENCIL: 2 * (side + 2) ** 2 * 8}))
+    return (measure("gpu", NB, [HOP], _hop(pool, gpus, act), repeat, say,
+                    nbytes={HOP: act * HOP_MBS})
+            + measure("gpu", COPY, [HOP], _copies(pool, gpus[0], act), repeat, say,
+                      nbytes={HOP: act * HOP_MBS})
+            + measure("gpu", NB, [STENCIL], _stencil(pool, gpus[0], side), repeat, say,
+                      nbytes={STENCIL: stencil_bytes})
+            + measure("gpu", COPY, [STENCIL], _copies(pool, gpus[0], (side + 2) ** 2 * 8,
+                                                      what=STENCIL, count=1),
+                      repeat, say, nbytes={STENCIL: 2 * (side + 2) ** 2 * 8}))
 
 
-def _hop(pool: Pool, gpus: list[int], act: int) -> bench.Setup:
-    from .pipeline.runtime import Pipeline
-
+def _hop(pool: Session, gpus: list[int], act: int) -> Setup:
     @contextmanager
-    def setup() -> Iterator[bench.Trial]:
-        pipe = Pipeline(pool)
+    def setup() -> Iterator[Trial]:
+        pipe = Pipeline(pool.pool, pool.plane, pool.monitor)
         try:
             pipe.define("_nbp_bench_gpu_send", SENDER, gpus[0], {"ACT": act})
             pipe.define("_nbp_bench_gpu_recv", RECEIVER, gpus[1], {})
-            ones, zeros = np.ones((bench.HOP_MBS, 1)), np.zeros((bench.HOP_MBS, 1))
+            ones, zeros = np.ones((HOP_MBS, 1)), np.zeros((HOP_MBS, 1))
 
-            def trial(check: bool) -> dict[str, float]:
+            def trial(check_it: bool) -> dict[str, float]:
                 cursor = pool.transfers.cursor
                 t0 = time.perf_counter()
-                got = pipe.run(ones, bench.HOP_MBS)
+                got = pipe.run(ones, HOP_MBS)
                 t1 = time.perf_counter()
-                pipe.run(zeros, bench.HOP_MBS)
+                pipe.run(zeros, HOP_MBS)
                 t2 = time.perf_counter()
-                if check:
-                    bench._check(got, ones)
+                if check_it:
+                    check(got, ones)
                     used = {t.transport for t in pool.transfers.since(cursor)[0]
                             if t.kind == "stage" and t.nbytes >= act}
-                    if used != {"cuda-ipc"}:
+                    if used != {CUDA_IPC}:
                         raise RuntimeError(f"the activations went by {sorted(used)}, not CUDA IPC")
-                return {bench.HOP: max((t1 - t0) - (t2 - t1), 1e-9)}
+                return {HOP: max((t1 - t0) - (t2 - t1), 1e-9)}
             yield trial
         finally:
             pipe.clear()
     return setup
 
 
-def _copies(pool: Pool, engine: int, nbytes: int, what: str = bench.HOP,
-            count: int = bench.HOP_MBS) -> bench.Setup:
-    def trial(check: bool) -> dict[str, float]:
+def _copies(pool: Session, engine: int, nbytes: int, what: str = HOP,
+            count: int = HOP_MBS) -> Setup:
+    def trial(check_it: bool) -> dict[str, float]:
         out = nbparallel.scatter(TIME_COPIES, {}, reduce={"t": "list", "ok": "list"},
                                  engines=[engine], pool=pool, dashboard=False,
                                  namespace={"n": nbytes, "copies": count})
-        if check and not all(out["ok"]):
+        if check_it and not all(out["ok"]):
             raise RuntimeError("the device copy did not copy")
         return {what: out["t"][0]}
-    return bench._ready(trial)
+    return ready(trial)
 
 
-def _stencil(pool: Pool, engine: int, side: int) -> bench.Setup:
+def _stencil(pool: Session, engine: int, side: int) -> Setup:
     @contextmanager
-    def setup() -> Iterator[bench.Trial]:
+    def setup() -> Iterator[Trial]:
         img = np.random.default_rng(0).random((side, side))
         # Resident on the engine's device: the timed runs move no bytes to it.
         kept = nbparallel.scatter("shard = img", {"img": img}, keep=["shard"], engines=[engine],
                                   pool=pool, dashboard=False)["shard"]
 
-        def trial(check: bool) -> dict[str, float]:
+        def trial(check_it: bool) -> dict[str, float]:
             out = nbparallel.scatter(TIME_STENCIL, {"shard": kept},
                                      reduce={"t": "list", "on_device": "list", "first": "list"},
                                      engines=[engine], pool=pool, dashboard=False,
                                      namespace={"src": KERNEL, "reps": 10})
-            if check:
+            if check_it:
                 p = img[0:3, 0:3]
                 want = p[0, 1] + p[2, 1] + p[1, 0] + p[1, 2] - 4 * p[1, 1]
                 if not out["on_device"][0] or not np.isclose(out["first"][0], want):

@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 import cloudpickle
 
 from .errors import UsageError
+from . import format as fmt
 
 __all__ = [
     "AUTO_SEND_LIMIT", "CellCode", "parse_cell", "compile_cell", "free_names", "pack_names",
@@ -96,14 +97,6 @@ def free_names(tree: ast.AST) -> set[str]:
     return names - set(dir(builtins))
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GB"
-
-
 def pack_names(
     names: Iterable[str],
     namespace: Mapping[str, Any],
@@ -148,8 +141,8 @@ def _too_big(name: str, size: int, limit: int, advice: str) -> UsageError:
         f"Say how it should travel: --broadcast {name} sends a full copy to every engine, or "
         f"list it before the options to split it across engines.")
     return UsageError(
-        f"the cell reads `{name}` ({_human(size)}) from the notebook, which is over the "
-        f"{_human(limit)} limit for sending names automatically. {advice}"
+        f"the cell reads `{name}` ({fmt.nbytes(size)}) from the notebook, which is over the "
+        f"{fmt.nbytes(limit)} limit for sending names automatically. {advice}"
     )
 
 

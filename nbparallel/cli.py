@@ -36,6 +36,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from . import format as fmt
+
 __all__ = ["main", "build_parser", "install_kernel_spec", "ensure_kernel_spec", "find_quickstart",
            "run_demo", "DemoResult"]
 
@@ -55,7 +57,7 @@ FALLBACK_KERNEL_SPEC: dict[str, Any] = {
     "metadata": {"debugger": True},
 }
 
-Handler = Callable[[argparse.Namespace], int]
+_Handler = Callable[[argparse.Namespace], int]
 
 
 # -- entry point -----------------------------------------------------------------------------
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits on --help and on bad usage; callers want a code
         return exc.code if isinstance(exc.code, int) else 2
-    handler: Handler | None = getattr(args, "handler", None)
+    handler: _Handler | None = getattr(args, "handler", None)
     if handler is None:
         args.help_parser.print_help(sys.stderr)
         return 2
@@ -349,7 +351,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if progress:
         progress.clear()
     print(f"nbparallel demo: {result.engines} engines, {result.checks_passed} of "
-          f"{result.checks_total} checks passed, {result.seconds:.1f} s.")
+          f"{result.checks_total} checks passed, {fmt.seconds(result.seconds)}.")
     print(f"Executed notebook: {result.output}")
     if result.failure:
         print(result.failure, file=sys.stderr)

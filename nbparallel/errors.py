@@ -64,6 +64,11 @@ class RemoteFailure:
 
     ``traceback`` holds only the frames of the user's own code (the cell and what it called),
     never nbparallel's runner frames.
+
+    >>> RemoteFailure(3, "ValueError", "bad batch", "", stage="l2", microbatch=5, op="F").where()
+    'engine 3, stage l2, micro-batch 5, forward'
+    >>> RemoteFailure(0, "KeyError", "'x'", "", item=7).where()
+    'engine 0, item 7'
     """
 
     engine: int

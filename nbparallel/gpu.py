@@ -34,9 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import UsageError
+from .format import nbytes, parse_ranges
 
-__all__ = ["array_module", "device_name", "to_host", "to_device", "parse_gpus", "assign",
-           "local_ranks", "plan", "visible", "bind", "bound", "uuid_string", "Nvml", "fmt_mem"]
+__all__ = ["array_module", "cupy_if_device", "device_name", "to_host", "to_device", "parse_gpus",
+           "assign", "local_ranks", "plan", "visible", "bind", "bound", "uuid_string", "Nvml"]
 
 
 # -- planning (pure) -----------------------------------------------------------------------------
@@ -59,19 +60,11 @@ def parse_gpus(spec: str | Sequence[int] | None) -> str | tuple[int, ...] | None
         return text
     if text == "cpu":
         return "none"
-    devices: list[int] = []
-    for part in text.split(","):
-        lo, sep, hi = part.strip().partition("-")
-        if not lo.isdigit() or (sep and not hi.isdigit()):
-            raise UsageError(
-                f"cannot read --gpus {spec!r}: write all, none, or CUDA device numbers such as "
-                f"0,1 or 0-3 (as `nvidia-smi -L` lists them when CUDA_VISIBLE_DEVICES is unset)."
-            )
-        first, last = int(lo), int(hi) if sep else int(lo)
-        if last < first:
-            raise UsageError(f"cannot read --gpus {spec!r}: the range {first}-{last} runs backwards.")
-        devices.extend(d for d in range(first, last + 1) if d not in devices)
-    return tuple(devices)
+    return tuple(parse_ranges(spec, "--gpus", item="a CUDA device number", hint=_GPUS_HINT))
+
+
+_GPUS_HINT = ("Write all, none, or CUDA device numbers such as 0,1 or 0-3 (as `nvidia-smi -L` lists "
+              "them when CUDA_VISIBLE_DEVICES is unset).")
 
 
 def assign(local_ranks: Sequence[int], devices: Sequence[int]) -> list[int | None]:
@@ -360,19 +353,3 @@ class Nvml:
                 pass
             self._lib = None
             self._handles.clear()
-
-
-def fmt_mem(n: int | None) -> str:
-    """``"12.3 GiB"`` (binary units, as nvidia-smi counts), ``"?"`` for unknown.
-
-    >>> fmt_mem(141 * 2**30), fmt_mem(512 * 2**20), fmt_mem(None)
-    ('141 GiB', '512 MiB', '?')
-    """
-    if n is None:
-        return "?"
-    value, unit = float(n), "B"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if value < 1023.5 or unit == "TiB":
-            break
-        value /= 1024
-    return f"{value:.0f} {unit}" if value >= 99.5 or unit == "B" else f"{value:.1f} {unit}"

@@ -1,7 +1,14 @@
 """IPython magics: parse the line, call the API, bind results. Nothing else lives here.
 
-``%%scatter``, ``%%pmap``, ``%%stage``, ``%pipeline`` and ``%nbp``; ``%%scatter?`` shows the
-generated help.
+``%%scatter``, ``%%pmap``, ``%%stage``, ``%pipeline`` and ``%nbp``, each declared with IPython's
+``magic_arguments``, so ``%%pmap?`` (and the others) show help generated from the declarations.
+Options that several magics take are declared once, as the shared option groups below, and
+applied as decorators (the way ipyparallel's ``client/magics.py`` does). Sub-commands
+(``%pipeline run``, ``%nbp start``...) are :class:`_command` declarations: each becomes an
+argparse sub-parser of the magic's parser, with its own options, usage and help.
+
+Every bad line raises :class:`nbparallel.errors.UsageError` (see :func:`_parse`), never
+IPython's UsageError or SystemExit.
 """
 
 from __future__ import annotations
@@ -9,27 +16,124 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-from typing import Any
+from typing import Any, Callable
 
-from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.error import UsageError as IPythonUsageError
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import (ArgDecorator, MagicArgumentParser, argument, kwds,
+                                          magic_arguments)
 
-from . import pool as pool_mod
+from . import config
+from . import session as session_mod
+from .dataplane import transport
 from .errors import UsageError
+from .format import nbytes
+from .pipeline import schedule as sched
+from .pipeline.schedule import NAMES as SCHEDULES
 from .pmap import PmapSpec, target_names
 from .pmap import run as run_pmap
 from .scatter import ScatterSpec
 from .scatter import run as run_scatter
+from .telemetry import trace
 
 __all__ = ["NbparallelMagics"]
 
 _PMAP_LINE = re.compile(r"^\s*(?P<target>.+?)\s+in\s+(?P<expr>.+?)\s*->\s*(?P<rest>.*)$")
 
+# -- shared option groups ------------------------------------------------------------------------
+# Each is an IPython ``argument``: a decorator on a magic, and usable inside a :class:`_command`.
+# (Help strings are %-formatted by argparse: no literal percent signs in them.)
 
-def _engine_option(func: Any) -> Any:
-    return argument("--engines", metavar="SPEC",
-                    help="engines to use, like 0-3,6 (default: all)")(func)
+_engines_option = argument(
+    "--engines", metavar="SPEC", help="engines to use, like 0-3,6 (default: all)")
+
+_dashboard_option = argument(
+    "--no-dashboard", action="store_true",
+    help="no live dashboard under this cell (nbparallel.config.dashboard for all)")
+
+_TRANSPORT_WORDS = {transport.SHM: "shared memory", transport.DIRECT: "direct channels",
+                    transport.INLINE: "inside ipyparallel's messages"}
+
+
+def _transport_option(choices: tuple[str, ...]) -> argument:
+    """``--transport``, offering ``choices`` (a subset of :data:`transport.OPTIONS`)."""
+    forced = [f"{c} ({_TRANSPORT_WORDS.get(c, 'forced')})" for c in choices if c != "auto"]
+    return argument(
+        "--transport", default="auto", choices=choices,
+        help=f"how data moves: {', '.join(forced)}; default: auto, chosen per engine")
+
+
+_gpus_option = argument(
+    "--gpus", default=None, metavar="all|none|0,1",
+    help="each engine gets one CUDA device, round-robin over those named (default: all it "
+         "sees; none means CPU only)")
+
+
+def _name_option(flag: str, what: str) -> argument:
+    """A required option naming a notebook variable (``--input X``, ``--out Y``)."""
+    return argument(flag, required=True, metavar="NAME", help=what)
+
+
+class _command(ArgDecorator):
+    """A sub-command of a magic (``%pipeline run ...``): its name, one line of help, its options.
+
+    Declared like an option, above the ``@argument`` lines of the magic; it adds an argparse
+    sub-parser (``args.command`` is its name) and appends the sub-command's help to the magic's.
+    """
+
+    def __init__(self, name: str, help: str, *arguments: argument) -> None:
+        self.name, self.help, self.arguments = name, help, arguments
+
+    def add_to_parser(self, parser: MagicArgumentParser, group: Any) -> None:
+        commands = getattr(parser, "nbp_commands", None)
+        if commands is None:  # the first sub-command of this magic
+            commands = parser.nbp_commands = parser.add_subparsers(
+                dest="command", required=True, parser_class=_CommandParser,
+                help="the sub-command (its options are listed below)")
+            parser.epilog = "sub-commands:"
+        sub = commands.add_parser(self.name, help=self.help, description=self.help)
+        for arg in self.arguments:
+            arg.add_to_parser(sub, None)
+        parser.epilog += "\n\n" + sub.format_help().rstrip()
+
+
+class _CommandParser(MagicArgumentParser):
+    """A sub-command's parser: its errors say which sub-command (``%pipeline run: ...``)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _LineError(self, message)
+
+
+class _LineError(IPythonUsageError):
+    """argparse's complaint, with the (sub-)parser that made it."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(message)
+        self.parser = parser
+
+
+def _parse(magic: Callable[..., Any], line: str) -> argparse.Namespace:
+    """``line`` parsed by the parser that ``magic_arguments`` built for ``magic``.
+
+    Words are split as a POSIX shell does (``shlex.split``: quotes group and are removed), as
+    these magics always did; IPython's ``parse_argstring`` would split with ``arg_split``, which
+    keeps the quotes. Whatever is wrong, the error is ours: one paragraph, the usage, the hint.
+    A parser's ``prog`` is the magic's name after its first ``%`` (``%pmap`` for the cell
+    magic ``%%pmap``, ``pipeline`` for ``%pipeline``): IPython's help puts one ``%`` before it.
+    """
+    parser = magic.parser
+    hint = f"`%{parser.prog}?` lists the options"
+    try:
+        words = shlex.split(line)
+    except ValueError as exc:  # an unterminated quote, a trailing backslash
+        raise UsageError(f"%{parser.prog}: cannot read {line!r}: {exc}; close each quote you "
+                         f"open (a backslash escapes one character). {hint}.") from None
+    try:
+        return parser.parse_args(words)
+    except IPythonUsageError as exc:
+        failed = getattr(exc, "parser", parser)
+        usage = " ".join(failed.format_usage().split()).removeprefix(":: ")
+        raise UsageError(f"%{failed.prog}: {exc}. Usage: {usage}; {hint}.") from None
 
 
 @magics_class
@@ -54,7 +158,7 @@ class NbparallelMagics(Magics):
         return {n: ns[n] for n in names}
 
     # -- %%scatter -----------------------------------------------------------------------------
-    @magic_arguments()
+    @magic_arguments("%scatter")  # the prog: IPython's help writes "%" + prog, so %%scatter
     @argument("names", nargs="*", help="names to split across engines (like numpy.array_split)")
     @argument("--broadcast", nargs="+", default=[], metavar="NAME",
               help="names sent whole to every engine")
@@ -68,12 +172,9 @@ class NbparallelMagics(Magics):
     @argument("--keep", nargs="+", default=[], metavar="NAME",
               help="names left on the engines; the notebook gets a Resident handle that later "
                    "cells can scatter without moving data (numpy.asarray(handle) gathers)")
-    @argument("--transport", default="auto", choices=["auto", "shm", "direct", "ipp"],
-              help="how data moves: shared memory, direct channels, or through ipyparallel "
-                   "(default: auto, chosen per engine)")
-    @argument("--no-dashboard", action="store_true",
-              help="no live dashboard under this cell (nbparallel.config.dashboard for all)")
-    @_engine_option
+    @_transport_option(transport.OPTIONS)
+    @_dashboard_option
+    @_engines_option
     @cell_magic
     def scatter(self, line: str, cell: str) -> None:
         """Run the cell on every engine over shards of the named arrays.
@@ -87,10 +188,7 @@ class NbparallelMagics(Magics):
         ``--keep c`` instead of ``--gather c`` leaves c's shards on the engines and binds a
         :class:`~nbparallel.Resident` handle; scatter the handle in a later cell to reuse them.
         """
-        try:
-            args = parse_argstring(self.scatter, line)
-        except IPythonUsageError as exc:  # ours: one error class for every bad magic line
-            raise UsageError(f"%%scatter {line.strip()}: {exc}. `%%scatter?` lists the options.") from None
+        args = _parse(self.scatter, line)
         spec = ScatterSpec(
             scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
@@ -104,13 +202,27 @@ class NbparallelMagics(Magics):
         self.shell.user_ns.update(result)
 
     # -- %%pmap --------------------------------------------------------------------------------
+    @magic_arguments("%pmap")
+    @kwds(usage="%(prog)s TARGET in ITERABLE -> NAME [options]")
+    @argument("out", metavar="NAME", help="the notebook name bound to the list of results")
+    @argument("--chunksize", type=int, default=None, metavar="N",
+              help="items per task (default: sized from measured item times)")
+    @argument("--unordered", action="store_true",
+              help="results in the order they finish, not in input order")
+    @argument("--retries", type=int, default=0, metavar="N",
+              help="times a failed item is tried again, on any engine (default 0)")
+    @_engines_option
+    @argument("--no-progress", action="store_true", help="no progress bar")
+    @_dashboard_option
+    # a load-balanced chunk goes to an engine not known in advance: nothing to pre-send directly
+    @_transport_option(tuple(o for o in transport.OPTIONS if o != transport.DIRECT))
     @cell_magic
     def pmap(self, line: str, cell: str) -> None:
         """Parallel map: the cell is the body of a function of one item.
 
-        ``%%pmap TARGET in ITERABLE -> NAME [--chunksize N] [--unordered] [--retries N]
-        [--engines SPEC] [--no-progress] [--no-dashboard] [--transport auto|shm|ipp]``. The
-        last expression is each item's result; NAME gets the list of results in input order::
+        ``%%pmap TARGET in ITERABLE -> NAME [options]``: TARGET is written as in a for loop
+        (``x``, ``i, row``); the cell's last expression is each item's result; NAME gets the
+        list of results in input order::
 
             %%pmap x in range(1000) -> squares
             x * x
@@ -121,12 +233,13 @@ class NbparallelMagics(Magics):
                 f"cannot read `%%pmap {line.strip()}`; write `%%pmap x in ITERABLE -> NAME`, for "
                 f"example `%%pmap x in range(1000) -> squares`."
             )
-        rest = _pmap_parser().parse(m["rest"])
-        if not rest.out.isidentifier():
-            raise UsageError(f"the result name {rest.out!r} after -> is not a valid Python name.")
-        spec = PmapSpec(m["target"], rest.chunksize, not rest.unordered, rest.retries,
-                        rest.engines, not rest.no_progress, rest.transport,
-                        False if rest.no_dashboard else None)
+        args = _parse(self.pmap, m["rest"])
+        if not args.out.isidentifier():
+            raise UsageError(f"the result name {args.out!r} after -> is not a valid Python name.")
+        spec = PmapSpec(target=m["target"], chunksize=args.chunksize, ordered=not args.unordered,
+                        retries=args.retries, engines=args.engines,
+                        progress=not args.no_progress, transport=args.transport,
+                        dashboard=False if args.no_dashboard else None)
         spec.check()
         target_names(spec.target)
         try:
@@ -137,17 +250,20 @@ class NbparallelMagics(Magics):
                 f"defined in the notebook; define it in a cell above, or check the spelling."
             ) from None
         result = run_pmap(spec, cell, items, self.shell.user_ns, hidden=self._hidden())
-        self.shell.user_ns[rest.out] = result
+        self.shell.user_ns[args.out] = result
 
     # -- %%stage and %pipeline -----------------------------------------------------------------
+    @magic_arguments("%stage")
+    @argument("name", help="the stage's name (a Python name); a new name adds a stage at the end")
+    @argument("--engine", type=int, default=None, metavar="K",
+              help="the engine that holds the stage (default: round-robin over the engines)")
     @cell_magic
     def stage(self, line: str, cell: str) -> None:
         """Define (or replace) a pipeline stage: the cell runs once on its engine.
 
-        ``%%stage NAME [--engine K]``. The cell defines ``forward(x, ctx)`` and, for training,
-        ``backward(grad, ctx)`` (or ``backward_input``/``backward_weight`` for zb-h1),
-        ``loss(y, target)`` on the last stage and optionally ``step()``. Stages run in the order
-        they were first defined; without --engine they go round-robin over the engines::
+        The cell defines ``forward(x, ctx)`` and, for training, ``backward(grad, ctx)`` (or
+        ``backward_input``/``backward_weight`` for zb-h1), ``loss(y, target)`` on the last stage
+        and optionally ``step()``. Stages run in the order they were first defined::
 
             %%stage l1
             W = rng.standard_normal((4, 8))
@@ -155,31 +271,57 @@ class NbparallelMagics(Magics):
                 ctx["x"] = x
                 return x @ W
         """
-        args = _stage_parser().parse(line)
-        pool = pool_mod.ensure()
+        args = _parse(self.stage, line)
+        pool = session_mod.ensure()
         info = pool.pipeline.define(args.name, cell, args.engine, self.shell.user_ns,
                                     self._hidden())
         print(f"stage {info.name}: engine {info.engine}, {', '.join(info.hooks)}, "
               f"{info.param_bytes:,} bytes of arrays")
 
+    @magic_arguments()
+    @_command("run", "run the stages forward over micro-batches of --input",
+              _name_option("--input", "the notebook array fed to the first stage"),
+              argument("--microbatches", type=int, default=1, metavar="M",
+                       help="micro-batches the input is split into (default 1)"),
+              argument("--schedule", default="gpipe", choices=["gpipe"],
+                       help="a forward-only run has one order: gpipe"),
+              _name_option("--out", "the notebook name bound to the last stage's output"),
+              _dashboard_option)
+    @_command("train", "train the stages: forward, loss, backward and step() per micro-batch",
+              _name_option("--input", "the notebook array fed to the first stage"),
+              _name_option("--target", "the notebook array the last stage's loss compares with"),
+              argument("--microbatches", type=int, default=1, metavar="M",
+                       help="micro-batches per step (default 1)"),
+              argument("--schedule", default="1f1b", metavar="S",
+                       help=f"{', '.join(SCHEDULES)} (default 1f1b)"),
+              argument("--steps", type=int, default=1, metavar="N",
+                       help="training steps, each over all micro-batches (default 1)"),
+              _name_option("--out", "the notebook name bound to the list of losses, one a step"),
+              _dashboard_option)
+    @_command("schedule", "show a schedule and its theoretical bubble; runs nothing",
+              argument("--stages", type=int, required=True, metavar="P", help="pipeline stages"),
+              argument("--microbatches", type=int, required=True, metavar="M",
+                       help="micro-batches"),
+              argument("--schedule", default="1f1b", metavar="S",
+                       help=f"{', '.join(SCHEDULES)} (default 1f1b)"),
+              argument("--virtual", type=int, default=1, metavar="V",
+                       help="virtual stages per engine, for interleaved (default 1)"))
+    @_command("show", "list the stages: name, engine, hooks, array bytes")
+    @_command("clear", "forget every stage")
     @line_magic
     def pipeline(self, line: str) -> Any:
-        """Run the stages: ``%pipeline run|train|show|schedule|clear``.
+        """Run the stages defined by ``%%stage`` cells, first to last, over micro-batches.
 
-        ``%pipeline run --input X --microbatches M --out Y``;
-        ``%pipeline train --input X --target T --microbatches M --schedule 1f1b [--steps S]
-        --out LOSSES`` (schedules: gpipe, 1f1b, interleaved, zb-h1);
-        ``%pipeline schedule --stages P --microbatches M --schedule S [--virtual V]`` shows a
-        schedule and its theoretical bubble without running anything.
+        ``schedule`` runs nothing: it draws a schedule and its theoretical bubble. For example::
+
+            %pipeline train --input X --target T --microbatches 8 --steps 20 --out losses
         """
-        from .pipeline import schedule as sched
-
-        args = _pipeline_parser().parse(line)
+        args = _parse(self.pipeline, line)
         if args.command == "schedule":
             s = sched.build(args.schedule, args.stages, args.microbatches, args.virtual)
             print(sched.render(s, sched.simulate(s)))
             return None
-        pool = pool_mod.ensure()
+        pool = session_mod.ensure()
         pipe = pool.pipeline
         if args.command == "show":
             print(_stages_table(pipe.show()))
@@ -203,38 +345,52 @@ class NbparallelMagics(Magics):
         return None
 
     # -- %nbp ----------------------------------------------------------------------------------
+    @magic_arguments()
+    @_command("start", "start a local cluster (and make it the pool)",
+              argument("-n", type=int, default=None, metavar="N",
+                       help="engines (default: one per CPU core)"),
+              _gpus_option)
+    @_command("connect", "connect to a cluster started with ipcluster",
+              argument("--profile", default=None, metavar="P", help="its IPython profile"),
+              argument("--cluster-id", default=None, metavar="ID", help="its cluster id"),
+              _gpus_option)
+    @_command("status", "the engines: host, pid, device, state (and GPU memory)")
+    @_command("stop", "stop a started cluster, or disconnect from a connected one")
+    @_command("monitor", "a dashboard that follows every magic")
+    @_command("restart", "a started pool, fresh: a new cluster, dead engines back")
+    @_command("trace", "save the spans in Chrome trace format (open in Perfetto)",
+              argument("action", choices=["save"], help="the one action: save"),
+              argument("file", help="the .json file to write"))
+    @_command("dashboard", "the dashboard under long-running magics, on or off",
+              argument("state", choices=["on", "off"], help="on or off"))
     @line_magic
     def nbp(self, line: str) -> Any:
-        """Pool control: ``%nbp start [-n N] [--gpus all|none|0,1]``, ``%nbp connect [--profile P]
-        [--cluster-id ID] [--gpus ...]``, ``%nbp status``, ``%nbp restart`` (a started pool, fresh,
-        dead engines back), ``%nbp stop``; telemetry:
-        ``%nbp monitor`` (a dashboard that follows every magic), ``%nbp trace save FILE.json``
-        (spans in Chrome trace format, for Perfetto), ``%nbp dashboard on|off`` (the dashboard
-        under long-running magics). ``--gpus``: each engine gets one CUDA device, round-robin
-        over those named (default: all it sees; none means CPU only)."""
-        args = _nbp_parser().parse(line)
+        """Pool control (start, connect, status, restart, stop) and telemetry (monitor, trace,
+        dashboard)::
+
+            %nbp start -n 4 --gpus none
+        """
+        args = _parse(self.nbp, line)
         if args.command == "start":
-            pool = pool_mod.start(args.n, gpus=args.gpus)
+            pool = session_mod.start(args.n, gpus=args.gpus)
             print(f"nbparallel: started a local cluster of {len(pool.ids)} engines"
                   f"{_gpu_summary(pool)}.")
         elif args.command == "connect":
-            pool = pool_mod.connect(args.profile, args.cluster_id, gpus=args.gpus)
+            pool = session_mod.connect(args.profile, args.cluster_id, gpus=args.gpus)
             print(f"nbparallel: connected to {len(pool.ids)} engines{_gpu_summary(pool)}.")
         elif args.command == "status":
-            pool = pool_mod.current()
+            pool = session_mod.current()
             if pool is None:
                 print("nbparallel: no pool yet; `%nbp start` starts one (the first magic does too).")
                 return None
             print(_status_table(pool))
         elif args.command == "restart":
-            pool = pool_mod.restart()
+            pool = session_mod.restart()
             print(f"nbparallel: restarted: a fresh local cluster of {len(pool.ids)} engines.")
         elif args.command == "monitor":
-            pool_mod.ensure().monitor.open()
+            session_mod.ensure().monitor.open()
         elif args.command == "trace":
-            from .telemetry import trace
-
-            mon = pool_mod.ensure().monitor
+            mon = session_mod.ensure().monitor
             spans = mon.spans.since(0)[0]
             try:
                 path = trace.save(args.file, spans, mon.transfers.since(0)[0],
@@ -245,13 +401,11 @@ class NbparallelMagics(Magics):
             print(f"nbparallel: wrote {len(spans)} spans to {path}; open it in "
                   f"https://ui.perfetto.dev or chrome://tracing.")
         elif args.command == "dashboard":
-            from . import config
-
             config.dashboard = args.state == "on"
             print(f"nbparallel: the dashboard under long-running magics is {args.state}.")
         elif args.command == "stop":
-            had = pool_mod.current()
-            pool_mod.stop()
+            had = session_mod.current()
+            session_mod.stop()
             print("nbparallel: stopped." if had and had.how == "started" else
                   "nbparallel: disconnected." if had else "nbparallel: no pool to stop.")
         return None
@@ -286,7 +440,7 @@ def _reduce_pairs(items: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _gpu_summary(pool: pool_mod.Pool) -> str:
+def _gpu_summary(pool: session_mod.Session) -> str:
     """``"; GPUs: engine 0 cuda:0, engine 1 cuda:1"``, or ``""`` when no engine has one."""
     bound = [(e, pool.info(e).get("gpu")) for e in pool.ids]
     bound = [(e, d) for e, d in bound if d]
@@ -296,8 +450,6 @@ def _gpu_summary(pool: pool_mod.Pool) -> str:
 
 
 def _status_table(pool: Any) -> str:
-    from .gpu import fmt_mem
-
     engines = pool.status()
     gpus = any(e.gpu_uuid is not None or e.gpu_mem_total is not None or e.device.startswith("cuda")
                for e in engines)
@@ -307,95 +459,10 @@ def _status_table(pool: Any) -> str:
         state = "dead" if not e.alive else "busy" if e.busy else "idle"
         row = (str(e.id), e.host, str(e.pid), e.device, state)
         if gpus:
-            row += (f"{fmt_mem(e.gpu_mem)} / {fmt_mem(e.gpu_mem_total)}"
+            row += (f"{nbytes(e.gpu_mem)} / {nbytes(e.gpu_mem_total)}"
                     if e.device.startswith("cuda") else "-",)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return f"{pool!r}\n" + "\n".join(lines)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises a UsageError instead of exiting the kernel."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        usage = self.format_usage().strip().removeprefix("usage: ")
-        raise UsageError(f"{self.prog}: {message}. Usage: {usage}")
-
-    def parse(self, line: str) -> argparse.Namespace:
-        try:
-            words = shlex.split(line)
-        except ValueError as exc:
-            raise UsageError(f"{self.prog}: cannot read {line!r}: {exc}.") from None
-        return self.parse_args(words)
-
-
-def _pmap_parser() -> _Parser:
-    p = _Parser(prog="%%pmap", add_help=False)
-    p.add_argument("out")
-    p.add_argument("--chunksize", type=int, default=None)
-    p.add_argument("--unordered", action="store_true")
-    p.add_argument("--retries", type=int, default=0)
-    p.add_argument("--engines", default=None)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-dashboard", action="store_true")
-    p.add_argument("--transport", default="auto", choices=["auto", "shm", "ipp"])
-    return p
-
-
-def _stage_parser() -> _Parser:
-    p = _Parser(prog="%%stage", add_help=False)
-    p.add_argument("name")
-    p.add_argument("--engine", type=int, default=None)
-    return p
-
-
-def _pipeline_parser() -> _Parser:
-    p = _Parser(prog="%pipeline", add_help=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    run = sub.add_parser("run", add_help=False)
-    run.add_argument("--input", required=True)
-    run.add_argument("--microbatches", type=int, default=1)
-    run.add_argument("--schedule", default="gpipe", choices=["gpipe"])
-    run.add_argument("--out", required=True)
-    run.add_argument("--no-dashboard", action="store_true")
-    train = sub.add_parser("train", add_help=False)
-    train.add_argument("--input", required=True)
-    train.add_argument("--target", required=True)
-    train.add_argument("--microbatches", type=int, default=1)
-    train.add_argument("--schedule", default="1f1b")
-    train.add_argument("--steps", type=int, default=1)
-    train.add_argument("--out", required=True)
-    train.add_argument("--no-dashboard", action="store_true")
-    schedule = sub.add_parser("schedule", add_help=False)
-    schedule.add_argument("--stages", type=int, required=True)
-    schedule.add_argument("--microbatches", type=int, required=True)
-    schedule.add_argument("--schedule", default="1f1b")
-    schedule.add_argument("--virtual", type=int, default=1)
-    sub.add_parser("show", add_help=False)
-    sub.add_parser("clear", add_help=False)
-    return p
-
-
-def _nbp_parser() -> _Parser:
-    p = _Parser(prog="%nbp", add_help=False)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    start = sub.add_parser("start", add_help=False)
-    start.add_argument("-n", type=int, default=None, help="engines (default: CPU cores)")
-    start.add_argument("--gpus", default=None,
-                       help="all, none, or CUDA devices like 0,1 (default: all when there are any)")
-    connect = sub.add_parser("connect", add_help=False)
-    connect.add_argument("--profile", default=None)
-    connect.add_argument("--cluster-id", default=None)
-    connect.add_argument("--gpus", default=None)
-    sub.add_parser("status", add_help=False)
-    sub.add_parser("stop", add_help=False)
-    sub.add_parser("monitor", add_help=False)
-    sub.add_parser("restart", add_help=False)
-    trace = sub.add_parser("trace", add_help=False)
-    trace.add_argument("action", choices=["save"])
-    trace.add_argument("file")
-    dashboard = sub.add_parser("dashboard", add_help=False)
-    dashboard.add_argument("state", choices=["on", "off"])
-    return p

@@ -1,6 +1,6 @@
 """What the pool's engines did, recorded as it happens, and the dashboards that show it.
 
-Every magic waits inside ``pool.monitor.watch(...)``. Its waiting loop calls :meth:`Watch.tick`
+Every magic waits inside ``session.monitor.watch(...)``. The pool's wait loop calls :meth:`Watch.tick`
 a few times a second, which pulls what long tasks published (``engine/live.py``), samples the
 CPU of engines on this host, and feeds every open dashboard only the records that are new. A
 magic that runs longer than :data:`SHOW_AFTER` seconds gets a dashboard under its cell, unless
@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
+from . import config
 from .telemetry.records import Ring, Sample, Span, Transfer, transfer
 from .widgets.progress import _in_kernel
 
@@ -45,12 +46,15 @@ class _Followed:
 class Monitor:
     """The telemetry of one pool: rings of spans and samples (transfers live in the data plane).
 
+    ``pool`` is the connection it reads engine facts through; ``transfers`` the data plane's ring.
+
     >>> mon = nbparallel.current().monitor
     >>> [s for s in mon.spans.since(0)[0] if s.kind == "pmap"][:2]
     """
 
-    def __init__(self, pool: Any):
+    def __init__(self, pool: Any, transfers: Ring[Transfer]):
         self.pool = pool
+        self._transfers = transfers
         self.spans: Ring[Span] = Ring(SPANS_KEPT)
         self.samples: Ring[Sample] = Ring(SAMPLES_KEPT)
         self._offsets: dict[int, float] = {}
@@ -62,7 +66,7 @@ class Monitor:
 
     @property
     def transfers(self) -> Ring[Transfer]:
-        return self.pool.transfers
+        return self._transfers
 
     # -- recording -----------------------------------------------------------------------------
     def offset(self, engine: int) -> float:
@@ -76,15 +80,13 @@ class Monitor:
         best = (float("inf"), 0.0)
         for _ in range(3):
             t0 = time.time()
-            remote = self.pool.apply(engine, time.time).get(timeout=10)
+            remote = self.pool.call(engine, time.time, timeout=10, what="its clock")
             t1 = time.time()
             best = min(best, (t1 - t0, remote - (t0 + t1) / 2))
         return best[1]
 
     def span(self, engine: int, kind: str, start: float, end: float, **fields: Any) -> None:
         """Record work timed on ``engine``'s clock."""
-        from . import config
-
         if not config.telemetry:
             return
         off = self.offset(engine)
@@ -170,8 +172,6 @@ class Monitor:
     # -- magics --------------------------------------------------------------------------------
     def watch(self, label: str, engines: Sequence[int], show: bool | None = None) -> "Watch":
         """The telemetry side of one magic run; ``show`` None means the configured default."""
-        from . import config
-
         show = config.dashboard if show is None else show
         return Watch(self, label, list(engines), show and config.telemetry, config.telemetry)
 

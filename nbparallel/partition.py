@@ -16,13 +16,13 @@ from __future__ import annotations
 import functools
 import numbers
 import operator
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .errors import PartitionError, UsageError
+from .format import parse_ranges
 
 __all__ = [
     "Shard",
@@ -226,24 +226,12 @@ def reduce(op: str, values: Sequence[Any], axis: int = 0, name: str = "value",
     return REDUCE_OPS[op](list(values), axis, name, labels, op)
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
 def parse_engines(spec: str) -> list[int]:
-    """Parse an engine list such as ``"0-3,6"`` into ``[0, 1, 2, 3, 6]`` (never evaluated)."""
-    ids: list[int] = []
-    for part in spec.split(","):
-        m = _RANGE.match(part)
-        if not m:
-            raise UsageError(
-                f"cannot read --engines {spec!r}: {part.strip()!r} is not an engine id or a range. "
-                f"Write ids and ranges separated by commas, like 0-3,6."
-            )
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        if hi < lo:
-            raise UsageError(
-                f"cannot read --engines {spec!r}: the range {lo}-{hi} runs backwards; write {hi}-{lo}."
-            )
-        ids.extend(i for i in range(lo, hi + 1) if i not in ids)
-    return ids
+    """Parse an engine list such as ``"0-3,6"`` into ``[0, 1, 2, 3, 6]`` (never evaluated).
+
+    The one range grammar is :func:`nbparallel.format.parse_ranges`; this names it for ``--engines``.
+
+    >>> parse_engines("0-3,6")
+    [0, 1, 2, 3, 6]
+    """
+    return parse_ranges(spec, "--engines", item="an engine id")

@@ -13,21 +13,17 @@ from __future__ import annotations
 import ast
 import math
 import sys
-from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from . import pool as pool_mod
 from .cellcode import free_names, pack_names, parse_cell
-from .dataplane import parcel
-from .dataplane.plane import check_transport
-from .dataplane.shm import NoRoom
+from .dataplane import transport
 from .engine.runner import run_pmap_chunk
-from .telemetry.records import transfer
 from .errors import PmapError, RemoteFailure, UsageError
+from .session import Session, resolve
 from .widgets.progress import progress
 
-__all__ = ["Chunker", "PmapSpec", "pmap"]
+__all__ = ["Chunker", "PmapSpec", "pmap", "run", "target_names"]
 
 GUIDED_FACTOR = 4  # a chunk takes at most 1/(factor * engines) of the items still to hand out
 TARGET_SECONDS = 0.05  # engine time per chunk: large against the ~2 ms a task costs to send
@@ -49,7 +45,12 @@ class PmapSpec:
     dashboard: bool | None = None  # None: nbparallel.config.dashboard
 
     def check(self) -> None:
-        check_transport(self.transport)
+        if transport.check(self.transport) == transport.DIRECT:
+            raise UsageError(
+                "%%pmap cannot use --transport direct: a load-balanced chunk goes to whichever "
+                "engine is free, which is not known when the chunk is placed. Use auto, shm or "
+                "ipp."
+            )
         if self.chunksize is not None and self.chunksize < 1:
             raise UsageError(f"--chunksize must be 1 or more, not {self.chunksize}.")
         if self.retries < 0:
@@ -136,7 +137,7 @@ def pmap(
     transport: str = "auto",
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
-    pool: pool_mod.Pool | None = None,
+    pool: Session | None = None,
     show_progress: bool = True,
     dashboard: bool | None = None,
     echo: Callable[[str], None] = print,
@@ -146,7 +147,8 @@ def pmap(
     The value of the body's last expression is the item's result. Results are in input order
     (completion order with ``ordered=False``). Items whose engine dies are re-run elsewhere up to
     ``retries`` times. Chunks whose items hold large arrays travel through shared memory when
-    every engine is on this host (``transport="ipp"`` keeps them in the messages). If any item
+    every engine is on this host (``transport="ipp"`` keeps them in the messages). ``pool`` is
+    the session to run on (default: the current one, started if there is none). If any item
     raises, :class:`~nbparallel.errors.PmapError` lists the failed indices and keeps every
     successful result in ``.results``. ``dashboard`` shows (or hides) the live dashboard when the
     map takes more than half a second; None follows ``nbparallel.config.dashboard``.
@@ -162,7 +164,7 @@ def pmap(
 
 def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str, Any], *,
         hidden: Sequence[str] = (), engines: str | Sequence[int] | None = None,
-        pool: pool_mod.Pool | None = None, echo: Callable[[str], None] = print) -> list[Any]:
+        pool: Session | None = None, echo: Callable[[str], None] = print) -> list[Any]:
     """Shared by the magic and :func:`pmap`."""
     spec.check()
     bound = target_names(spec.target)
@@ -177,89 +179,63 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
             f"%%pmap needs something to iterate over, but got a {type(items).__name__}; write "
             f"`%%pmap x in <list, range or other iterable> -> out`."
         ) from None
-    pool = pool or pool_mod.ensure(echo)
-    ids = pool.select(engines if engines is not None else spec.engines)
+    session = resolve(pool, echo)
+    ids = session.pool.select(engines if engines is not None else spec.engines)
     if not items:
         return []
 
     chunker = Chunker(len(items), len(ids), spec.chunksize)
-    payloads = _Payloads(pool.plane, ids, spec.transport)
+    payloads = _Payloads(session.plane, ids, spec.transport)
     # A chunk lost with its engine comes back under the engine's identity only: name it by id.
-    idents = {pool.info(e)["ident"]: e for e in ids if pool.info(e).get("ident")}
+    idents = {session.info(e)["ident"]: e for e in ids if session.info(e).get("ident")}
 
     def submit() -> tuple[Any, range] | None:
         r = chunker.next()
         if r is None:
             return None
-        chunk = payloads.place([(i, items[i]) for i in r])
-        fut = pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, chunk, engines=ids,
-                            retries=spec.retries)
-        payloads.sent(fut)
+        note = payloads.place([(i, items[i]) for i in r])
+        fut = session.pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, note,
+                                    engines=ids, retries=spec.retries)
+        payloads.sent(fut, note)
         return fut, r
 
     in_flight: dict[Any, range] = {}
     try:
-        with pool.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
-            return _collect(pool, spec, chunker, submit, in_flight, len(ids), len(items),
+        with session.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
+            return _collect(session, spec, chunker, submit, in_flight, ids, len(items),
                             payloads, watch, idents)
     except KeyboardInterrupt:
-        pool.interrupt(list(in_flight), ids)
+        session.pool.interrupt(list(in_flight), ids)
         raise
     finally:
         payloads.close()
 
 
 class _Payloads:
-    """Chunks whose items hold large arrays travel through shared memory when every engine is
-    local (a load-balanced chunk may land on any of them); the rest ride in the message."""
+    """The chunks in flight and what carries each (the data plane chooses: shared memory when
+    every engine is local and the chunk holds large arrays, else the message)."""
 
-    def __init__(self, plane: Any, ids: list[int], transport: str):
+    def __init__(self, plane: Any, ids: list[int], transport_name: str):
         self.plane = plane
         self.ids = ids
-        self.transport = transport
-        self._shared: bool | None = None  # probed on the first large chunk, not before
-        self._last: tuple[Any, int] | None = None
-        self._segments: dict[Any, tuple[Any, int]] = {}
+        self.transport = transport_name
+        self._notes: dict[Any, tuple[Any, int]] = {}
 
     def place(self, chunk: list[tuple[int, Any]]) -> Any:
-        self._last = None
-        size = sum(_nbytes(item) for _, item in chunk)
-        if size < parcel.INLINE_LIMIT or not self.shared:
-            return chunk
-        layout = parcel.Layout()
-        make = layout.add(chunk)
-        try:
-            seg = self.plane.arena.lease(layout.nbytes)
-        except NoRoom:
-            return chunk
-        layout.write(seg)
-        self._last = (seg, size)
-        return make(seg)
+        self._size = sum(_nbytes(item) for _, item in chunk)
+        return self.plane.place_chunk(self.ids, chunk, self._size, self.transport)
 
-    @property
-    def shared(self) -> bool:
-        if self._shared is None:
-            self._shared = self.transport in ("auto", "shm") and all(
-                self.plane.is_local(e) for e in self.ids)
-        return self._shared
+    def sent(self, fut: Any, note: Any) -> None:
+        self._notes[fut] = (note, self._size)
 
-    def sent(self, fut: Any) -> None:
-        if self._last is not None:
-            self._segments[fut] = self._last
-
-    def finished(self, fut: Any, engine: int, held: list[str] | None) -> None:
-        if held is not None:
-            self.plane.arena.held(engine, held)
-        seg, size = self._segments.pop(fut, (None, 0))
-        self.plane.transfers.append(transfer(engine, "payload", "out", "shm" if seg else "ipp",
-                                             size))
-        if seg is not None:
-            self.plane.arena.release(seg)
+    def finished(self, fut: Any, engine: int, held: Sequence[str] | None) -> None:
+        note, size = self._notes.pop(fut)
+        self.plane.chunk_done(engine, note, size, held)
 
     def close(self) -> None:
-        for seg, _ in self._segments.values():
-            self.plane.arena.release(seg)
-        self._segments.clear()
+        for note, size in self._notes.values():
+            self.plane.chunk_done(-1, note, size, None, account=False)
+        self._notes.clear()
 
 
 def _nbytes(item: Any) -> int:
@@ -271,37 +247,33 @@ def _nbytes(item: Any) -> int:
     return 0
 
 
-def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
+def _collect(session: Session, spec: PmapSpec, chunker: Chunker,
              submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
-             n_engines: int, total: int, payloads: "_Payloads", watch: Any,
+             ids: list[int], total: int, payloads: "_Payloads", watch: Any,
              idents: Mapping[Any, int]) -> list[Any]:
+    pool = session.pool
     results: list[Any] = [None] * total
     arrival: list[Any] = []
     failures: list[RemoteFailure] = []
     bar = progress(total, "%%pmap", spec.progress)
     done = 0
     while True:
-        while len(in_flight) < WINDOW * n_engines and (job := submit()) is not None:
+        while len(in_flight) < WINDOW * len(ids) and (job := submit()) is not None:
             in_flight[job[0]] = job[1]
         if not in_flight:
             if chunker.exhausted:
                 break
             continue
-        finished, _ = wait(in_flight, timeout=0.2, return_when=FIRST_COMPLETED)
-        watch.tick()
-        if not finished:
-            pool.check_controller()
-        for fut in finished:
+        pool.wait(list(in_flight), ids, tick=watch.tick, first=True)
+        for fut in [f for f in in_flight if f.done()]:
             r = in_flight.pop(fut)
-            engine = _engine_of(fut, idents)
+            engine = pool.engine_of(fut, idents)
             pool.relay_output(fut, engine)
-            try:
-                chunk, seconds, held, started = fut.result()
-            except Exception as exc:  # the whole chunk was lost: engine died, retries exhausted
+            reply, lost = pool.outcome(fut, engine)
+            if lost is not None:  # the whole chunk was lost: engine died, retries exhausted
                 payloads.finished(fut, engine, None)
                 if engine >= 0 and not pool.alive([engine]):
-                    pool.plane.engine_gone(engine)  # what it held of our segments is free
-                lost = pool.failure(exc, engine)
+                    session.plane.engine_gone(engine)  # what it held of our segments is free
                 if lost.ename == "EngineDied":
                     hint = (f"The items it held were retried {spec.retries} time(s) and lost each "
                             f"time." if spec.retries else
@@ -312,33 +284,19 @@ def _collect(pool: pool_mod.Pool, spec: PmapSpec, chunker: Chunker,
                 chunker.record(len(r), None)
                 done += len(r)
                 continue
-            payloads.finished(fut, engine, held)
-            chunker.record(len(chunk), seconds)
-            pool.monitor.span(engine, "pmap", started, started + seconds, items=len(chunk))
-            for index, ok, value in chunk:
+            payloads.finished(fut, engine, reply.held)
+            chunker.record(len(reply.results), reply.seconds)
+            session.monitor.span(engine, "pmap", reply.started, reply.started + reply.seconds,
+                                 items=len(reply.results))
+            for index, ok, value in reply.results:
                 if ok:
                     results[index] = value
                     arrival.append(value)
                 else:
-                    failures.append(RemoteFailure(engine=engine, **value))
-            done += len(chunk)
+                    failures.append(replace(value, engine=engine))
+            done += len(reply.results)
         bar.update(done)
     bar.close(done)
     if failures:
         raise PmapError(failures, results, total)
     return results if spec.ordered else arrival
-
-
-def _engine_of(fut: Any, idents: Mapping[Any, int]) -> int:
-    """The engine that ran (or lost) ``fut``; -1 if it is unknown."""
-    engine_id = getattr(fut, "engine_id", None)
-    if isinstance(engine_id, int):
-        return engine_id
-    # An engine that died is dropped from the client's table before its lost tasks are failed,
-    # so their replies carry only its identity.
-    try:
-        md = fut.metadata
-        ident = (md[0] if isinstance(md, list) and md else md or {}).get("engine_uuid")
-    except Exception:
-        return -1
-    return idents.get(ident, -1)

@@ -1,14 +1,17 @@
 """The engine pool: start an embedded cluster or connect to one, list engines, submit work.
 
 This module and ``engine/`` are the only ones that know ipyparallel's API. Everything above it
-asks a :class:`Pool` to run a function on an engine and gets back a future.
+asks a :class:`Pool` to run a function on an engine, gets back a future, and waits for futures
+in the pool's one wait loop (:meth:`Pool.wait`), which ticks the dashboard, notices a lost
+controller or a dead engine, and turns Ctrl-C into interrupts. The pool builds nothing else: the
+data plane, the monitor and the pipeline are built beside it by ``session.py``.
 
-In a notebook::
+In a notebook, through the session that holds it::
 
     import nbparallel
-    pool = nbparallel.start(n=2)        # or %nbp start -n 2
-    pool.status()                       # engine id, host, pid, device, busy/idle
-    pool.stop()                         # only stops what nbparallel started
+    session = nbparallel.start(n=2)     # or %nbp start -n 2
+    session.status()                    # engine id, host, pid, device, busy/idle
+    session.stop()                      # only stops what nbparallel started
 
 GPUs: when the pool starts or connects, each engine is bound to one CUDA device, round-robin over
 the devices it sees by its rank among the engines of its host (``gpus="all"``, the default when
@@ -18,26 +21,41 @@ there are any), to the devices listed (``gpus=[0, 1]``), or to none (``gpus="non
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import gpu
 from .controller import ControllerWatch
+from . import reaper
 from .cores import thread_limits, usable_cores
-from .errors import ControllerLost, PoolError, RemoteFailure, UsageError
+from .engine.runner import bind_gpu, probe_gpus
+from .errors import ControllerLost, PoolError, RemoteError, RemoteFailure, UsageError
+from .format import ranges
 from .partition import parse_engines
 
-__all__ = ["EngineInfo", "Pool", "start", "connect", "current", "ensure", "stop"]
+__all__ = ["EngineInfo", "Pool", "Waited", "connection_file", "flags"]
 
 CONNECT_TIMEOUT = 5.0
 ENGINE_TIMEOUT = 120.0
+TICK = 0.1  # seconds between looks while engines work: the dashboard, the controller, Ctrl-C
+STOP_GRACE = 10.0  # seconds interrupted engines get to answer before their futures are left
+
+
+@dataclass(frozen=True)
+class Waited:
+    """What :meth:`Pool.wait` saw: the futures not finished, and whether it stopped them
+    because ``stop_if`` said so (an engine died, a stage failed)."""
+
+    pending: frozenset[Any]
+    stopped: bool = False
 
 
 @dataclass(frozen=True)
@@ -74,10 +92,6 @@ class Pool:
         self._nvml: gpu.Nvml | None = None
         self._info: dict[int, dict[str, Any]] = {}
         self._reaper: subprocess.Popen | None = None
-        self._lbview: Any = None
-        self._plane: Any = None
-        self._pipeline: Any = None
-        self._monitor: Any = None
         #: The controller and its scheduler processes, when nbparallel started them: a controller
         #: killed alone leaves its schedulers behind, and stop() must not.
         self._controller_pids = _controller_pids(cluster)
@@ -144,11 +158,11 @@ class Pool:
         import ipyparallel as ipp
 
         gpu.parse_gpus(gpus)
-        url_file = _connection_file(profile, cluster_id)
+        url_file = connection_file(profile, cluster_id)
         if not url_file.exists():
             raise PoolError(
                 f"no cluster to connect to: {url_file} does not exist. Start one in a terminal with "
-                f"`ipcluster start -n 4{_flags(profile, cluster_id)}`, or use `%nbp start` for a "
+                f"`ipcluster start -n 4{flags(profile, cluster_id)}`, or use `%nbp start` for a "
                 f"local one."
             )
         try:
@@ -157,7 +171,7 @@ class Pool:
             raise PoolError(
                 f"could not reach the cluster described by {url_file} within {timeout:.0f} s "
                 f"({type(exc).__name__}: {exc}). It may have stopped: start it again with "
-                f"`ipcluster start -n 4{_flags(profile, cluster_id)}`, or use `%nbp start`."
+                f"`ipcluster start -n 4{flags(profile, cluster_id)}`, or use `%nbp start`."
             ) from None
         try:
             client.wait_for_engines(1, timeout=timeout, interactive=False)
@@ -165,7 +179,7 @@ class Pool:
             client.close()
             raise PoolError(
                 f"the cluster at {url_file} answered but has no engines after {timeout:.0f} s. "
-                f"Start some with `ipcluster engines -n 4{_flags(profile, cluster_id)}`."
+                f"Start some with `ipcluster engines -n 4{flags(profile, cluster_id)}`."
             ) from None
         try:
             pool = cls(client, None, how="connected", gpus=gpus)
@@ -176,33 +190,6 @@ class Pool:
         pool.connected_with = {"profile": profile, "cluster_id": cluster_id}
         return pool
 
-    @property
-    def plane(self) -> Any:
-        """This pool's :class:`~nbparallel.dataplane.plane.DataPlane` (made on first use)."""
-        if self._plane is None:
-            from .dataplane.plane import DataPlane
-
-            self._plane = DataPlane(self)
-        return self._plane
-
-    @property
-    def pipeline(self) -> Any:
-        """This pool's :class:`~nbparallel.pipeline.runtime.Pipeline` of stages."""
-        if self._pipeline is None:
-            from .pipeline.runtime import Pipeline
-
-            self._pipeline = Pipeline(self)
-        return self._pipeline
-
-    @property
-    def monitor(self) -> Any:
-        """This pool's :class:`~nbparallel.monitor.Monitor`: spans, load samples, dashboards."""
-        if self._monitor is None:
-            from .monitor import Monitor
-
-            self._monitor = Monitor(self)
-        return self._monitor
-
     def info(self, engine: int) -> dict[str, Any]:
         """Host, pid and device of ``engine`` (empty if it is unknown or gone)."""
         if engine not in self._info and engine in self.ids:
@@ -210,24 +197,19 @@ class Pool:
         return self._info.get(engine, {})
 
     @property
-    def transfers(self) -> Any:
-        """The ring of :class:`~nbparallel.telemetry.Transfer` records of this pool."""
-        return self.plane.transfers
+    def stopped(self) -> bool:
+        return self._stopped
+
+    @property
+    def key(self) -> bytes:
+        """The cluster's key: every data-plane message is signed with it."""
+        return self.client.session.key
 
     def stop(self) -> None:
         """Stop the cluster if nbparallel started it; otherwise only disconnect. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        try:
-            if self._monitor is not None:
-                self._monitor.close()
-            if self._plane is not None:
-                self._plane.close(engines_live_on=self.cluster is None)
-        finally:
-            self._close()
-
-    def _close(self) -> None:
         if self._nvml is not None:
             self._nvml.close()
             self._nvml = None
@@ -235,20 +217,18 @@ class Pool:
             self.client.close()
         finally:
             if self.cluster is not None:
-                from .reaper import stop_processes
-
                 ours = self._controller_pids + [i["pid"] for i in self._info.values()]
                 try:
                     if self._controller.lost is not None:
                         # ipyparallel's stop waits 10 s for busy engines to leave a controller
                         # that is gone; they have nothing left to save.
-                        stop_processes(ours, grace=1.0)
+                        reaper.stop_processes(ours, grace=1.0)
                     self.cluster.stop_cluster_sync()
                 finally:
                     self.cluster = None
                     # What ipyparallel could not stop: the schedulers of a controller that was
                     # killed alone, engines it lost track of.
-                    stop_processes(ours)
+                    reaper.stop_processes(ours)
             if self._reaper is not None:
                 if self.how == "connected":
                     self._reaper.terminate()  # it only watched for segments; they are gone now
@@ -256,8 +236,6 @@ class Pool:
                 self._reaper = None
 
     def _spawn_reaper(self, engines: bool = True) -> None:
-        from . import reaper
-
         if not engines:  # a connected cluster's engines are not ours to stop
             self._reaper = reaper.spawn(os.getpid(), [])
             return
@@ -275,8 +253,6 @@ class Pool:
         ``strict`` (when the pool is made) lets a request for devices an engine lacks raise a
         UsageError; an engine that joins later without them runs on the CPU instead.
         """
-        from .engine.runner import bind_gpu, probe_gpus
-
         missing = [i for i in self.ids if i not in self._info]
         if not missing:
             return
@@ -284,7 +260,9 @@ class Pool:
         if self.gpus == "none":  # the engines never import CuPy
             choice: dict[int, int | None] = {e: None for e in missing}
         else:
-            probes = self.client[missing].apply_async(probe_gpus).get(timeout=ENGINE_TIMEOUT)
+            answers = self.call_each(missing, probe_gpus, what="the CUDA devices it sees",
+                                     strict=True)
+            probes = [answers[e] for e in missing]
             visible = {e: p["visible"] for e, p in zip(missing, probes)}
             table = [(e, i.get("host", "?"), i.get("visible", [])) for e, i in self._info.items()]
             table += [(e, p["host"], p["visible"]) for e, p in zip(missing, probes)]
@@ -294,15 +272,14 @@ class Pool:
                 if strict:
                     raise
                 choice = {e: None for e in missing}
-                note = (f"nbparallel: engine(s) {_ranges(missing)} joined without the CUDA devices "
+                note = (f"nbparallel: engine(s) {ranges(missing)} joined without the CUDA devices "
                         f"--gpus asked for; they run on the CPU.")
             if note:
                 self.gpu_note = note
-        futures = {e: self.client[e].apply_async(bind_gpu, choice[e]) for e in missing}
-        for e, future in futures.items():
-            info = future.get(timeout=ENGINE_TIMEOUT)
-            info["visible"] = visible.get(e, [])
-            self._info[e] = info
+        futures = [self.apply(e, bind_gpu, choice[e]) for e in missing]
+        infos = self.answers(futures, missing, what="its GPU binding and host facts", strict=True)
+        for e in missing:
+            self._info[e] = {**infos[e], "visible": visible.get(e, [])}
 
     def _nvml_reader(self) -> gpu.Nvml:
         if self._nvml is None:
@@ -350,21 +327,22 @@ class Pool:
                                    total))
         return sorted(rows, key=lambda row: row.id)
 
-    def check_controller(self, force: bool = False) -> None:
+    def check_controller(self, force: bool = False, cheap: bool = False) -> None:
         """Raise :class:`ControllerLost` if the cluster's controller has gone.
 
-        Cheap enough for every wait loop: it looks at most once a second unless ``force``.
+        Cheap enough for every wait loop: it looks at most once a second unless ``force``, or
+        ``cheap`` for a controller whose process this kernel watches (once per magic).
         """
-        reason = self._controller.check(force)
+        reason = self._controller.check(force, cheap)
         if reason is None:
             return
         if self.how == "started":
             way = (f"`%nbp restart` (nbparallel.restart()) clears what is left of it and starts "
                    f"a fresh local cluster of {self.started_with.get('n', len(self._info))} engines")
         else:
-            flags = _flags(self.connected_with.get("profile"), self.connected_with.get("cluster_id"))
+            named = flags(self.connected_with.get("profile"), self.connected_with.get("cluster_id"))
             way = (f"start the cluster again where it runs (`ipcluster start -n "
-                   f"{len(self._info)}{flags}`), then run `%nbp connect{flags}`")
+                   f"{len(self._info)}{named}`), then run `%nbp connect{named}`")
         raise ControllerLost(
             f"the cluster's controller has stopped: {reason}. No work can reach the engines and "
             f"no result can come back, so this pool cannot be used again, and values kept on its "
@@ -379,6 +357,7 @@ class Pool:
 
     def select(self, spec: str | Sequence[int] | None) -> list[int]:
         """Engine ids from ``"0-3,6"``, a list, or None for all; unknown ids are an error."""
+        self.check_controller(cheap=True)  # every magic starts here: a dead controller says so now
         available = self.ids
         if not available:
             raise PoolError("the pool has no engines; start some with `%nbp start`.")
@@ -389,7 +368,7 @@ class Pool:
         if unknown:
             raise UsageError(
                 f"--engines names engine(s) {', '.join(map(str, unknown))}, which the pool does "
-                f"not have; available: {_ranges(available)}."
+                f"not have; available: {ranges(available)}."
             )
         if not wanted:
             raise UsageError("--engines selected no engines.")
@@ -415,7 +394,7 @@ class Pool:
         alive = self.alive(engines)
         if not alive:
             raise PoolError(
-                f"every engine this work was sent to ({_ranges(engines)}) has stopped. "
+                f"every engine this work was sent to ({ranges(engines)}) has stopped. "
                 f"`%nbp status` shows the engines left; `%nbp start` starts a fresh pool."
             )
         view = self.client.load_balanced_view(alive)
@@ -433,6 +412,120 @@ class Pool:
                 self.client.send_signal("SIGINT", targets=alive, block=True)
         except Exception:
             pass  # best effort: the user asked to stop, and gets control back either way
+
+    def wait(self, futures: Sequence[Any], engines: Sequence[int], *,
+             tick: Callable[[], None] | None = None, first: bool = False,
+             stop_if: Callable[[Any], bool] | None = None,
+             timeout: float | None = None) -> Waited:
+        """The one wait loop: until every future is done (or the first is, with ``first``, or
+        ``timeout`` seconds have passed: then the futures still pending are in the answer).
+
+        Every :data:`TICK` it calls ``tick`` (the dashboard) and checks the controller, so a lost
+        one raises :class:`ControllerLost` in about a second instead of a hang. When a finished
+        future makes ``stop_if`` true (its engine died, a stage failed), the rest cannot
+        complete: their engines are interrupted and get :data:`STOP_GRACE` seconds to answer.
+        Ctrl-C interrupts every engine in ``engines`` and is raised again. Nothing here waits
+        for ever without looking: a cell that runs for hours is still watched every tick.
+        """
+        pending = set(futures)
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(pending, timeout=TICK,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                if tick is not None:
+                    tick()
+                if stop_if is not None and pending and any(stop_if(f) for f in done):
+                    left = [e for e, f in zip(engines, futures) if f in pending]
+                    self.interrupt(list(pending), left)
+                    concurrent.futures.wait(pending, timeout=STOP_GRACE)
+                    return Waited(frozenset(f for f in pending if not f.done()), stopped=True)
+                if (first and done) or (end is not None and time.monotonic() > end):
+                    break
+                if pending:
+                    self.check_controller()
+        except KeyboardInterrupt:
+            self.interrupt(list(futures), list(engines))
+            raise
+        return Waited(frozenset(pending))
+
+    def outcome(self, future: Any, engine: int, **where: Any) -> tuple[Any, RemoteFailure | None]:
+        """A finished future's reply, or the failure it stands for (never raises)."""
+        try:
+            return future.result(timeout=0), None
+        except Exception as exc:
+            return None, self.failure(exc, engine, **where)
+
+    def results(self, futures: Sequence[Any], engines: Sequence[int], what: str) -> list[Any]:
+        """The replies of finished ``futures``, one per engine; any failure raises
+        :class:`RemoteError` naming ``what`` and every engine that failed."""
+        replies, failures = [], []
+        for rank, (eid, fut) in enumerate(zip(engines, futures)):
+            reply, failure = self.outcome(fut, eid, rank=rank)
+            if failure is not None:
+                failures.append(failure)
+            replies.append(reply)
+        if failures:
+            raise RemoteError(what, failures)
+        return replies
+
+    def call(self, engine: int, fn: Callable[..., Any], *args: Any, timeout: float = ENGINE_TIMEOUT,
+             what: str = "an answer") -> Any:
+        """``fn(*args)`` on ``engine``, waited for in the wait loop for at most ``timeout`` s."""
+        return self.call_each([engine], fn, *args, timeout=timeout, what=what, strict=True)[engine]
+
+    def call_each(self, engines: Sequence[int], fn: Callable[..., Any], *args: Any,
+                  timeout: float = ENGINE_TIMEOUT, what: str = "an answer",
+                  strict: bool = False) -> dict[int, Any]:
+        """``fn(*args)`` on every engine of ``engines`` at once; their answers by engine id.
+
+        Engines that fail or do not answer within ``timeout`` seconds are left out, unless
+        ``strict``: then the first such raises (:class:`RemoteError`, or :class:`PoolError`
+        saying what was awaited and from whom).
+        """
+        return self.answers([self.apply(e, fn, *args) for e in engines], engines,
+                            timeout=timeout, what=what, strict=strict)
+
+    def answers(self, futures: Sequence[Any], engines: Sequence[int], *,
+                timeout: float = ENGINE_TIMEOUT, what: str = "an answer",
+                strict: bool = False) -> dict[int, Any]:
+        """Wait (in the wait loop, at most ``timeout`` s) for one future per engine; their
+        answers by engine id, as :meth:`call_each` gives them."""
+        late = self.wait(futures, engines, timeout=timeout).pending
+        if strict and late:
+            raise PoolError(
+                f"engine(s) {ranges([e for e, f in zip(engines, futures) if f in late])} did not "
+                f"send {what} within {timeout:g} s; they may be busy with another client's work "
+                f"or stuck. `%nbp status` shows them; Ctrl-C or `%nbp restart` gets them back."
+            )
+        out = {}
+        for eid, fut in zip(engines, futures):
+            if fut in late:
+                continue
+            reply, failure = self.outcome(fut, eid)
+            if failure is not None:
+                if strict:
+                    raise RemoteError(f"waiting for {what}", [failure])
+                continue
+            out[eid] = reply
+        return out
+
+    def engine_of(self, future: Any, idents: dict[Any, int]) -> int:
+        """The engine that ran (or lost) a load-balanced ``future``; -1 if it is unknown.
+
+        ``idents`` maps engine identities to ids (from :meth:`info`): an engine that died is
+        dropped from the client's table before its lost tasks are failed, so their replies
+        carry only its identity.
+        """
+        engine_id = getattr(future, "engine_id", None)
+        if isinstance(engine_id, int):
+            return engine_id
+        try:
+            md = future.metadata
+            ident = (md[0] if isinstance(md, list) and md else md or {}).get("engine_uuid")
+        except Exception:
+            return -1
+        return idents.get(ident, -1)
 
     def failure(self, exc: BaseException, engine: int | None, **where: Any) -> RemoteFailure:
         """Describe a future's exception: an engine that died, or an error outside the cell."""
@@ -472,7 +565,7 @@ class Pool:
                 stream.write("".join(f"[engine {engine}] {line}\n" for line in lines))
 
     def __repr__(self) -> str:
-        return f"<nbparallel.Pool {self.how}, engines {_ranges(self.ids) or 'none'}>"
+        return f"<nbparallel.Pool {self.how}, engines {ranges(self.ids) or 'none'}>"
 
 
 def _controller_pids(cluster: Any) -> list[int]:
@@ -492,112 +585,17 @@ def _text(value: Any) -> str:
     return "".join(value) if isinstance(value, list) else (value or "")
 
 
-def _ranges(ids: Sequence[int]) -> str:
-    out, ids = [], sorted(ids)
-    i = 0
-    while i < len(ids):
-        j = i
-        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
-            j += 1
-        out.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
-def _flags(profile: str | None, cluster_id: str | None) -> str:
+def flags(profile: str | None, cluster_id: str | None) -> str:
+    """The ``--profile``/``--cluster-id`` flags that name a cluster, for the commands we suggest."""
     return (f" --profile={profile}" if profile else "") + (
         f" --cluster-id={cluster_id}" if cluster_id else "")
 
 
-def _connection_file(profile: str | None, cluster_id: str | None) -> Path:
+def connection_file(profile: str | None, cluster_id: str | None) -> Path:
+    """Where ``ipcluster`` writes the client connection file of the cluster so named."""
     from IPython.paths import get_ipython_dir
 
     profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
     name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
     return profile_dir / "security" / name
-
-
-# -- the current pool ------------------------------------------------------------------------
-# One pool per kernel, like matplotlib's current figure: magics and the Python API share it.
-_current: Pool | None = None
-
-
-def current() -> Pool | None:
-    """The pool magics use now, or None."""
-    return _current
-
-
-def start(n: int | None = None, *, say: Callable[[str], None] = print, **kwargs: Any) -> Pool:
-    """Start an embedded local cluster and make it current (stops a previous one we started).
-
-    ``gpus="all"|"none"|[0, 1]`` binds the engines to GPUs (see :meth:`Pool.start`); a note about
-    the binding worth knowing (``"all"`` found no device) goes to ``say``.
-    """
-    global _current
-    pool = Pool.start(n, **kwargs)
-    stop()
-    _current = pool
-    if pool.gpu_note:
-        say(pool.gpu_note)
-    return pool
-
-
-def connect(profile: str | None = None, cluster_id: str | None = None, *,
-            say: Callable[[str], None] = print, **kwargs: Any) -> Pool:
-    """Connect to a running ``ipcluster`` and make it current (``gpus=`` as for :func:`start`)."""
-    global _current
-    pool = Pool.connect(profile, cluster_id, **kwargs)
-    stop()
-    _current = pool
-    if pool.gpu_note:
-        say(pool.gpu_note)
-    return pool
-
-
-def restart(say: Callable[[str], None] = print) -> Pool:
-    """Stop the current pool and start a fresh one as it was started (engines that died are back).
-
-    Only for a pool nbparallel started: a cluster from ``ipcluster`` is restarted there, then
-    ``%nbp connect`` reconnects.
-    """
-    old = _current
-    if old is None or old.how != "started":
-        raise UsageError(
-            "%nbp restart restarts a pool nbparallel started, and "
-            + ("there is none; `%nbp start` starts one." if old is None else
-               "this one is a cluster it connected to: restart its engines where it runs "
-               "(`ipcluster start`), then `%nbp connect`.")
-        )
-    kwargs = dict(old.started_with)
-    n = kwargs.pop("n", None) or len(old.ids)
-    stop()  # first: the new engines must not find the old ones' memory or cores taken
-    return start(n, say=say, **kwargs)
-
-
-def stop() -> None:
-    """Stop (or disconnect from) the current pool."""
-    global _current
-    pool, _current = _current, None
-    if pool is not None:
-        pool.stop()
-
-
-def ensure(say: Callable[[str], None] = print) -> Pool:
-    """The current pool; without one, connect to a running default cluster or start a local one."""
-    global _current
-    if _current is not None and _current.ids:
-        return _current
-    if _connection_file(None, None).exists():
-        try:
-            _current = Pool.connect(timeout=2.0)
-            say(f"nbparallel: connected to the running default cluster ({len(_current.ids)} "
-                f"engines).")
-            return _current
-        except PoolError:
-            pass  # a stale file from a cluster that has gone: start our own instead
-    t0 = time.perf_counter()
-    _current = Pool.start()
-    say(f"nbparallel: started a local cluster of {len(_current.ids)} engines in "
-        f"{time.perf_counter() - t0:.1f} s (`%nbp stop` stops it).")
-    return _current
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import psutil
 
+__all__ = ["stop_processes", "remove_segments", "watch", "spawn"]
+
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 3.0
 

@@ -5,7 +5,7 @@
     %%scatter x --keep y
     y = x * 2                 # y's shards stay on the engines; the notebook gets a handle
 
-    y                         # <Resident y: (1000000,) float64, 7.6 MB on engines 0-1, axis 0>
+    y                         # <Resident y: (1000000,) float64, 7.6 MiB on engines 0-1, axis 0>
     %%scatter y --gather s    # the shards are used where they are: no bytes move
     s = y.sum(keepdims=True)
     np.asarray(y)             # gathers the whole array into the notebook
@@ -21,7 +21,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .dataplane.plane import Job
+from .dataplane.remote import Source
 from .errors import PoolError
+from .format import nbytes, ranges
 
 __all__ = ["Resident"]
 
@@ -88,10 +91,8 @@ class Resident:
         """Bring the shards back and join them (like ``--gather``), by default over the transport
         the handle was made with."""
         plane = self._live_plane()
-        from .dataplane.plane import Job
-
-        job = Job(self.name, "gather", [("resident", self.key)] * len(self.engines), self.metas,
-                  self.axis)
+        job = Job(self.name, "gather", (Source("resident", self.key),) * len(self.engines),
+                  tuple(self.metas), self.axis)
         return plane.bring_back(self.engines, [job], transport or self.transport)[self.name]
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
@@ -120,15 +121,13 @@ class Resident:
         )
 
     def __repr__(self) -> str:
-        from .pool import _ranges
-
         state = "" if self.alive else ", freed"
         if self.shape is not None:
             what = f"{self.shape} {self.dtype}"
         else:
             what = f"{len(self.metas)} shards of {self.metas[0][1]}"
-        return (f"<Resident {self.name}: {what}, {_human(self.nbytes)} on engines "
-                f"{_ranges(self.engines)}, axis {self.axis}{state}>")
+        return (f"<Resident {self.name}: {what}, {nbytes(self.nbytes)} on engines "
+                f"{ranges(self.engines)}, axis {self.axis}{state}>")
 
 
 def _free(plane_ref: Any, engines: list[int], key: str) -> None:
@@ -138,10 +137,3 @@ def _free(plane_ref: Any, engines: list[int], key: str) -> None:
         for eid in engines:
             plane.free_later(eid, key)
 
-
-def _human(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"

@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import secrets
 import sys
-from concurrent.futures import wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from . import partition
-from . import pool as pool_mod
 from .cellcode import free_names, pack_names, parse_cell
-from .dataplane import parcel
-from .dataplane.plane import Job, check_transport
+from .dataplane import transport
+from .dataplane.plane import Here, Job
+from .dataplane.remote import Kept, Source
+from .engine.replies import ScatterReply
 from .engine.runner import run_scatter
+from .errors import RemoteError, UsageError
 from .resident import Resident
-from .errors import RemoteError, RemoteFailure, UsageError
+from .session import Session, resolve
 
-__all__ = ["ScatterSpec", "scatter", "RUNNER_NAMES"]
-
-TICK = 0.1  # seconds between dashboard looks while the engines work
+__all__ = ["ScatterSpec", "scatter", "run", "RUNNER_NAMES"]
 
 #: Names the runner defines in every scatter cell.
 RUNNER_NAMES = ("rank", "size", "xp", "halo")
@@ -79,7 +78,7 @@ class ScatterSpec:
             )
         if self.halo and not self.scatter:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
-        check_transport(self.transport)
+        transport.check(self.transport)
 
 
 def _roles(groups: Sequence[tuple[str, Sequence[str]]],
@@ -105,7 +104,7 @@ class _Plan:
     engines: list[int]
     per_rank: list[dict[str, Any]] = field(default_factory=list)
     shared: dict[str, Any] = field(default_factory=dict)
-    stored: list[dict[str, Any]] = field(default_factory=list)  # resident shards used in place
+    stored: list[dict[str, str]] = field(default_factory=list)  # name -> resident key, in place
     halos: list[tuple[int, int]] = field(default_factory=list)
 
 
@@ -134,7 +133,7 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
     for name in spec.scatter:
         if name in in_place:
             for rank in range(n):
-                plan.stored[rank][name] = parcel.Stored(in_place[name].key)
+                plan.stored[rank][name] = in_place[name].key
             continue
         for rank, shard in enumerate(partition.split(values[name], n, spec.axis, spec.halo, name)):
             plan.per_rank[rank][name] = shard.value
@@ -181,7 +180,7 @@ def scatter(
     dashboard: bool | None = None,
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
-    pool: pool_mod.Pool | None = None,
+    pool: Session | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Run ``code`` on every engine over shards of ``data``; return gathered and reduced values.
@@ -192,7 +191,8 @@ def scatter(
     In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined. Names in ``keep`` stay on
     the engines and come back as :class:`~nbparallel.Resident` handles, which a later call can
     take in ``data`` without moving a byte. ``transport`` forces ``"shm"``, ``"direct"`` or
-    ``"ipp"`` instead of choosing per engine. ``dashboard`` shows (or hides) the live dashboard
+    ``"ipp"`` instead of choosing per engine. ``pool`` is the session to run on (default: the
+    current one, started if there is none). ``dashboard`` shows (or hides) the live dashboard
     when the call takes more than half a second; None follows ``nbparallel.config.dashboard``.
 
     >>> nbparallel.scatter("y = x * 2", {"x": np.arange(6)}, gather=["y"])["y"]
@@ -210,15 +210,15 @@ def scatter(
 
 def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapping[str, Any], *,
         hidden: Sequence[str] = (), engines: str | Sequence[int] | None = None,
-        pool: pool_mod.Pool | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+        pool: Session | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Shared by the magic and :func:`scatter`: check, plan, send, wait, combine."""
     spec.check()
     cell, tree = parse_cell(code, "%%scatter cell")
     skip = set(spec.scatter) | set(spec.broadcast) | set(RUNNER_NAMES) | set(hidden)
     names_blob = pack_names(free_names(tree), namespace, skip=skip)
-    pool = pool or pool_mod.ensure(echo)
-    ids = pool.select(engines if engines is not None else spec.engines)
-    plane = pool.plane
+    session = resolve(pool, echo)
+    ids = session.pool.select(engines if engines is not None else spec.engines)
+    plane = session.plane
     plan = _plan(spec, values, ids, plane)
     outputs = spec.outputs()
     keys = {name: f"{name}-{secrets.token_hex(8)}" for name in spec.keep}
@@ -226,14 +226,14 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     ok = False
     try:
         futures = [
-            pool.apply(eid, run_scatter, cell, names_blob,
-                       [out.payloads[rank], plan.stored[rank], *filter(None, [out.device[rank]])],
-                       rank, len(ids), plan.halos[rank], outputs, keys, plane.chores(eid))
+            session.pool.apply(eid, run_scatter, cell, names_blob,
+                               [*out.payload(rank), Kept(plan.stored[rank])], rank, len(ids),
+                               plan.halos[rank], outputs, keys, plane.chores(eid))
             for rank, eid in enumerate(ids)
         ]
-        with pool.monitor.watch("%%scatter", ids, spec.dashboard) as watch:
+        with session.monitor.watch("%%scatter", ids, spec.dashboard) as watch:
             watch.queued({eid: 1 for eid in ids})
-            replies = _collect(pool, futures, ids, watch)
+            replies = _collect(session, futures, ids, watch)
         result = _combine(spec, replies, ids, plane, keys)
         ok = True
         return result
@@ -245,51 +245,33 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
                     plane.free_later(eid, key)
 
 
-def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
-             watch: Any) -> list[dict[str, Any]]:
-    pending = set(futures)
-    stopped = False
-    try:
-        while pending:
-            done, pending = wait(pending, timeout=TICK)
-            watch.tick()
-            if pending:
-                pool.check_controller()
-            if pending and any(_died(pool, fut) for fut in done):
-                # An engine died: the cell cannot complete, so stop the others now instead of
-                # letting them run to the end for results that would be thrown away.
-                pool.interrupt(list(pending), [e for e, f in zip(ids, futures) if f in pending])
-                wait(pending, timeout=10)
-                stopped = True
-                break
-    except KeyboardInterrupt:
-        pool.interrupt(futures, ids)
-        raise
+def _collect(session: Session, futures: list[Any], ids: list[int],
+             watch: Any) -> list[ScatterReply]:
+    pool = session.pool
+    stopped = pool.wait(futures, ids, tick=watch.tick, stop_if=lambda f: _died(pool, f)).stopped
     replies, failures = [], []
     for rank, (eid, fut) in enumerate(zip(ids, futures)):
         pool.relay_output(fut, eid)
-        try:
-            reply = fut.result(timeout=0) if stopped else fut.result()
-        except Exception as exc:  # the engine died or the runner could not start
-            failure = pool.failure(exc, eid, rank=rank)
+        reply, failure = pool.outcome(fut, eid, rank=rank)
+        if failure is not None:  # the engine died or the runner could not start
             if not (stopped and failure.ename in _STOPPED):  # stopped by us: not news
                 failures.append(failure)
             if not pool.alive([eid]):
-                pool.plane.engine_gone(eid)
+                session.plane.engine_gone(eid)
             continue
-        pool.plane.note(eid, reply)
-        if "time" in reply:
-            pool.monitor.span(eid, "scatter", *reply["time"])
-        if not reply["ok"] and "failure" in reply:
-            failures.append(RemoteFailure(engine=eid, **reply["failure"]))
+        session.plane.held(eid, reply.held)
+        if reply.time is not None:
+            session.monitor.span(eid, "scatter", *reply.time)
+        if reply.failure is not None:
+            failures.append(replace(reply.failure, engine=eid))
         replies.append(reply)
     if failures:
         raise RemoteError("the %%scatter cell", failures)
     for eid, reply in zip(ids, replies):
-        if not reply["ok"]:
-            missing = ", ".join(f"`{m}`" for m in reply["missing"])
+        if not reply.ok:
+            missing = ", ".join(f"`{m}`" for m in reply.missing)
             raise UsageError(
-                f"the cell did not define {missing} on engine {eid} (rank {reply['rank']}), so it "
+                f"the cell did not define {missing} on engine {eid} (rank {reply.rank}), so it "
                 f"cannot be gathered, reduced or kept. Assign it on every engine, or drop it from "
                 f"--gather/--reduce/--keep."
             )
@@ -300,13 +282,13 @@ def _collect(pool: pool_mod.Pool, futures: list[Any], ids: list[int],
 _STOPPED = ("KeyboardInterrupt", "TimeoutError")
 
 
-def _died(pool: pool_mod.Pool, fut: Any) -> bool:
+def _died(pool: Any, fut: Any) -> bool:
     """Whether ``fut`` failed because its engine stopped."""
     exc = fut.exception()
     return exc is not None and pool.failure(exc, None).ename == "EngineDied"
 
 
-def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int], plane: Any,
+def _combine(spec: ScatterSpec, replies: list[ScatterReply], ids: list[int], plane: Any,
              keys: dict[str, str]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     jobs = []
@@ -314,20 +296,20 @@ def _combine(spec: ScatterSpec, replies: list[dict[str, Any]], ids: list[int], p
     wanted += [(name, op, "reduce") for name, op in spec.reduce]
     for name, op, kind in wanted:
         for eid, reply in zip(ids, replies):
-            if name in reply["values"]:
-                plane.account_in(eid, kind, reply["values"][name])
-        if all(name in r["values"] for r in replies):
-            parts = [r["values"][name] for r in replies]
+            if name in reply.values:
+                plane.account_in(eid, kind, reply.values[name])
+        if all(name in r.values for r in replies):
+            parts = [r.values[name] for r in replies]
             result[name] = (partition.join(parts, spec.axis, name, ids) if op == "join"
                             else partition.reduce(op, parts, spec.axis, name, ids))
             continue
-        sources = [("stash", name) if name in r["pending"] else ("here", r["values"][name])
-                   for r in replies]
-        metas = [r["pending"].get(name) or (None, "") for r in replies]
+        sources = tuple(Source("stash", name) if name in r.pending else Here(r.values[name])
+                        for r in replies)
+        metas = tuple(r.pending.get(name) or (None, "") for r in replies)
         jobs.append(Job(name, kind, sources, metas, spec.axis, op))
     if jobs:
         result.update(plane.bring_back(ids, jobs, spec.transport))
     for name, key in keys.items():
-        result[name] = Resident(plane, name, key, ids, [r["kept"][name] for r in replies],
+        result[name] = Resident(plane, name, key, ids, [r.kept[name] for r in replies],
                                 spec.axis, spec.transport)
     return result

@@ -110,7 +110,7 @@ CASES = [
     Case("scatter-halo-negative", "%%scatter", "a --halo -1 --gather c", "c = a", "UsageError",
          r"--halo must be 0 or more, not -1"),
     Case("scatter-too-big-to-send", "%%scatter", "a --gather c", "c = a + bigv[:12]",
-         "UsageError", r"reads `bigv` \(15\.3 MB\).*over the 10\.0 MB limit.*--broadcast bigv"),
+         "UsageError", r"reads `bigv` \(15\.3 MiB\).*over the 10\.0 MiB limit.*--broadcast bigv"),
     Case("scatter-unpicklable", "%%scatter", "a --gather c", "c = a if lock else a",
          "UsageError", r"reads `lock` .* cannot be sent to engines: TypeError: cannot pickle"),
     Case("scatter-cell-raises", "%%scatter", "a --gather c", "c = a; raise ValueError('boom')",
@@ -144,7 +144,7 @@ CASES = [
     Case("pmap-syntax", "%%pmap", "x in range(3) -> r", "y = x\nreturn y +", "UsageError",
          r"the %%pmap cell has a syntax error on line 2"),
     Case("pmap-too-big-to-send", "%%pmap", "x in range(3) -> r", "bigv[x]", "UsageError",
-         r"reads `bigv` \(15\.3 MB\).*over the 10\.0 MB limit.*Make `bigv` the iterable"),
+         r"reads `bigv` \(15\.3 MiB\).*over the 10\.0 MiB limit.*Make `bigv` the iterable"),
     Case("pmap-items-fail", "%%pmap", "x in range(4) -> r", "1 / (x - 2)", "PmapError",
          r"1 of 4 items failed \(indices 2\).*ZeroDivisionError", sent=True),
     Case("pmap-iterable-undefined", "%%pmap", "x in nope -> r", "x", "UsageError",
@@ -356,7 +356,7 @@ def test_bad_input_is_refused_as_documented_and_changes_nothing(ip, pool, no_new
                       y="before")
     before = dict(ip.user_ns)
     stages = dict(pool.pipeline.stages)
-    sent = len(pool.client.history)
+    sent = len(pool.pool.client.history)
     try:
         with pytest.raises(Exception) as info:
             if case.cell is None:
@@ -373,7 +373,7 @@ def test_bad_input_is_refused_as_documented_and_changes_nothing(ip, pool, no_new
         assert changed == [], changed
         assert pool.pipeline.stages == stages
         if not case.sent:
-            assert len(pool.client.history) == sent, "something was sent to the engines"
+            assert len(pool.pool.client.history) == sent, "something was sent to the engines"
         assert nbparallel.current() is pool
     finally:
         pool.pipeline.clear()

@@ -77,7 +77,7 @@ def test_started_engines_share_the_cores_among_their_blas_threads(pool) -> None:
 
     want = os.environ.get("OPENBLAS_NUM_THREADS") or str(max(1, (os.cpu_count() or 1)
                                                             // len(pool.ids)))
-    got = {pool.apply(e, os.getenv, "OPENBLAS_NUM_THREADS").get(timeout=30) for e in pool.ids}
+    got = {pool.pool.apply(e, os.getenv, "OPENBLAS_NUM_THREADS").get(timeout=30) for e in pool.ids}
     assert got == {want}
 
 

@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 import nbparallel
-from nbparallel import pool as pool_mod
+from nbparallel import session as pool_mod
 from nbparallel.errors import ControllerLost
 
 pytestmark = pytest.mark.cluster
@@ -56,7 +56,7 @@ def kill_all(pids: list[int]) -> None:
 @pytest.fixture
 def own(monkeypatch):
     """A started pool of 2 engines of its own, current for the magics while the test runs."""
-    pool = nbparallel.Pool.start(2)
+    pool = nbparallel.Session(nbparallel.Pool.start(2))
     monkeypatch.setattr(pool_mod, "_current", pool)
     owner = pool.plane.arena.owner
     yield pool
@@ -67,9 +67,9 @@ def own(monkeypatch):
 
 def test_a_killed_controller_is_reported_by_the_next_magic_and_restart_brings_the_pool_back(
         ip, own, capsys):
-    family = own._controller_pids + [own.info(e)["pid"] for e in own.ids]
-    assert len(own._controller_pids) > 1  # the controller and its scheduler processes
-    os.kill(own._controller_pids[0], signal.SIGKILL)  # the controller alone, as an OOM kill would
+    family = own.pool._controller_pids + [own.info(e)["pid"] for e in own.ids]
+    assert len(own.pool._controller_pids) > 1  # the controller and its scheduler processes
+    os.kill(own.pool._controller_pids[0], signal.SIGKILL)  # the controller alone, as an OOM kill would
     ip.user_ns.update(a=A, b="before", r="before")
     before = dict(ip.user_ns)
     for magic, line, cell in [("scatter", "a --gather b --no-dashboard", "b = a * 2"),
@@ -97,7 +97,7 @@ def test_a_killed_controller_is_reported_by_the_next_magic_and_restart_brings_th
     ("pmap", "x in range(40) -> r --no-dashboard", "import time\ntime.sleep(0.5)\nx"),
 ])
 def test_a_controller_lost_in_the_middle_of_a_cell_ends_the_wait(ip, own, magic, line, cell):
-    family = list(own._controller_pids)
+    family = list(own.pool._controller_pids)
     ip.user_ns.update(a=A, b="before", r="before")
     before = dict(ip.user_ns)
     timer = threading.Timer(1.5, kill_all, (family,))  # the whole controller: no reply can come
@@ -123,13 +123,13 @@ def test_a_connected_pool_notices_its_controller_has_gone(ip, monkeypatch, tmp_p
     cluster.start_cluster_sync()
     try:
         cluster.connect_client_sync().wait_for_engines(1, timeout=120, interactive=False)
-        pool = nbparallel.Pool.connect(cluster_id="nbp-lost", timeout=30)
+        pool = nbparallel.Session(nbparallel.Pool.connect(cluster_id="nbp-lost", timeout=30))
         monkeypatch.setattr(pool_mod, "_current", pool)
         ip.user_ns.update(a=A)
         ip.run_cell_magic("scatter", "a --gather b --no-dashboard", "b = a + 1")
         np.testing.assert_array_equal(ip.user_ns["b"], A + 1)
         # A connected pool has no pid to watch: it probes the controller's port instead.
-        assert pool._controller.pids == []
+        assert pool.pool._controller.pids == []
         controller = cluster.controller.pid
         kill_all([controller, *(p.pid for p in psutil.Process(controller).children(True))])
         gone([controller])

@@ -112,20 +112,20 @@ def test_a_handle_on_other_engines_is_repartitioned(pool):
 
 
 def test_deleting_a_handle_frees_its_shards(pool):
-    from nbparallel.engine.store import resident_keys
+    from nbparallel.dataplane.remote import resident_keys
 
     h = nbparallel.scatter("y = x", {"x": BIG}, keep=["y"], engines=TWO, pool=pool)["y"]
     key = h.key
-    assert all(key in keys for keys in pool.client[[0, 1]].apply_sync(resident_keys))
+    assert all(key in keys for keys in pool.pool.client[[0, 1]].apply_sync(resident_keys))
     del h
     gc.collect()
     nbparallel.scatter("pass", {"x": np.arange(4)}, engines=TWO, pool=pool)  # carries the frees
-    assert not any(key in keys for keys in pool.client[[0, 1]].apply_sync(resident_keys))
+    assert not any(key in keys for keys in pool.pool.client[[0, 1]].apply_sync(resident_keys))
 
 
 def test_tiny_shared_memory_budget_falls_back_to_direct(pool, monkeypatch):
     monkeypatch.setenv("NBPARALLEL_SHM_BUDGET", "1M")
-    small = nbparallel.Pool(pool.client)
+    small = nbparallel.Session(nbparallel.Pool(pool.pool.client))
     try:
         cursor = small.transfers.cursor
         out = nbparallel.scatter("y = x + 1", {"x": BIG}, gather=["y"], engines=TWO, pool=small)
@@ -190,13 +190,13 @@ def test_forged_messages_are_refused_by_the_engine(pool):
     sock.close(0)
     ctx.term()
 
-    from nbparallel.engine.store import channel_stats
+    from nbparallel.dataplane.remote import channel_stats
 
-    assert pool.client[0].apply_sync(channel_stats)["refused"] >= 1
+    assert pool.pool.client[0].apply_sync(channel_stats)["refused"] >= 1
 
 
 def test_pool_stop_removes_every_segment_and_invalidates_handles():
-    pool = nbparallel.Pool.start(2)
+    pool = nbparallel.Session(nbparallel.Pool.start(2))
     try:
         h = nbparallel.scatter("y = x", {"x": BIG}, keep=["y"], pool=pool)["y"]
         nbparallel.scatter("y = x", {"x": BIG}, gather=["y"], pool=pool)
@@ -250,7 +250,7 @@ def test_a_gather_that_falls_back_to_direct_reaches_fresh_engines(monkeypatch):
     Fresh engines, since an engine whose channel an earlier test started would hide the bug.
     """
     monkeypatch.setenv("NBPARALLEL_SHM_BUDGET", "3M")
-    fresh = nbparallel.Pool.start(2)
+    fresh = nbparallel.Session(nbparallel.Pool.start(2))
     try:
         x = np.ones(125_000)  # 1 MB
         kept = [nbparallel.scatter("y = x * 2", {"x": x}, gather=["y"], pool=fresh)["y"]

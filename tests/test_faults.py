@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 import nbparallel
-from nbparallel import pool as pool_mod
+from nbparallel import session as pool_mod
 from nbparallel.errors import PmapError, PoolError, RemoteError
 
 pytestmark = pytest.mark.cluster
@@ -39,7 +39,7 @@ def segments(owner: str) -> list[str]:
 @pytest.fixture
 def faulty(monkeypatch):
     """A pool of 3 engines of its own, current for the magics while the test runs."""
-    pool = nbparallel.Pool.start(3)
+    pool = nbparallel.Session(nbparallel.Pool.start(3))
     monkeypatch.setattr(pool_mod, "_current", pool)
     owner = pool.plane.arena.owner
     try:
@@ -234,7 +234,7 @@ def test_a_stopped_pool_leaves_other_pools_segments_alone(pool):
     mine = nbparallel.scatter("y = x", {"x": BIG}, gather=["y"], engines=[0, 1], pool=pool)["y"]
     kept = set(pool.plane.arena.names())
     assert kept
-    other = nbparallel.Pool.start(1)
+    other = nbparallel.Session(nbparallel.Pool.start(1))
     try:
         nbparallel.scatter("y = x", {"x": BIG}, gather=["y"], pool=other)
         theirs = set(other.plane.arena.names())
@@ -253,20 +253,20 @@ EXITS_WITHOUT_STOP = """
 import json, os
 import numpy as np
 import nbparallel
-from nbparallel.pipeline import runtime as pipeline
+from nbparallel import pipeline
 
-pool = nbparallel.Pool.start(2)
+pool = nbparallel.Session(nbparallel.Pool.start(2))
 # The watchdog may see the engines go before the kernel, and then removes nothing: take it out.
-pool._reaper.kill()
-pool._reaper.wait()
+pool.pool._reaper.kill()
+pool.pool._reaper.wait()
 pipeline.stage("wide", "def forward(x, ctx):\\n    return np.repeat(x, 50_000, axis=1)",
                engine=0, namespace={"np": np}, pool=pool)
 pipeline.stage("sum", "def forward(x, ctx):\\n    return x.sum(axis=1)", engine=1, pool=pool)
 assert pipeline.run(np.ones((8, 1)), 2, pool=pool).tolist() == [50_000.0] * 8
 nbparallel.scatter("y = x", {"x": np.ones(1_000_000)}, gather=["y"], pool=pool, namespace={})
-from nbparallel.engine.stages import outbox_segments
+from nbparallel.dataplane.transports.shm import outbox_segments
 print(json.dumps({"pid": os.getpid(), "engines": [pool.info(e)["pid"] for e in pool.ids],
-                  "handoff": pool.apply(0, outbox_segments).get(),
+                  "handoff": pool.pool.apply(0, outbox_segments).get(),
                   "arena": pool.plane.arena.names()}))
 # ... and the script ends without pool.stop()
 """

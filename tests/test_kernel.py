@@ -33,7 +33,7 @@ import nbparallel
 _pool = nbparallel.current()
 print(json.dumps({"kernel": os.getpid(),
                   "engines": [e.pid for e in _pool.status()],
-                  "controller": _pool.cluster.controller.pid}))
+                  "controller": _pool.pool.cluster.controller.pid}))
 """
 
 

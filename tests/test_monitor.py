@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import nbparallel
-from nbparallel.pipeline import runtime as pipeline
+from nbparallel import pipeline
 from nbparallel.telemetry.records import Ring, Sample, Span, Transfer
 
 pytestmark = pytest.mark.cluster

@@ -25,8 +25,8 @@ import numpy as np
 import pytest
 
 import nbparallel
-from nbparallel import pool as pool_mod
-from nbparallel.pipeline import runtime as pipeline
+from nbparallel import session as pool_mod
+from nbparallel import pipeline
 
 pytestmark = pytest.mark.cluster
 
@@ -86,7 +86,7 @@ def hosts(tmp_path_factory):
         except Exception:
             pytest.fail(f"the engine in the namespace did not register:\n{log.read_text()}")
         client.close()
-        pool = nbparallel.Pool.connect(cluster_id=name, timeout=30, gpus="none")
+        pool = nbparallel.Session(nbparallel.Pool.connect(cluster_id=name, timeout=30, gpus="none"))
         yield pool, host_ip, peer_ip
     finally:
         if pool is not None:

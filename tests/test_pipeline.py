@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import nbparallel
-from nbparallel.pipeline import runtime as pipeline
+from nbparallel import pipeline
 from nbparallel.errors import RemoteError, UsageError
 
 pytestmark = pytest.mark.cluster
@@ -108,7 +108,7 @@ def assert_like_one_process(pool, params, x, t, losses, steps):
 
 @pytest.fixture(scope="module")
 def pool4():
-    p = nbparallel.Pool.start(4)
+    p = nbparallel.Session(nbparallel.Pool.start(4))
     yield p
     p.stop()
 
@@ -249,9 +249,9 @@ def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
 
 
 def _segments(pool):
-    from nbparallel.engine.stages import outbox_segments
+    from nbparallel.dataplane.transports.shm import outbox_segments
 
-    return {eid: sorted(pool.apply(eid, outbox_segments).get()) for eid in pool.ids}
+    return {eid: sorted(pool.pool.apply(eid, outbox_segments).get()) for eid in pool.ids}
 
 
 def test_large_activations_hand_off_through_shared_memory(pool):

@@ -84,7 +84,7 @@ def test_failed_items_are_listed_and_successes_kept(ip):
 
 def test_retries_rerun_the_items_of_a_dead_engine_elsewhere(tmp_path):
     # A pool of its own: one engine is killed on purpose.
-    pool = nbparallel.Pool.start(2)
+    pool = nbparallel.Session(nbparallel.Pool.start(2))
     try:
         marker = tmp_path / "died"
         body = ("import os, time\n"

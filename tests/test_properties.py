@@ -163,9 +163,9 @@ def test_shards_placed_in_shared_memory_and_opened_again_join_to_the_array(case,
     try:
         layout.write(seg)
         entries = [make(seg) for make in makers]
-        # What an engine does with the entries it gets (engine/store.py, open_payload).
-        opened = [parcel.open_entry(e, lambda name, size, offset, nbytes: seg.token(offset, nbytes),
-                                    lambda key: None) for e in entries]
+        # What an engine does with the entries it gets (dataplane/transports/shm.py, open).
+        opened = [parcel.open_entry(e, lambda name, size, offset, nbytes: seg.token(offset, nbytes))
+                  for e in entries]
         joined = partition.join(opened, ax)
         same(joined, arr)
         if readonly:

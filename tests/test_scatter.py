@@ -80,7 +80,7 @@ def test_notebook_functions_classes_modules_and_values_travel_automatically(ip):
 
 def test_value_over_auto_send_limit_is_refused_with_broadcast_hint(ip):
     ip.user_ns.update(x=np.arange(4), big=np.zeros(2_000_000), c="before")
-    with pytest.raises(UsageError, match=r"reads `big` \(15.3 MB\).*--broadcast big"):
+    with pytest.raises(UsageError, match=r"reads `big` \(15.3 MiB\).*--broadcast big"):
         ip.run_cell_magic("scatter", "x --gather c", "c = x + big[:len(x)]")
     assert ip.user_ns["c"] == "before"
     ip.run_cell_magic("scatter", "x --broadcast big --gather c", "c = x + big[:len(x)]")
@@ -158,7 +158,7 @@ def test_connect_without_a_cluster_is_a_clear_error(pool):
 
 def test_an_engine_dying_mid_cell_is_named_and_nothing_is_bound(ip):
     # A pool of its own: one engine exits for real.
-    pool = nbparallel.Pool.start(2)
+    pool = nbparallel.Session(nbparallel.Pool.start(2))
     try:
         with pytest.raises(RemoteError) as info:
             nbparallel.scatter("import os\nif rank == 1:\n    os._exit(1)\ny = x",

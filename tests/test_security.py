@@ -29,7 +29,7 @@ import pytest
 
 from nbparallel.dataplane import direct, handoff
 from nbparallel.dataplane.shm import Segment
-from nbparallel.pipeline import runtime as pipeline
+from nbparallel import pipeline
 
 LOOPBACK = {"127.0.0.1", "::1"}
 
@@ -58,7 +58,7 @@ def exposed(sockets: list[tuple[int, str, str, int]]) -> list[tuple[int, str, st
 def pool_processes(pool) -> dict[str, tuple[int, bool]]:
     """Name -> (pid, include its children) for every process of a started pool."""
     procs = {"notebook": (os.getpid(), False)}
-    controller = pool.cluster.controller
+    controller = pool.pool.cluster.controller
     procs["controller"] = (controller.process.pid, True)  # and its scheduler processes
     for e in pool.ids:
         procs[f"engine {e}"] = (pool.info(e)["pid"], True)  # and its nanny
@@ -68,7 +68,7 @@ def pool_processes(pool) -> dict[str, tuple[int, bool]]:
 @pytest.mark.cluster
 def test_no_process_of_a_local_pool_listens_beyond_loopback(pool):
     endpoints = {e: pool.plane.endpoint(e) for e in pool.ids}  # start every direct channel
-    assert pool.cluster.controller_ip in ("", "127.0.0.1", "localhost")
+    assert pool.pool.cluster.controller_ip in ("", "127.0.0.1", "localhost")
     found = {name: listening(pid, children) for name, (pid, children) in pool_processes(pool).items()}
     # The check sees what it must: the controller's sockets and each engine's direct channel.
     assert found["controller"]
@@ -92,7 +92,7 @@ def test_the_check_sees_a_wildcard_listener():
 
 @pytest.mark.cluster
 def test_connection_files_with_the_key_are_private(pool):
-    security = Path(pool.cluster.profile_dir) / "security"
+    security = Path(pool.pool.cluster.profile_dir) / "security"
     assert stat.S_IMODE(security.stat().st_mode) & 0o077 == 0
     with_key = []
     for path in security.glob("*.json"):
@@ -107,7 +107,7 @@ def test_connection_files_with_the_key_are_private(pool):
 
 @pytest.mark.cluster
 def test_engines_hand_off_segments_are_private_and_named_after_the_pool(pool):
-    from nbparallel.engine.stages import outbox_segments
+    from nbparallel.dataplane.transports.shm import outbox_segments
 
     pool.pipeline.clear()
     wide = "def forward(x, ctx):\n    return np.repeat(x, 50_000, axis=1)"  # 3.2 MB activations
@@ -116,7 +116,7 @@ def test_engines_hand_off_segments_are_private_and_named_after_the_pool(pool):
     try:
         y = pipeline.run(np.ones((8, 1)), 2, pool=pool)
         np.testing.assert_array_equal(y, np.full(8, 50_000.0))
-        names = pool.apply(0, outbox_segments).get()
+        names = pool.pool.apply(0, outbox_segments).get()
         assert names
         owner = pool.plane.arena.owner
         for name in names:
@@ -165,13 +165,13 @@ class _Mark:
 def test_a_forged_message_is_refused_before_anything_is_unpickled(pool, tmp_path, kind):
     import zmq
 
-    from nbparallel.engine.store import channel_stats
+    from nbparallel.dataplane.remote import channel_stats
 
     marker = tmp_path / "unpickled"
     evil = pickle.dumps(_Mark(str(marker)))
     header = handoff.MARK + evil if kind == "hand-off" else evil
     endpoint = pool.plane.endpoint(1)
-    before = pool.apply(1, channel_stats).get()
+    before = pool.pool.apply(1, channel_stats).get()
     ctx = zmq.Context()
     try:
         sock = ctx.socket(zmq.DEALER)
@@ -186,7 +186,7 @@ def test_a_forged_message_is_refused_before_anything_is_unpickled(pool, tmp_path
         assert reply[1] == direct.ERR and b"signature" in reply[4]
     finally:
         ctx.destroy(linger=0)
-    after = pool.apply(1, channel_stats).get()
+    after = pool.pool.apply(1, channel_stats).get()
     assert after["refused"] == before["refused"] + 1
     assert after["pending"] == before["pending"]  # nothing was kept to be taken later
     assert not marker.exists()

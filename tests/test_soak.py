@@ -79,7 +79,7 @@ def test_a_thousand_magics_leak_no_descriptor_segment_or_memory(ip, pool):
         ip.user_ns["i"] = i
         cell(ip, i)
     before = measure()
-    history = len(pool.client.history)
+    history = len(pool.pool.client.history)
     t0 = time.perf_counter()
     for i in range(CELLS):
         ip.user_ns["i"] = i
@@ -95,5 +95,5 @@ def test_a_thousand_magics_leak_no_descriptor_segment_or_memory(ip, pool):
     assert after["rss"] - before["rss"] <= MAX_RSS_GROWTH, report
     assert pool.plane.arena.leased() == []
     # ipyparallel keeps every task's result until asked not to: the magics must not pile them up.
-    assert len(pool.client.results) <= 100, len(pool.client.results)
-    assert len(pool.client.history) - history >= CELLS  # the cells did reach the engines
+    assert len(pool.pool.client.results) <= 100, len(pool.pool.client.results)
+    assert len(pool.pool.client.history) - history >= CELLS  # the cells did reach the engines

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 
+from .direct import ChannelError
+
 __all__ = ["route_address", "check_reachable"]
 
 
@@ -32,8 +34,6 @@ def check_reachable(endpoint: str, what: str, timeout: float = 10.0) -> None:
     at once, and why, when a server cannot be reached from here (a firewall, a loopback address
     of another machine).
     """
-    from .direct import ChannelError
-
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()

@@ -56,7 +56,7 @@ import zmq
 
 __all__ = ["ChannelError", "sign", "Server", "Channel"]
 
-log = logging.getLogger("nbparallel.dataplane")
+_log = logging.getLogger("nbparallel.dataplane")
 
 MAGIC = b"nbp1"
 PUT, GET, OK, ERR = b"put", b"get", b"ok", b"err"
@@ -332,14 +332,14 @@ class Server:
                         self._drain_router(parked)
                     self._answer_parked(parked)
                 except Exception:
-                    log.exception(
+                    _log.exception(
                         "nbparallel data plane server %s: unexpected error; still serving", self.endpoint
                     )
                     time.sleep(0.05)  # don't spin if the error repeats
             for p in parked:
                 self._send(p.ident, ERR, p.tid, b"the server is closing")
         except Exception:
-            log.exception("nbparallel data plane server %s: error while closing", self.endpoint)
+            _log.exception("nbparallel data plane server %s: error while closing", self.endpoint)
         finally:
             self._router.close(linger=0)
             self._wake_in.close(linger=0)
@@ -380,7 +380,7 @@ class Server:
             try:
                 self._handle(frames, parked)
             except Exception:
-                log.exception("nbparallel data plane server %s: failed to handle a message", self.endpoint)
+                _log.exception("nbparallel data plane server %s: failed to handle a message", self.endpoint)
 
     def _handle(self, frames: list[zmq.Frame], parked: list[_Parked]) -> None:
         ident, parts = frames[0].bytes, frames[1:]
@@ -434,7 +434,7 @@ class Server:
 
     def _refuse(self, ident: bytes, tid: bytes, frames: list[zmq.Frame], reason: str) -> None:
         self.refused += 1
-        log.warning(
+        _log.warning(
             "nbparallel data plane server %s refused a message from %s for transfer %s: %s",
             self.endpoint,
             _peer(frames[-1]),
@@ -469,7 +469,7 @@ class Server:
             frames = [ident, MAGIC, op, tid, sig, header, *buffers]
             self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:
-            log.warning(
+            _log.warning(
                 "nbparallel data plane server %s could not answer a client for transfer %s: %s",
                 self.endpoint,
                 _show(tid),

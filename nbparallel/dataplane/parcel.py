@@ -3,12 +3,11 @@
 A payload is a dict of named values. Small values ride in the message itself (:class:`Inline`);
 large arrays are written once into a shared-memory segment (:class:`ArraySlot`), other large
 objects are pickled with protocol 5 so that their buffers go to the segment out of band
-(:class:`Pickled`); a value resident on the engine is named by its store key (:class:`Stored`);
-a CuPy array sent device to device is the CUDA IPC message that points at it (:class:`Device`);
-over a direct channel the whole dict travels as one signed message (:class:`Direct`).
+(:class:`Pickled`). These entries are the encoding of the ``shm`` transport's notes
+(``transports/shm.py``); :func:`dumps` and :func:`loads` that of the direct channel's messages.
 
-The notebook side places values (:func:`place`); the engine side opens them (:func:`open_entry`),
-building each array on a token from the engine's store, so views are tracked (see ``shm.py``).
+The notebook lays values out (:class:`Layout`); the engine opens them (:func:`open_entry`),
+building each array on a token from the engine's half (``remote.py``), so views are tracked.
 """
 
 from __future__ import annotations
@@ -21,13 +20,10 @@ import cloudpickle
 import numpy as np
 
 from .shm import Segment, align
+from .transport import INLINE_LIMIT
 
-__all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Stored", "Direct", "Device", "Entry",
-           "INLINE_LIMIT", "Layout", "is_plain_array", "dumps", "loads"]
-
-#: Arrays and buffers smaller than this ride in the ipyparallel message: for them a segment
-#: costs more than it saves.
-INLINE_LIMIT = 64 << 10
+__all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Entry", "INLINE_LIMIT", "Layout",
+           "is_plain_array", "dumps", "loads", "open_entry"]
 
 
 @dataclass(frozen=True)
@@ -60,25 +56,7 @@ class Pickled:
     readonly: bool = False
 
 
-@dataclass(frozen=True)
-class Stored:
-    key: str
-
-
-@dataclass(frozen=True)
-class Direct:
-    tid: str
-    readonly: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Device:
-    """A CuPy array handed over by CUDA IPC (``cudaipc.py``): the message that points at it."""
-
-    note: bytes
-
-
-Entry = Union[Inline, ArraySlot, Pickled, Stored, Device]
+Entry = Union[Inline, ArraySlot, Pickled]
 
 
 def is_plain_array(value: Any) -> bool:
@@ -150,13 +128,10 @@ class Layout:
         self._writes.clear()
 
 
-def open_entry(entry: Entry, token: Callable[[str, int, int, int], np.ndarray],
-               stored: Callable[[str], Any]) -> Any:
+def open_entry(entry: Entry, token: Callable[[str, int, int, int], np.ndarray]) -> Any:
     """Engine side: the value an entry stands for, as views of shared memory where it lies."""
     if isinstance(entry, Inline):
         return entry.value
-    if isinstance(entry, Stored):
-        return stored(entry.key)
     if isinstance(entry, ArraySlot):
         dtype = np.dtype(entry.dtype)
         nbytes = int(np.prod(entry.shape, dtype=np.int64)) * dtype.itemsize

@@ -1,17 +1,10 @@
-"""The notebook side of the data plane: choose a transport per engine, place payloads, bring back
-results, and account for every byte.
+"""The notebook's half of the data plane: place payloads for engines, bring results back, and
+account for every byte, once per placement.
 
-Transports, chosen per engine:
-
-- ``shm``: the engine shares this host's ``/dev/shm`` (checked with a probe segment, not by
-  hostname, so a container with its own /dev/shm is not fooled). Payloads are written once into a
-  leased segment; engines write gathered arrays straight into the final array's segment.
-- ``direct``: a signed ZeroMQ channel to the engine (``direct.py``) that bypasses the controller.
-  Used for engines on other hosts, and for local ones when shared memory has no room.
-- ``ipp``: values ride inside ipyparallel's own messages, through the controller.
-
-Small values always ride in the ipyparallel message: for them a segment or a socket round trip
-costs more than it saves.
+Which transport carries each hop is the chooser's answer (``transport.choose``); the transports
+themselves live in ``transports/``, one module each, and this module never branches on their
+names except where results are laid out in one shared-memory segment (the array-aware part:
+engines write their parts straight into the final array). The engine's half is ``remote.py``.
 """
 
 from __future__ import annotations
@@ -20,56 +13,66 @@ import atexit
 import functools
 import secrets
 import sys
-from concurrent.futures import wait
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from .. import partition
-from ..errors import RemoteError, UsageError
+from ..errors import UsageError
 from ..reaper import remove_segments
 from ..telemetry.records import Ring, Transfer, transfer
-from . import parcel
-from .shm import Arena, NoRoom, Segment
+from .. import gpu
+from . import parcel, remote
+from .direct import Channel
+from .shm import Arena, Segment
+from .transport import (ANY_ENGINE, CUDA_IPC, DIRECT, INLINE, INLINE_LIMIT, SHM, Full, Hop,
+                        choose, registered)
+from .transport import check as check_transport
+from .transports.direct import DirectDest, new_dest
+from .transports.inline import InReply
+from .transports.shm import ShmDest
 
-__all__ = ["DataPlane", "Outbound", "Job", "TRANSPORTS"]
-
-TRANSPORTS = ("auto", "shm", "direct", "ipp")
-
-
-def check_transport(name: str | None) -> str:
-    name = name or "auto"
-    if name not in TRANSPORTS:
-        raise UsageError(f"unknown transport {name!r}; use one of {', '.join(TRANSPORTS)}.")
-    return name
+__all__ = ["DataPlane", "Outbound", "Job", "Here"]
 
 
 @dataclass
 class Outbound:
-    """Payloads placed for one call; ``done`` releases what they hold."""
+    """Payloads placed for one call: ``notes[rank]`` go to engine ``engines[rank]``; ``done``
+    releases what they hold."""
 
-    payloads: list[Any]
-    segments: list[Segment] = field(default_factory=list)
-    used: list[str] = field(default_factory=list)  # transport actually used, per rank
-    #: CuPy arrays of the notebook sent device to device, per rank: name -> parcel.Device.
-    device: list[dict[str, Any]] = field(default_factory=list)
+    engines: list[int]
+    notes: list[list[Any]]
+
+    def payload(self, rank: int) -> list[Any]:
+        return self.notes[rank]
 
 
-@dataclass
+@dataclass(frozen=True)
+class Here:
+    """A result that already came back in the engine's reply."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
 class Job:
     """One value to bring back: ``sources[rank]`` on each engine, combined by ``op``."""
 
     name: str
     kind: str
-    sources: list[tuple[str, str]]  # ("stash", name) or ("resident", key), per rank
-    metas: list[tuple[tuple[int, ...] | None, Any]]  # (shape, dtype), (None, type name)
+    sources: tuple[remote.Source | Here, ...]
+    metas: tuple[tuple[tuple[int, ...] | None, Any], ...]  # (shape, dtype), (None, type name)
     axis: int = 0
     op: str = "join"  # join, or a reduce operation
 
 
 class DataPlane:
-    """One per pool. ``transfers`` is the ring of :class:`~nbparallel.telemetry.Transfer` records."""
+    """One per pool. ``transfers`` is the ring of :class:`~nbparallel.telemetry.Transfer` records.
+
+    ``pool`` is the connection to the engines (:class:`~nbparallel.pool.Pool`): the plane sends
+    its engine-side functions through it and waits through its one wait loop.
+    """
 
     def __init__(self, pool: Any, budget: int | None = None):
         self.pool = pool
@@ -81,11 +84,11 @@ class DataPlane:
         self._at_exit = functools.partial(_leave, self.arena)  # holds the arena, not the pool
         atexit.register(self._at_exit)
         self.transfers: Ring[Transfer] = Ring()
+        self.transports = {t.name: t(self) for t in registered()}
         self._local: dict[int, bool] = {}
         self._channels: dict[int, Any] = {}
         self._endpoints: dict[tuple[int, str], str] = {}
         self._free: dict[int, list[str]] = {}
-        self._device_box: Any = None  # a cudaipc.DeviceOutbox once a CuPy array is scattered
         self.closed = False
 
     # -- engines -------------------------------------------------------------------------------
@@ -96,8 +99,6 @@ class DataPlane:
         return self._local[engine]
 
     def _probe(self, engines: list[int]) -> None:
-        from ..engine.store import probe
-
         if not self.arena.ok:
             self._local.update({e: False for e in engines})
             return
@@ -105,23 +106,18 @@ class DataPlane:
         secret = secrets.token_bytes(16)
         seg.mm[:16] = secret
         try:
-            futures = {e: self.pool.apply(e, probe, seg.name, seg.size, secret) for e in engines}
-            wait(list(futures.values()), timeout=30)
-            for e, fut in futures.items():
-                self._local[e] = bool(fut.done() and fut.exception() is None and fut.result())
+            answers = self.pool.call_each(engines, remote.probe, seg.name, seg.size, secret,
+                                          timeout=30, what="the shared-memory probe")
+            self._local.update({e: answers.get(e) is True for e in engines})
         finally:
             seg.unlink()
             seg.close()
 
-    def choose(self, engine: int, forced: str) -> str:
-        if forced == "auto":
-            return "shm" if self.is_local(engine) else "direct"
-        if forced == "shm" and not self.is_local(engine):
-            raise UsageError(
-                f"--transport shm needs engines on this host sharing its /dev/shm, but engine "
-                f"{engine} does not. Use --transport direct (or leave the default, auto)."
-            )
-        return forced
+    def hop(self, engine: int, nbytes: int, **how: Any) -> Hop:
+        """The chooser's view of a hop of ``nbytes`` to (or from) ``engine``; the engine is
+        probed for shared memory only when the hop is large enough for that to matter."""
+        local = self.is_local(engine) if nbytes >= INLINE_LIMIT else False
+        return Hop(local=local, nbytes=nbytes, **how)
 
     def endpoint(self, engine: int, cluster: bool = False) -> str:
         """Where ``engine``'s direct channel listens (started on first use).
@@ -130,34 +126,32 @@ class DataPlane:
         another host, or with ``cluster`` (engines of other hosts must reach it: a pipeline that
         spans hosts), the address the engine reaches its controller by, on that network alone.
         """
-        host = "127.0.0.1" if self.is_local(engine) and not cluster else "cluster"
+        local = self.is_local(engine) and not cluster
+        host = "127.0.0.1" if local else self.pool.info(engine).get("address", "0.0.0.0")
         if (engine, host) not in self._endpoints:
-            from ..engine.store import serve
-
-            self._endpoints[engine, host] = self.pool.apply(engine, serve, host).get(timeout=30)
+            self._endpoints[engine, host] = self.pool.call(engine, remote.serve, host, timeout=30,
+                                                           what="its direct channel to start")
         return self._endpoints[engine, host]
 
     def channel(self, engine: int) -> Any:
         """The notebook's direct channel to ``engine``."""
         if engine not in self._channels:
-            from .direct import Channel
-
-            self._channels[engine] = Channel(self.endpoint(engine), self.pool.client.session.key)
+            self._channels[engine] = Channel(self.endpoint(engine), self.pool.key)
         return self._channels[engine]
 
-    def chores(self, engine: int) -> dict[str, list[str]]:
-        """Housekeeping to piggyback on the next call to ``engine``."""
-        todo = {"free": self._free.pop(engine, []), "forget": self.arena.forgotten()}
-        return todo if todo["free"] or todo["forget"] else {}
+    def chores(self, engine: int) -> remote.Chores | None:
+        """Housekeeping to piggyback on the next call to ``engine`` (None: there is none)."""
+        todo = remote.Chores(tuple(self._free.pop(engine, ())), tuple(self.arena.forgotten()))
+        return todo if todo.free or todo.forget else None
 
     def free_later(self, engine: int, key: str) -> None:
         """Drop a resident value with the next call to ``engine`` (called from finalizers)."""
         self._free.setdefault(engine, []).append(key)
 
-    def note(self, engine: int, reply: Any) -> None:
-        """Record what an engine's reply says it still holds."""
-        if isinstance(reply, dict) and "held" in reply:
-            self.arena.held(engine, reply["held"])
+    def held(self, engine: int, names: Sequence[str] | None) -> None:
+        """Record the segments an engine's reply says it still holds views of."""
+        if names is not None:
+            self.arena.held(engine, list(names))
 
     def engine_gone(self, engine: int) -> None:
         self.arena.engine_gone(engine)
@@ -173,89 +167,65 @@ class DataPlane:
              kinds: tuple[str, str] = ("scatter", "broadcast"), transport: str = "auto") -> Outbound:
         """Place ``per_rank[r]`` for engine ``ids[r]`` and ``shared`` for all of them."""
         forced = check_transport(transport)
-        out = Outbound([None] * len(ids), used=[""] * len(ids), device=[{} for _ in ids])
-        if any(_on_device(v) for values in (*per_rank, shared) for v in values.values()):
+        out = Outbound(list(ids), [[] for _ in ids])
+        try:
             per_rank, shared = self._send_device(ids, per_rank, shared, forced, out)
-        how = {rank: self.choose(eid, forced) if _large(per_rank[rank], shared) else "ipp"
-               for rank, eid in enumerate(ids)}
-        shm_ranks = [r for r, h in how.items() if h == "shm"]
-        if shm_ranks:
-            try:
-                self._send_shm(ids, per_rank, shared, shm_ranks, kinds, out)
-            except NoRoom as exc:
-                if forced == "shm":
-                    raise UsageError(
-                        f"--transport shm: shared memory cannot take this payload ({exc}). Use "
-                        f"--transport direct, or the default (auto), which falls back by itself."
-                    ) from None
-                for r in shm_ranks:
-                    how[r] = "direct"
-        for rank, eid in enumerate(ids):
-            if how[rank] == "direct":
-                self._send_direct(eid, rank, per_rank[rank], shared, kinds, out)
-            elif how[rank] == "ipp":
-                out.payloads[rank] = {n: parcel.Inline(v) for n, v in {**per_rank[rank], **shared}.items()}
-                self._account(eid, kinds, per_rank[rank], shared, "ipp")
-            out.used[rank] = how[rank]
+            # A hop is as large as its largest value: smaller ones ride inline whatever carries it.
+            sizes = [max(_largest(shared), _largest(values)) for values in per_rank]
+            how = {r: choose(self.hop(eid, sizes[r]), forced, (), eid) for r, eid in enumerate(ids)}
+            full: set[str] = set()
+            while how:
+                name = next(iter(how.values()))
+                ranks = [r for r, h in how.items() if h == name]
+                try:
+                    notes = self.transports[name].place([ids[r] for r in ranks],
+                                                        [per_rank[r] for r in ranks], shared)
+                except Full as exc:
+                    if forced != "auto":
+                        raise UsageError(
+                            f"--transport {forced}: shared memory cannot take this payload "
+                            f"({exc}). Use --transport direct, or the default (auto), which "
+                            f"falls back by itself.") from None
+                    full.add(name)
+                    for r in ranks:
+                        how[r] = choose(self.hop(ids[r], sizes[r]), forced, full, ids[r])
+                    continue
+                for r, note in zip(ranks, notes):
+                    out.notes[r].append(note)
+                    self._account(ids[r], kinds, per_rank[r], shared, name)
+                    del how[r]
+        except BaseException:
+            self.done(out)
+            raise
         return out
 
     def _send_device(self, ids: Sequence[int], per_rank: Sequence[dict[str, Any]],
                      shared: dict[str, Any], forced: str,
                      out: Outbound) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """Hand the notebook's CuPy shards to GPU engines of this host by CUDA IPC; the rest
-        (other engines, broadcast values, a forced transport) go through host memory."""
-        from .. import config, gpu
-
-        cp = gpu.cupy_if_device() if forced == "auto" and config.cuda_ipc else None
+        """The notebook's CuPy arrays: each one the chooser gives to CUDA IPC goes device to
+        device; the rest (other engines, broadcast values, a forced transport, full slots)
+        come back to be sent from host memory."""
+        if not any(_on_device(v) for values in (*per_rank, shared) for v in values.values()):
+            return list(per_rank), shared
         rest = []
         for rank, eid in enumerate(ids):
             values = dict(per_rank[rank])
-            if cp is not None and self.is_local(eid) and self.pool.info(eid).get("gpu"):
-                for name, value in list(values.items()):
-                    if not isinstance(value, cp.ndarray):
-                        continue
-                    try:
-                        packed = self._device_outbox(cp).pack(value)
-                    except NoRoom:
-                        break  # the device outbox is full: the rest go through the host
-                    if packed is None:
-                        continue  # small: the host is quicker
-                    out.device[rank][name] = parcel.Device(packed[0])
-                    self.transfers.append(transfer(eid, "scatter", "out", "cuda-ipc", packed[1]))
-                    del values[name]
+            gpu_engine = bool(self.pool.info(eid).get("gpu"))
+            for name, value in list(values.items()):
+                if not _on_device(value):
+                    continue
+                hop = self.hop(eid, _size(value), device=True, gpu=gpu_engine)
+                if choose(hop, forced, (), eid) != CUDA_IPC:
+                    continue
+                try:
+                    note, = self.transports[CUDA_IPC].place([eid], [{name: value}], {})
+                except Full:
+                    continue  # its slots are taken: this one goes through the host
+                out.notes[rank].append(note)
+                self.transfers.append(transfer(eid, "scatter", "out", CUDA_IPC, value.nbytes))
+                del values[name]
             rest.append(gpu.to_host(values))
         return rest, gpu.to_host(shared)
-
-    def _device_outbox(self, cp: Any) -> Any:
-        if self._device_box is None:
-            from .cudaipc import DeviceOutbox
-
-            self._device_box = DeviceOutbox(cp, self.arena.owner)
-        return self._device_box
-
-    def _send_shm(self, ids: Sequence[int], per_rank: Sequence[dict[str, Any]],
-                  shared: dict[str, Any], ranks: list[int], kinds: tuple[str, str],
-                  out: Outbound) -> None:
-        layout = parcel.Layout()
-        makers = {(r, n): layout.add(v) for r in ranks for n, v in per_rank[r].items()}
-        shared_makers = {n: layout.add(v, readonly=True) for n, v in shared.items()}
-        seg = self.arena.lease(layout.nbytes) if layout.nbytes else None
-        if seg is not None:
-            out.segments.append(seg)
-            layout.write(seg)
-        for r in ranks:
-            entries = {n: make(seg) for (rr, n), make in makers.items() if rr == r}
-            entries.update({n: make(seg) for n, make in shared_makers.items()})
-            out.payloads[r] = entries
-            self._account(ids[r], kinds, per_rank[r], shared, "shm")
-
-    def _send_direct(self, eid: int, rank: int, values: dict[str, Any], shared: dict[str, Any],
-                     kinds: tuple[str, str], out: Outbound) -> None:
-        tid = secrets.token_hex(16)
-        header, buffers = parcel.dumps({**values, **shared})
-        self.channel(eid).put(tid, header, [b.raw() for b in buffers])
-        out.payloads[rank] = parcel.Direct(tid, tuple(shared))
-        self._account(eid, kinds, values, shared, "direct")
 
     def _account(self, eid: int, kinds: tuple[str, str], values: dict[str, Any],
                  shared: dict[str, Any], how: str) -> None:
@@ -265,89 +235,111 @@ class DataPlane:
 
     def account_in(self, engine: int, kind: str, value: Any) -> None:
         """A result that came back inside an ipyparallel reply."""
-        self.transfers.append(transfer(engine, kind, "in", "ipp", _size(value)))
+        self.transfers.append(transfer(engine, kind, "in", INLINE, _size(value)))
 
     def done(self, out: Outbound) -> None:
         """The call is over: its segments may be reused once no engine holds a view of them."""
-        for seg in out.segments:
-            self.arena.release(seg)
-        out.segments.clear()
+        notes = [n for mine in out.notes for n in mine]
+        for name, t in self.transports.items():
+            t.release([n for n in notes if n.transport == name])
+        out.notes = [[] for _ in out.notes]
+
+    # -- a load-balanced map's chunks ------------------------------------------------------------
+    def place_chunk(self, engines: Sequence[int], items: list[Any], nbytes: int,
+                    transport: str = "auto") -> Any:
+        """The note for one ``%%pmap`` chunk, which may land on any of ``engines``: in shared
+        memory when every one of them maps this host's, else in the message."""
+        far = [e for e in engines if not self.is_local(e)] if nbytes >= INLINE_LIMIT else engines
+        hop = Hop(receiver=ANY_ENGINE, local=not far, nbytes=nbytes)
+        name = choose(hop, transport, (), far[0] if far else -1)
+        carrier = self.transports[name]
+        try:
+            note, = carrier.place([-1], [{"items": items}], {})  # -1: whichever engine is free
+        except Full:
+            note, = self.transports[INLINE].place([-1], [{"items": items}], {})
+        return note
+
+    def chunk_done(self, engine: int, note: Any, nbytes: int, held: Sequence[str] | None,
+                   account: bool = True) -> None:
+        """A chunk came back (or was lost): account for it and release what it held."""
+        self.held(engine, held)
+        if account:
+            self.transfers.append(transfer(engine, "payload", "out", note.transport, nbytes))
+        self.transports[note.transport].release([note])
 
     # -- engines to notebook -------------------------------------------------------------------
     def bring_back(self, ids: Sequence[int], jobs: Sequence[Job], transport: str = "auto") -> dict[str, Any]:
         """Gather or reduce each job's values from the engines with one call per engine."""
-        from ..engine.store import collect
-
         forced = check_transport(transport)
-        requests: list[list[tuple]] = [[] for _ in ids]
+        requests: list[list[remote.Request]] = [[] for _ in ids]
+        dests: dict[str, list[Any]] = {}
         finals: dict[str, tuple[Segment, np.ndarray]] = {}
-        parts_segment: Segment | None = None
-        plans: dict[str, list[tuple[str, Any]]] = {}
-        how = [self.choose(eid, forced) for eid in ids]
+        shm_parts: list[tuple[str, int, int]] = []  # (job, rank, offset in the parts segment)
         part_layout = parcel.Layout()
+        how = [choose(self.hop(eid, INLINE_LIMIT, sender="engine", receiver="notebook"), forced,
+                       (), eid) for eid in ids]
         for job in jobs:
             final = self._final(job, how)
             if final is not None:
                 finals[job.name] = final
-                seg, shape, dtype = final[0], final[1].shape, final[1].dtype
-                lo = 0
+                seg, arr = final
+                lo, dests[job.name] = 0, []
                 for r, (shp, _) in enumerate(job.metas):
-                    requests[r].append((job.sources[r], ("shm", (seg.name, seg.size, 0, shape, dtype,
-                                                                 job.axis, lo))))
+                    dest = ShmDest(seg.name, seg.size, 0, arr.shape, arr.dtype, job.axis, lo)
+                    dests[job.name].append(dest)
+                    requests[r].append(remote.Request(job.sources[r], dest))
                     lo += shp[job.axis]
                 continue
-            plan = []
+            plan: list[Any] = []
             for r, (shp, dt) in enumerate(job.metas):
-                if job.sources[r][0] == "here":
-                    plan.append(("here", None))
+                if isinstance(job.sources[r], Here):
+                    plan.append(None)
                 elif shp is None:
-                    plan.append(("ipp", None))
-                elif how[r] == "shm":
-                    nbytes = int(np.prod(shp, dtype=np.int64)) * np.dtype(dt).itemsize
-                    plan.append(("shm", part_layout.reserve(nbytes)))
-                elif how[r] == "direct":
-                    plan.append(("direct", secrets.token_hex(16)))
+                    plan.append(InReply())  # not an array: only the reply can carry it as is
+                elif how[r] == SHM:
+                    plan.append(None)
+                    shm_parts.append((job.name, r, part_layout.reserve(_meta_bytes(job.metas[r]))))
+                elif how[r] == DIRECT:
+                    plan.append(new_dest())
                 else:
-                    plan.append(("ipp", None))
-            plans[job.name] = plan
-        try:
-            if part_layout.nbytes:
-                parts_segment = self.arena.lease(part_layout.nbytes)
-        except NoRoom:
-            parts_segment = None
-            for plan in plans.values():
-                for r, (kind, _) in enumerate(plan):
-                    if kind == "shm":
-                        plan[r] = ("direct", secrets.token_hex(16))
+                    plan.append(InReply())
+            dests[job.name] = plan
+        parts: Segment | None = None
+        if shm_parts:
+            try:
+                parts = self.transports[SHM].lease(part_layout.nbytes)
+            except Full:
+                parts = None  # no room: those parts come over the direct channels instead
+        by_name = {job.name: job for job in jobs}
+        for name, r, offset in shm_parts:
+            shp, dt = by_name[name].metas[r]
+            dests[name][r] = (ShmDest(parts.name, parts.size, offset, tuple(shp), dt)
+                              if parts is not None else new_dest())
         for job in jobs:
-            for r, (kind, where) in enumerate(plans.get(job.name, ())):
-                shp, dt = job.metas[r]
-                if kind == "here":
-                    continue
-                if kind == "shm":
-                    dest = (parts_segment.name, parts_segment.size, where, shp, dt, 0, 0)
-                    requests[r].append((job.sources[r], ("shm", dest)))
-                else:
-                    requests[r].append((job.sources[r], (kind, where)))
+            if job.name in finals:
+                continue
+            for r, dest in enumerate(dests[job.name]):
+                if dest is not None:
+                    requests[r].append(remote.Request(job.sources[r], dest))
         for r, eid in enumerate(ids):
-            if any(plan[r][0] == "direct" for plan in plans.values()):
+            if any(isinstance(d[r], DirectDest) for d in dests.values()):
                 self.channel(eid)  # starts the engine's server before collect offers it parts
         try:
-            replies = self._run_collect(ids, requests, collect)
-            return self._assemble(ids, jobs, finals, plans, parts_segment, replies, how)
+            replies = self._run_collect(ids, requests)
+            return self._assemble(ids, jobs, finals, dests, replies)
         except BaseException:
             for seg, _ in finals.values():
                 self.arena.release(seg)
             raise
         finally:
-            if parts_segment is not None:
-                self.arena.release(parts_segment)
+            if parts is not None:
+                self.transports[SHM].release([ShmDest(parts.name, parts.size, 0, (0,), "u1")])
 
     def _final(self, job: Job, how: list[str]) -> tuple[Segment, np.ndarray] | None:
         """A segment for the joined array, when every engine can write its part straight into it."""
-        if job.op != "join" or any(h != "shm" for h in how):
+        if job.op != "join" or any(h != SHM for h in how):
             return None
-        if any(src[0] == "here" for src in job.sources) or any(s is None for s, _ in job.metas):
+        if any(isinstance(src, Here) for src in job.sources) or any(s is None for s, _ in job.metas):
             return None
         shapes = [tuple(s) for s, _ in job.metas]
         dtypes = {d for _, d in job.metas}
@@ -360,34 +352,24 @@ class DataPlane:
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         try:
             seg = self.arena.lease(max(nbytes, 1))
-        except NoRoom:
+        except Exception:  # NoRoom: the parts come back one by one instead
             return None
         tok = seg.token(0, nbytes)
         return seg, tok.view(dtype).reshape(shape)
 
-    def _run_collect(self, ids: Sequence[int], requests: list[list[tuple]], collect: Any) -> list[Any]:
-        futures = [self.pool.apply(eid, collect, requests[r], self.chores(eid))
+    def _run_collect(self, ids: Sequence[int], requests: list[list[remote.Request]]
+                     ) -> list[remote.CollectReply]:
+        futures = [self.pool.apply(eid, remote.collect, requests[r], self.chores(eid))
                    for r, eid in enumerate(ids)]
-        try:
-            wait(futures)
-        except KeyboardInterrupt:
-            self.pool.interrupt(futures, list(ids))
-            raise
-        replies, failures = [], []
-        for r, (eid, fut) in enumerate(zip(ids, futures)):
-            try:
-                reply = fut.result()
-            except Exception as exc:
-                failures.append(self.pool.failure(exc, eid, rank=r))
-                continue
-            self.note(eid, reply)
-            replies.append(reply)
-        if failures:
-            raise RemoteError("bringing results back", failures)
+        self.pool.wait(futures, ids)
+        replies = self.pool.results(futures, ids, "bringing results back")
+        for eid, reply in zip(ids, replies):
+            self.held(eid, reply.held)
         return replies
 
-    def _assemble(self, ids: Sequence[int], jobs: Sequence[Job], finals: dict, plans: dict,
-                  parts_segment: Segment | None, replies: list[Any], how: list[str]) -> dict[str, Any]:
+    def _assemble(self, ids: Sequence[int], jobs: Sequence[Job], finals: dict,
+                  dests: dict[str, list[Any]], replies: list[remote.CollectReply]
+                  ) -> dict[str, Any]:
         out: dict[str, Any] = {}
         position = [0] * len(ids)
         for job in jobs:
@@ -396,37 +378,25 @@ class DataPlane:
                 self.arena.lend(seg, arr.base if arr.base is not None else arr)
                 for r, eid in enumerate(ids):
                     position[r] += 1
-                    self.transfers.append(transfer(eid, job.kind, "in", "shm", _meta_bytes(job.metas[r])))
+                    self.transfers.append(transfer(eid, job.kind, "in", SHM, _meta_bytes(job.metas[r])))
                 out[job.name] = arr
                 continue
-            parts, tokens = [], []
+            parts = []
             for r, eid in enumerate(ids):
-                kind, where = plans[job.name][r]
-                shp, dt = job.metas[r]
-                if kind == "here":
-                    parts.append(job.sources[r][1])
+                dest, source = dests[job.name][r], job.sources[r]
+                if isinstance(source, Here):
+                    parts.append(source.value)
                     continue
-                if kind == "shm":
-                    nbytes = _meta_bytes(job.metas[r])
-                    tokens.append(parts_segment.token(where, nbytes))
-                    part = tokens[-1].view(np.dtype(dt)).reshape(shp)
-                elif kind == "direct":
-                    header, frames = self.channel(eid).get(where)
-                    part = parcel.loads(header, list(frames))
-                else:
-                    part = replies[r]["values"][position[r]]
+                part = self.transports[dest.transport].fetch(eid, dest, replies[r].values[position[r]])
                 position[r] += 1
                 parts.append(part)
                 nbytes = _meta_bytes(job.metas[r]) if job.metas[r][0] is not None else _size(part)
-                self.transfers.append(transfer(eid, job.kind, "in", kind, nbytes))
+                self.transfers.append(transfer(eid, job.kind, "in", dest.transport, nbytes))
             if job.op == "join":
                 out[job.name] = partition.join(parts, job.axis, job.name, list(ids))
             else:
                 out[job.name] = partition.reduce(job.op, parts, job.axis, job.name, list(ids))
             del parts
-            for tok in tokens:
-                # A "list" reduce returns the parts themselves: the segment stays theirs.
-                self.arena.lend(parts_segment, tok)
         return out
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -437,19 +407,16 @@ class DataPlane:
         values, stashes and mappings, so nothing of this session stays on them.
         """
         if engines_live_on:
-            from ..engine.store import reset
-
             try:
-                futures = [self.pool.apply(e, reset) for e in self.pool.ids]
-                wait(futures, timeout=5)
+                self.pool.call_each(self.pool.ids, remote.reset, timeout=5,
+                                    what="engines to forget this session")
             except Exception:
                 pass  # a cluster that is gone holds nothing of ours either
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
-        if self._device_box is not None:
-            self._device_box.close()
-            self._device_box = None
+        for t in self.transports.values():
+            t.close()
         self._at_exit()
         atexit.unregister(self._at_exit)
         self.closed = True
@@ -468,8 +435,8 @@ def _on_device(value: Any) -> bool:
     return type(value).__module__.startswith("cupy")
 
 
-def _large(values: dict[str, Any], shared: dict[str, Any]) -> bool:
-    return any(_size(v) >= parcel.INLINE_LIMIT for v in (*values.values(), *shared.values()))
+def _largest(values: dict[str, Any]) -> int:
+    return max(map(_size, values.values()), default=0)
 
 
 def _size(value: Any) -> int:

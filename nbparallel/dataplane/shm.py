@@ -29,7 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SHM_DIR", "Segment", "Arena", "NoRoom", "available", "new_name"]
+from .. import format as fmt
+
+__all__ = ["SHM_DIR", "Segment", "Arena", "NoRoom", "available", "new_name", "align", "default_budget",
+           "free_bytes", "parse_size", "total_bytes"]
 
 SHM_DIR = Path("/dev/shm")
 PREFIX = "nbp-"
@@ -248,10 +251,10 @@ class Arena:
         while spare and (self.in_use() + size > self.budget or free_bytes() < size + MARGIN):
             self._drop(spare.pop(0))
         if self.in_use() + size > self.budget:
-            raise NoRoom(f"{size >> 20} MiB would exceed the shared-memory budget of "
-                         f"{self.budget >> 20} MiB ({self.in_use() >> 20} MiB in use)")
+            raise NoRoom(f"{fmt.nbytes(size)} would exceed the shared-memory budget of "
+                         f"{fmt.nbytes(self.budget)} ({fmt.nbytes(self.in_use())} in use)")
         if free_bytes() < size + MARGIN:
-            raise NoRoom(f"/dev/shm has {free_bytes() >> 20} MiB free, {size >> 20} MiB needed")
+            raise NoRoom(f"/dev/shm has {fmt.nbytes(free_bytes())} free, {fmt.nbytes(size)} needed")
 
     def _trim(self) -> None:
         spare = [e for e in self._entries.values() if e.state == "free" and not e.held_by]

@@ -1,7 +1,9 @@
 """Runs a cell inside an engine process and reports values or the user's own traceback.
 
 These functions are sent to engines by reference (``nbparallel.engine.runner.run_scatter``), so the
-engines need nbparallel installed, as they do in every supported set-up.
+engines need nbparallel installed, as they do in every supported set-up. The values they read and
+keep live in the engine's half of the data plane (``dataplane/remote.py``); what they answer is
+one of the dataclasses of ``replies.py``.
 """
 
 from __future__ import annotations
@@ -11,29 +13,38 @@ import linecache
 import os
 import time
 import traceback
+from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
-from ..dataplane import parcel
-from . import store
+from ..dataplane import parcel, remote
+from ..dataplane.addresses import route_address
+from ..dataplane.transport import INLINE
+from ..errors import RemoteFailure
+from .replies import ChunkReply, ScatterReply
 
-__all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "probe_gpus", "bind_gpu"]
+__all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "cluster_address", "probe_gpus",
+           "bind_gpu", "register_source", "failure"]
 
 
-def _register_source(cell: CellCode) -> None:
+def register_source(cell: CellCode) -> None:
     # Tracebacks read source lines through linecache; register the cell so they show the user's line.
     lines = cell.source.splitlines(keepends=True)
     linecache.cache[cell.filename] = (len(cell.source), None, lines, cell.filename)
 
 
-def _failure(exc: BaseException, filename: str, **where: Any) -> dict[str, Any]:
+def failure(exc: BaseException, filename: str, **where: Any) -> RemoteFailure:
+    """``exc`` as the notebook shows it: the traceback from the user's cell ``filename`` on
+    (the runner's own frames dropped), with where it happened; the notebook fills in the engine."""
     tb = exc.__traceback__
-    # Drop the runner's own frames: the traceback starts at the user's cell.
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
+    if tb is None:  # not raised from the cell (a payload that did not open): all of it
+        tb = exc.__traceback__
     text = "".join(traceback.format_exception(type(exc), exc, tb))
-    return {"ename": type(exc).__name__, "evalue": str(exc), "traceback": text, **where}
+    return RemoteFailure(-1, type(exc).__name__, str(exc), text, **where)
 
 
 def _base_namespace(names_blob: bytes) -> dict[str, Any]:
@@ -43,58 +54,55 @@ def _base_namespace(names_blob: bytes) -> dict[str, Any]:
     return ns
 
 
-def run_scatter(cell: CellCode, names_blob: bytes, payload: Any, rank: int, size: int,
+def run_scatter(cell: CellCode, names_blob: bytes, payload: list[Any], rank: int, size: int,
                 halo: tuple[int, int], outputs: list[str], keep: dict[str, str] | None = None,
-                todo: dict[str, list[str]] | None = None) -> dict[str, Any]:
-    """Run a ``%%scatter`` cell on this engine's shard.
+                todo: remote.Chores | None = None) -> ScatterReply:
+    """Run a ``%%scatter`` cell on this engine's shard (``payload``: the notebook's notes).
 
-    Small outputs come back in the reply; large arrays wait in the store for the notebook's
+    Small outputs come back in the reply; large arrays wait in the stash for the notebook's
     ``collect`` (so they can be written straight into the final array); names in ``keep`` stay
     resident under the given keys. The reply also lists the shared-memory segments this engine
     still holds views of.
     """
     t0 = time.time()
-    store.chores(todo)
-    store.clear_stash()
+    remote.chores(todo)
+    remote.clear_stash()
     reply = _scatter_once(cell, names_blob, payload, rank, size, halo, outputs, keep or {})
-    reply["held"] = store.held()  # after the cell's namespace is gone
-    reply["time"] = (t0, time.time())
-    return reply
+    # After the cell's namespace is gone:
+    return replace(reply, held=tuple(remote.held()), time=(t0, time.time()))
 
 
-def _scatter_once(cell: CellCode, names_blob: bytes, payload: Any, rank: int, size: int,
-                  halo: tuple[int, int], outputs: list[str], keep: dict[str, str]) -> dict[str, Any]:
-    _register_source(cell)
+def _scatter_once(cell: CellCode, names_blob: bytes, payload: list[Any], rank: int, size: int,
+                  halo: tuple[int, int], outputs: list[str], keep: dict[str, str]) -> ScatterReply:
+    register_source(cell)
     try:
         ns = _base_namespace(names_blob)
-        for part in payload if isinstance(payload, list) else [payload]:
-            ns.update(gpu.to_device(store.open_payload(part)))  # shards go to the GPU once
+        ns.update(gpu.to_device(remote.open_payload(payload)))  # shards go to the GPU once
     except Exception as exc:  # a resident value that is gone, or a payload that did not arrive
-        return {"ok": False, "failure": {"ename": type(exc).__name__, "evalue": str(exc),
-                                         "traceback": traceback.format_exc(), "rank": rank}}
+        return ScatterReply(False, rank, failure=failure(exc, "", rank=rank))
     ns.update(rank=rank, size=size, halo=tuple(halo))
     try:
         exec(compile_cell(cell), ns)
     except Exception as exc:  # the user's exception, reported with their own line
-        return {"ok": False, "failure": _failure(exc, cell.filename, rank=rank)}
-    missing = [name for name in outputs if name not in ns]
+        return ScatterReply(False, rank, failure=failure(exc, cell.filename, rank=rank))
+    missing = tuple(name for name in outputs if name not in ns)
     if missing:
-        return {"ok": False, "missing": missing, "rank": rank}
+        return ScatterReply(False, rank, missing=missing)
     values: dict[str, Any] = {}
-    pending: dict[str, tuple[tuple[int, ...], str]] = {}
+    pending: dict[str, tuple[Any, Any]] = {}
     kept: dict[str, Any] = {}
     for name in outputs:
         if name in keep:
-            store.keep(keep[name], ns[name])
+            remote.keep(keep[name], ns[name])
             kept[name] = _meta(ns[name])
             continue
         value = gpu.to_host(ns[name])
         if parcel.is_plain_array(value) and value.nbytes >= parcel.INLINE_LIMIT:
-            store.stash(name, value)
+            remote.stash(name, value)
             pending[name] = _meta(value)
         else:
             values[name] = value
-    return {"ok": True, "values": values, "pending": pending, "kept": kept}
+    return ScatterReply(True, rank, values, pending, kept)
 
 
 def _meta(value: Any) -> tuple[Any, Any]:
@@ -105,25 +113,24 @@ def _meta(value: Any) -> tuple[Any, Any]:
     return tuple(shape), dtype  # the dtype itself: the .str of a record dtype is only "|V8"
 
 
-def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, items: Any
-                   ) -> tuple[list[tuple[int, bool, Any]], float, list[str] | None, float]:
-    """Run a ``%%pmap`` body once per ``(index, item)``; each result is ``(index, ok, value)``.
+def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, note: Any) -> ChunkReply:
+    """Run a ``%%pmap`` body once per ``(index, item)`` of the chunk ``note`` stands for.
 
     A failing item does not stop the chunk: its value is the failure record instead. The seconds
-    the chunk took come back too, so the notebook can size the next chunks. ``items`` is a list,
-    or a shared-memory payload entry for one; then the segments still held come back as well.
-    Last comes the wall-clock start, for the notebook's telemetry.
+    the chunk took come back too, so the notebook can size the next chunks, and the segments
+    still held when the chunk came through shared memory.
     """
     started, t0 = time.time(), time.perf_counter()
-    if isinstance(items, list):
-        return _pmap_items(cell, target, names_blob, items), time.perf_counter() - t0, None, started
-    out = _pmap_items(cell, target, names_blob, store.open_payload({"items": items})["items"])
-    return out, time.perf_counter() - t0, store.held(), started
+    items = remote.open_payload(note)["items"]
+    out = _pmap_items(cell, target, names_blob, items)
+    del items
+    held = tuple(remote.held()) if note.transport != INLINE else None
+    return ChunkReply(out, time.perf_counter() - t0, started, held)
 
 
 def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
                 items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
-    _register_source(cell)
+    register_source(cell)
     base = _base_namespace(names_blob)
     body = compile_cell(cell)
     bind = compile(f"{target} = __nbparallel_item__", "<%%pmap target>", "exec")
@@ -135,7 +142,7 @@ def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
             exec(bind, ns)
             exec(body, ns)
         except Exception as exc:  # recorded per item, the rest of the chunk still runs
-            out.append((index, False, _failure(exc, cell.filename, item=index)))
+            out.append((index, False, failure(exc, cell.filename, item=index)))
             continue
         out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
     return out
@@ -145,13 +152,39 @@ def engine_info() -> dict[str, Any]:
     """Host, pid and device of this engine, for the pool's engine table.
 
     ``gpu`` describes the bound CUDA device (index, uuid, pci, name, total) or is None.
+    ``address`` is where the rest of the cluster reaches it (:func:`cluster_address`).
     ``ident`` is the engine's identity with the controller: a load-balanced task lost with its
     engine is reported under it alone, after the client has forgotten the engine's id.
     """
     import socket
 
     return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name(),
-            "gpu": gpu.bound(), "ident": _ident()}
+            "gpu": gpu.bound(), "ident": _ident(), "address": cluster_address()}
+
+
+#: Set on an engine whose cluster reaches it by another address than the route to its controller.
+ADDRESS_VAR = "NBPARALLEL_DATAPLANE_IP"
+
+
+def cluster_address() -> str:
+    """This engine's address on the network it shares with its controller.
+
+    The interface of the route to the controller, so a channel listens on that one network and
+    nowhere else; ``$NBPARALLEL_DATAPLANE_IP`` overrides it where the notebook reaches engines by
+    another network. Loopback when the controller is on this machine's loopback.
+    """
+    if os.environ.get(ADDRESS_VAR):
+        return os.environ[ADDRESS_VAR]
+    try:
+        from ipyparallel.engine.app import IPEngine
+
+        if IPEngine.initialized():
+            controller = urlsplit(IPEngine.instance().registration_url).hostname
+            if controller:
+                return route_address(controller)
+    except (ImportError, OSError, ValueError):
+        pass
+    return "0.0.0.0"  # not an ipyparallel engine (or no route): every interface
 
 
 def _ident() -> str | None:

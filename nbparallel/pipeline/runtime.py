@@ -1,6 +1,7 @@
 """Model parallelism: stages on engines, micro-batches flowing between them under a schedule.
 
-The Python twins of ``%%stage`` and ``%pipeline``::
+:class:`Pipeline` is the runtime, one per session; its Python twins (``pipeline/twins.py``)
+are importable from :mod:`nbparallel.pipeline`, like ``%%stage`` and ``%pipeline``::
 
     from nbparallel import pipeline
     pipeline.stage("l1", STAGE_CELL_SOURCE)            # runs once on its engine
@@ -17,22 +18,23 @@ last stage, and optionally ``step()``, called once per step after all micro-batc
 from __future__ import annotations
 
 import secrets
-import sys
-from concurrent.futures import FIRST_COMPLETED, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .. import config
-from .. import pool as pool_mod
 from ..cellcode import free_names, pack_names, parse_cell
+from ..dataplane import remote
+from ..engine import stages as engine_stages
+from ..engine.replies import RankReply
 from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
+from ..format import ranges
 from . import schedule as sched
 
-TICK = 0.1  # seconds between dashboard looks while the stages run
+__all__ = ["StageInfo", "RunResult", "Pipeline"]
 
-__all__ = ["StageInfo", "RunResult", "Pipeline", "stage", "run", "train", "show", "clear"]
+STAGE_TIMEOUT = 3600.0  # seconds a %%stage cell, a pull or a drop may take (Ctrl-C ends it sooner)
 
 
 @dataclass(frozen=True)
@@ -58,13 +60,7 @@ class RunResult:
     @property
     def bubble(self) -> float:
         """Idle share of engine time between the first op's start and the last op's end."""
-        if not self.spans:
-            return 0.0
-        t0 = min(s[4] for s in self.spans)
-        t1 = max(s[5] for s in self.spans)
-        busy = sum(s[5] - s[4] for s in self.spans)
-        total = self.schedule.p * (t1 - t0)
-        return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
+        return sched.bubble(((s[4], s[5]) for s in self.spans), self.schedule.p)
 
     @property
     def theory(self) -> float:
@@ -78,10 +74,16 @@ class RunResult:
 
 
 class Pipeline:
-    """The stages defined on one pool, in definition order (stage 0 first)."""
+    """The stages defined on one pool, in definition order (stage 0 first).
 
-    def __init__(self, pool: Any):
+    Built beside the pool by the session: ``pool`` runs the stages, ``plane`` gives their
+    engines' channels and whether they share this host, ``monitor`` records the runs.
+    """
+
+    def __init__(self, pool: Any, plane: Any, monitor: Any):
         self.pool = pool
+        self.plane = plane
+        self.monitor = monitor
         self.stages: dict[str, StageInfo] = {}
         self.last: list[RunResult] = []
         #: Large activations between engines of this host go through shared memory; False sends
@@ -91,8 +93,6 @@ class Pipeline:
     # -- stages --------------------------------------------------------------------------------
     def define(self, name: str, code: str, engine: int | None, namespace: Mapping[str, Any],
                hidden: Sequence[str] = ()) -> StageInfo:
-        from ..engine.stages import define
-
         if not name.isidentifier():
             raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
         cell, tree = parse_cell(code, f"%%stage {name} cell")
@@ -106,21 +106,18 @@ class Pipeline:
             engine = ids[index % len(ids)]
         elif engine not in ids:
             raise UsageError(f"--engine {engine} is not in the pool; available: {ids}.")
-        reply = self.pool.apply(engine, define, name, cell, blob).get()
-        if not reply["ok"]:
-            raise RemoteError(f"the %%stage {name} cell", [RemoteFailure(engine=engine,
-                                                                         **reply["failure"])])
-        if "forward" not in reply["hooks"]:
+        reply = self._call(engine, engine_stages.define, name, cell, blob, what="its stage cell")
+        if not reply.ok:
+            raise RemoteError(f"the %%stage {name} cell", [replace(reply.failure, engine=engine)])
+        if "forward" not in reply.hooks:
             raise UsageError(
                 f"stage `{name}` does not define forward(x, ctx); every stage needs one, e.g.\n"
                 f"    def forward(x, ctx):\n        ctx['x'] = x\n        return x @ W"
             )
         old = self.stages.get(name)
         if old is not None and old.engine != engine and self.pool.alive([old.engine]):
-            from ..engine.stages import drop
-
-            self.pool.apply(old.engine, drop, [name]).get()
-        info = StageInfo(name, engine, tuple(reply["hooks"]), reply["param_bytes"])
+            self._call(old.engine, engine_stages.drop, [name], what="the old stage to go")
+        info = StageInfo(name, engine, reply.hooks, reply.param_bytes)
         self.stages[name] = info  # re-running a stage keeps its place in the order
         return info
 
@@ -136,7 +133,7 @@ class Pipeline:
             raise PoolError(
                 f"stage(s) {names} lived on an engine that has stopped, and their parameters "
                 f"with it. Define them again on a live engine (`%%stage NAME --engine K`, K one "
-                f"of {pool_mod._ranges(self.pool.ids)}), or `%pipeline clear` and start over."
+                f"of {ranges(self.pool.ids)}), or `%pipeline clear` and start over."
             )
         ranks = list(dict.fromkeys(engines))
         p = len(ranks)
@@ -201,9 +198,7 @@ class Pipeline:
 
     def _execute(self, s: sched.Schedule, ranks: list[int], xs: list[Any], ts: list[Any],
                  train: bool, dashboard: bool | None) -> dict[str, Any]:
-        from ..engine.stages import run_rank
-
-        plane = self.pool.plane
+        plane = self.plane
         names = list(self.stages)
         # Engines that all share this host's /dev/shm share each other's: hand off through it,
         # and their channels listen on loopback. Across hosts, on the cluster's network.
@@ -219,74 +214,59 @@ class Pipeline:
                                if local and config.cuda_ipc
                                and self.pool.info(self.stages[n].engine).get("gpu"))
         futures = []
-        with self.pool.monitor.watch("%pipeline", ranks, dashboard) as watch:
+        with self.monitor.watch("%pipeline", ranks, dashboard) as watch:
             watch.queued({eid: 1 for eid in ranks})
             for r, eid in enumerate(ranks):
                 mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
                 ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
                 inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
                 targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
-                futures.append(self.pool.apply(eid, run_rank, run_id, r, ops, mine, endpoints,
-                                               len(names), inputs, targets, train, owner,
-                                               gpu_stages))
+                futures.append(self.pool.apply(eid, engine_stages.run_rank, run_id, r, ops, mine,
+                                               endpoints, len(names), inputs, targets, train,
+                                               owner, gpu_stages))
                 watch.follow(futures[-1], eid, run_id,
                              {i: self.stages[n].engine for i, n in enumerate(names)})
             replies = self._collect(futures, ranks, run_id, watch)
             result = RunResult(s, run_id)
             out: dict[str, Any] = {"outputs": {}, "losses": {}}
             for r, (fut, reply) in enumerate(zip(futures, replies)):
-                out["outputs"].update(reply["outputs"])
-                out["losses"].update(reply["losses"])
-                result.spans += [(r, *span) for span in reply["spans"]]
-                result.peak_stash.update(reply["peak_stash"])
-                result.bytes_between_stages += sum(reply["sent"].values())
-                watch.settle(fut, reply["spans"], reply["sent"])
-            self.pool.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
+                out["outputs"].update(reply.outputs)
+                out["losses"].update(reply.losses)
+                result.spans += [(r, *span) for span in reply.spans]
+                result.peak_stash.update(reply.peak_stash)
+                result.bytes_between_stages += sum(reply.sent.values())
+                watch.settle(fut, reply.spans, reply.sent)
+            self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
         self.last.append(result)
         return out
 
     def _collect(self, futures: list[Any], ranks: list[int], run_id: str,
-                 watch: Any) -> list[dict[str, Any]]:
-        from ..engine.store import discard_run
-
-        pending = set(futures)
-        failed = False
+                 watch: Any) -> list[RankReply]:
+        failed = True  # until the wait ends without a failure: Ctrl-C leaves it so
         try:
-            while pending and not failed:
-                done, pending = wait(pending, timeout=TICK, return_when=FIRST_COMPLETED)
-                watch.tick()
-                if not done:
-                    self.pool.check_controller()
-                failed = any(f.exception() is not None or not f.result()["ok"] for f in done)
-        except KeyboardInterrupt:
-            failed = True
-            raise
+            waited = self.pool.wait(futures, ranks, tick=watch.tick, stop_if=_failed)
+            failed = waited.stopped or any(_failed(f) for f in futures)
         finally:
-            if failed and pending:
-                # One stage failed: the others wait for activations that will never come.
-                self.pool.interrupt(list(pending), ranks)
-                wait(pending, timeout=10)
             if failed:
+                # What arrived for the run on the engines still alive will never be taken.
                 for eid in self.pool.alive(ranks):
                     try:
-                        self.pool.apply(eid, discard_run, f"{run_id}:")
+                        self.pool.apply(eid, remote.discard_run, f"{run_id}:")
                     except PoolError:
                         pass  # it stopped just now: nothing of the run is left on it either
                 for eid in ranks:
                     if not self.pool.alive([eid]):
-                        self.pool.plane.engine_gone(eid)
+                        self.plane.engine_gone(eid)
         failures = []
         replies = []
         for r, (eid, fut) in enumerate(zip(ranks, futures)):
-            try:
-                reply = fut.result()
-            except Exception as exc:
-                f = self.pool.failure(exc, eid, rank=r)
-                if f.ename != "KeyboardInterrupt":
-                    failures.append(f)
+            reply, failure = self.pool.outcome(fut, eid, rank=r)
+            if failure is not None:
+                if failure.ename not in ("KeyboardInterrupt", "TimeoutError"):  # stopped by us
+                    failures.append(failure)
                 continue
-            if not reply["ok"]:
-                failures.append(RemoteFailure(engine=eid, **reply["failure"]))
+            if not reply.ok:
+                failures.append(replace(reply.failure, engine=eid))
             replies.append(reply)
         if failures or failed:
             raise RemoteError("the pipeline", failures or [RemoteFailure(-1, "Interrupted",
@@ -299,21 +279,29 @@ class Pipeline:
 
     def pull(self, stage: str, var: str) -> Any:
         """Copy variable ``var`` of stage ``stage`` into the notebook (e.g. trained weights)."""
-        from ..engine.stages import pull
-
         if stage not in self.stages:
             raise UsageError(f"no stage named `{stage}`; stages: {', '.join(self.stages) or 'none'}.")
-        return self.pool.apply(self.stages[stage].engine, pull, stage, var).get()
+        return self._call(self.stages[stage].engine, engine_stages.pull, stage, var,
+                          what=f"stage {stage}'s {var}")
 
     def clear(self) -> None:
         """Forget every stage, here and on the engines."""
-        from ..engine.stages import drop
-
         live = set(self.pool.alive([info.engine for info in self.stages.values()]))
         for info in self.stages.values():
             if info.engine in live:  # a stage on an engine that stopped went with it
-                self.pool.apply(info.engine, drop, [info.name]).get()
+                self._call(info.engine, engine_stages.drop, [info.name], what="the stage to go")
         self.stages.clear()
+
+    def _call(self, engine: int, fn: Any, *args: Any, what: str) -> Any:
+        # A stage cell may take long (it builds parameters): bounded, but generously.
+        return self.pool.call(engine, fn, *args, timeout=STAGE_TIMEOUT, what=what)
+
+
+def _failed(future: Any) -> bool:
+    """Whether a rank's task failed: the others then wait for activations that never come."""
+    if future.exception() is not None:
+        return True
+    return not future.result().ok
 
 
 def _forward_only(p: int, m: int, v: int) -> sched.Schedule:
@@ -339,47 +327,3 @@ def _split(x: Any, m: int, what: str) -> list[Any]:
 def _join(outputs: dict[int, Any], m: int) -> Any:
     parts = [outputs[j] for j in range(m)]
     return np.concatenate(parts) if all(isinstance(p, np.ndarray) for p in parts) else parts
-
-
-# -- Python twins ------------------------------------------------------------------------------
-def _pipeline(pool: Any | None) -> Pipeline:
-    return (pool or pool_mod.ensure()).pipeline
-
-
-def stage(name: str, code: str, *, engine: int | None = None,
-          namespace: Mapping[str, Any] | None = None, pool: Any | None = None) -> StageInfo:
-    """Define (or replace) stage ``name`` by running ``code`` once on its engine.
-
-    >>> pipeline.stage("l1", "W = w1\\ndef forward(x, ctx):\\n    return x @ W")
-    """
-    if namespace is None:
-        namespace = sys._getframe(1).f_globals
-    return _pipeline(pool).define(name, code, engine, namespace)
-
-
-def run(x: Any, microbatches: int = 1, *, dashboard: bool | None = None,
-        pool: Any | None = None) -> Any:
-    """Forward ``x`` through every stage in ``microbatches`` pieces; returns the joined output.
-
-    >>> y = pipeline.run(x, microbatches=8)
-    """
-    return _pipeline(pool).run(x, microbatches, dashboard)
-
-
-def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
-          dashboard: bool | None = None, pool: Any | None = None) -> list[float]:
-    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss.
-
-    >>> losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
-    """
-    return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard)
-
-
-def show(*, pool: Any | None = None) -> list[StageInfo]:
-    """The stages in order, with engine, hooks and parameter bytes."""
-    return _pipeline(pool).show()
-
-
-def clear(*, pool: Any | None = None) -> None:
-    """Remove every stage (``%pipeline clear``)."""
-    _pipeline(pool).clear()

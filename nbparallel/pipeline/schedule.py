@@ -32,14 +32,15 @@ from __future__ import annotations
 import math
 import textwrap
 from dataclasses import dataclass
-from typing import Union
+from typing import Iterable, Union
 
 from ..errors import UsageError
 
 __all__ = [
-    "NAMES", "ScheduleError", "Op", "Send", "Recv", "Schedule", "Costs", "Span", "Simulation",
+    "NAMES", "KINDS", "ScheduleError", "Op", "Send", "Recv", "Action", "Schedule", "Costs", "Span",
+    "Simulation",
     "gpipe", "one_f_one_b", "interleaved", "zb_h1", "build", "validate", "comms", "simulate",
-    "theoretical_bubble", "render",
+    "bubble", "theoretical_bubble", "render",
 ]
 
 NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
@@ -143,10 +144,11 @@ class Span:
 class Simulation:
     """Result of :func:`simulate`.
 
-    ``bubble`` is the idle fraction ``1 - sum(busy) / (p * makespan)``. ``peak_stash[r]`` is the most
-    micro-batch activations rank ``r`` holds at once (F done, its B or I not yet done, over all the
-    rank's stages). ``peak_inflight[r]`` also counts micro-batches whose I is done but W is not: W still
-    needs the stage's saved input, so this is the count Qi et al. keep equal to 1F1B's peak.
+    ``bubble`` is the idle fraction ``1 - sum(busy) / (p * makespan)`` (:func:`bubble`, as for
+    measured runs). ``peak_stash[r]`` is the most micro-batch activations rank ``r`` holds at once
+    (F done, its B or I not yet done, over all the rank's stages). ``peak_inflight[r]`` also counts
+    micro-batches whose I is done but W is not: W still needs the stage's saved input, so this is
+    the count Qi et al. keep equal to 1F1B's peak.
     """
 
     spans: tuple[Span, ...]
@@ -384,8 +386,8 @@ def simulate(s: Schedule, costs: Costs = Costs()) -> Simulation:
     spans = _execute(s, costs)  # raises on deadlock, as validate() does
     makespan = max((sp.end for sp in spans), default=0.0)
     busy = [sum(sp.end - sp.start for sp in spans if sp.rank == r) for r in range(s.p)]
-    bubble = 1.0 - sum(busy) / (s.p * makespan) if makespan > 0 else 0.0
-    return Simulation(tuple(spans), makespan, bubble, tuple(_stash(s, r, "BI") for r in range(s.p)),
+    idle = bubble(((sp.start, sp.end) for sp in spans), s.p)  # every schedule starts at 0
+    return Simulation(tuple(spans), makespan, idle, tuple(_stash(s, r, "BI") for r in range(s.p)),
                       tuple(busy), tuple(_stash(s, r, "BW") for r in range(s.p)))
 
 
@@ -414,6 +416,24 @@ def comms(s: Schedule) -> tuple[tuple[Action, ...], ...]:
 
 # ----------------------------------------------------------------------------------------------------
 # Theory and drawing
+
+
+def bubble(spans: Iterable[tuple[float, float]], ranks: int) -> float:
+    """The idle share of ``ranks`` engines' time from the first span's start to the last span's end:
+    ``1 - busy / (ranks * (end - start))``, where ``busy`` sums the ``(start, end)`` spans in the
+    order given (ops on one engine run one after another, so they do not overlap). 0.0 when no
+    time passed. The one bubble formula: measured runs, their views and simulations all use it.
+
+    >>> bubble([(0, 1), (1, 2)], ranks=2)
+    0.5
+    >>> bubble([(0, 3), (0, 1), (1, 3)], ranks=2), bubble([], ranks=4)
+    (0.0, 0.0)
+    """
+    t0, t1, busy, any_span = math.inf, -math.inf, 0.0, False
+    for a, b in spans:
+        t0, t1, busy, any_span = min(t0, a), max(t1, b), busy + (b - a), True
+    total = ranks * (t1 - t0) if any_span else 0.0
+    return max(0.0, 1.0 - busy / total) if total > 0 else 0.0
 
 
 def theoretical_bubble(name: str, p: int, m: int, v: int = 1, costs: Costs = Costs()) -> float | None:

@@ -18,19 +18,18 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Generic, Iterable, TypeVar
 
-__all__ = ["Transfer", "Span", "Sample", "Ring", "KINDS", "TRANSPORTS", "SPAN_KINDS"]
+__all__ = ["Transfer", "Span", "Sample", "Ring", "transfer", "KINDS", "SPAN_KINDS"]
 
 #: What a transfer carried.
 KINDS = ("scatter", "broadcast", "gather", "reduce", "payload", "result", "stage")
-#: How it travelled: shared memory, a direct authenticated channel, ipyparallel's controller,
-#: or device to device by CUDA IPC (pipeline stages on GPU engines of one host).
-TRANSPORTS = ("shm", "direct", "ipp", "cuda-ipc")
+# How it travelled is the name of the transport that carried it (``dataplane.transport.NAMES``);
+# telemetry stays below the data plane and takes it as plain text.
 
 #: What a span timed: a %%scatter cell on one shard, a %%pmap chunk, or a pipeline op
 #: (F forward, B backward, I backward-input, W backward-weight, step the optimiser step).
 SPAN_KINDS = ("scatter", "pmap", "F", "B", "I", "W", "step")
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,22 +82,31 @@ class Sample:
     gpu_mem_total: int | None = None
 
 
-class Ring(Generic[T]):
-    """A bounded buffer of records; ``cursor`` counts every record ever appended."""
+class Ring(Generic[_T]):
+    """A bounded buffer of records; ``cursor`` counts every record ever appended.
+
+    >>> ring = Ring(maxlen=2)
+    >>> ring.extend("abc")
+    >>> ring.since(0)  # "a" fell out; the cursor counts all three
+    (['b', 'c'], 3)
+    >>> ring.append("d")
+    >>> ring.since(3)  # only what is new since the last look
+    (['d'], 4)
+    """
 
     def __init__(self, maxlen: int = 10_000):
-        self._items: deque[T] = deque(maxlen=maxlen)
+        self._items: deque[_T] = deque(maxlen=maxlen)
         self.cursor = 0
 
-    def append(self, item: T) -> None:
+    def append(self, item: _T) -> None:
         self._items.append(item)
         self.cursor += 1
 
-    def extend(self, items: Iterable[T]) -> None:
+    def extend(self, items: Iterable[_T]) -> None:
         for item in items:
             self.append(item)
 
-    def since(self, cursor: int) -> tuple[list[T], int]:
+    def since(self, cursor: int) -> tuple[list[_T], int]:
         """Records appended after ``cursor`` that are still held, and the new cursor."""
         held = len(self._items)
         missed = max(0, self.cursor - cursor)

@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from ..pipeline.schedule import bubble
 from .records import Sample, Span, Transfer
 
 __all__ = [
@@ -125,7 +126,7 @@ class PipelineView:
     """One pipeline run, ready to draw: rows are engines in rank order (the engine holding stage 0
     first). ``gaps[e]`` are engine ``e``'s idle intervals between the run's first op start
     (``start``) and last op end (``end``): the bubbles. ``bubble`` is the idle share of
-    ``p * (end - start)``, computed exactly as :attr:`nbparallel.pipeline.runtime.RunResult.bubble`."""
+    ``p * (end - start)``, by :func:`nbparallel.pipeline.schedule.bubble` (as :attr:`nbparallel.pipeline.runtime.RunResult.bubble`)."""
 
     run: str
     start: float
@@ -166,10 +167,7 @@ def pipeline_view(spans: Iterable[Span], run: str, p: int | None = None) -> Pipe
     p = len(engines) if p is None else p
     # Summed in input order like RunResult.bubble so both give the same float; ops on one engine
     # run one after another, so the sum equals the union the gaps are drawn from.
-    busy = sum(s.end - s.start for s in mine)
-    total = p * (t1 - t0)
-    bubble = max(0.0, 1.0 - busy / total) if total > 0 else 0.0
-    return PipelineView(run, t0, t1, engines, rows, gaps, bubble, p)
+    return PipelineView(run, t0, t1, engines, rows, gaps, bubble(((s.start, s.end) for s in mine), p), p)
 
 
 def _gaps(busy: list[tuple[float, float]], t0: float, t1: float) -> tuple[tuple[float, float], ...]:
@@ -210,10 +208,11 @@ class Telemetry:
 
     In a notebook, fed from the pool's rings with cursors::
 
+        from nbparallel.format import nbytes
         tel = Telemetry(engines=pool.ids)
         new, cur = pool.transfers.since(cur)
         tel.ingest(transfers=new)
-        f"{tel.totals()['all'] / 1e9:.2f} GB moved, {tel.gbps(time.time()):.2f} GB/s now"
+        f"{nbytes(tel.totals()['all'])} moved, {tel.gbps(time.time()):.2f} GB/s now"
     """
 
     def __init__(self, engines: Iterable[int] = (), *, max_spans: int = 10_000,

@@ -26,6 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from ..format import nbytes, seconds
 from ..telemetry.records import Sample, Span, Transfer
 from ..telemetry.reduce import PipelineView, Telemetry, flow
 from ..telemetry.trace import span_name
@@ -35,7 +36,7 @@ __all__ = ["Dashboard", "MIN_INTERVAL"]
 
 MIN_INTERVAL = 0.25  # seconds between redraws: 2-4 updates a second is live enough, and cheap to send
 BUSY_WINDOW = 5.0  # seconds of history behind each busy fraction
-RATE_WINDOW = 1.0  # seconds behind "GB/s now"
+RATE_WINDOW = 1.0  # seconds behind the "... /s now" rate
 SVG_WIDTH = 720
 _LABEL = 72  # px for the row labels left of the timeline
 _ROW, _PAD = 16, 4
@@ -67,9 +68,9 @@ class Dashboard:
     is drawn until :meth:`show` or :meth:`finish`. ``clock`` (seconds, the records' clock) is for tests.
 
     >>> dash = Dashboard([0, 1], live=False, clock=lambda: 100.0)
-    >>> dash.feed(transfers=[Transfer(0, "scatter", "out", "shm", 2_000_000, 99.5)])
+    >>> dash.feed(transfers=[Transfer(0, "scatter", "out", "shm", 2 * 2**20, 99.5)])
     >>> print(dash.text().splitlines()[0])
-    nbparallel: 2 engines, 2.00 MB moved, 2.00 MB/s now
+    nbparallel: 2 engines, 2.0 MiB moved, 2.0 MiB/s now
     """
 
     def __init__(self, engines: list[int], *, title: str = "nbparallel", live: bool = True,
@@ -259,8 +260,8 @@ def _display(obj: Any, **kwargs: Any) -> Any:
 def _summary_text(d: Dashboard, now: float) -> str:
     n = len(d._engines())
     rate = d.telemetry.gbps(now, RATE_WINDOW) * 1e9
-    return (f"{n} engine{'s' if n != 1 else ''}, {fmt_bytes(d.telemetry.total_bytes)} moved, "
-            f"{fmt_bytes(rate)}/s now")
+    return (f"{n} engine{'s' if n != 1 else ''}, {nbytes(d.telemetry.total_bytes)} moved, "
+            f"{nbytes(rate)}/s now")
 
 
 def _head_html(d: Dashboard, now: float) -> str:
@@ -285,7 +286,7 @@ def _load_row(engine: int, busy: float, s: Sample | None, gpu: bool, html: bool)
         util = f"{s.gpu_util:.0f}%" if s is not None and s.gpu_util is not None else "-"
         mem = "-"
         if s is not None and s.gpu_mem is not None:
-            mem = fmt_bytes(s.gpu_mem) + (f" / {fmt_bytes(s.gpu_mem_total)}" if s.gpu_mem_total else "")
+            mem = nbytes(s.gpu_mem) + (f" / {nbytes(s.gpu_mem_total)}" if s.gpu_mem_total else "")
         row += [util, mem]
     return row
 
@@ -313,11 +314,11 @@ def _volume_rows(d: Dashboard, html: bool) -> list[list[str]]:
             flows[flow(kind, direction)] += n
             total[flow(kind, direction)] += n
         arrow = {"out": "→", "in": "←"}
-        kinds = ", ".join(f"{kind} {'' if kind == 'stage' else arrow.get(direction, '')}{fmt_bytes(n)}"
+        kinds = ", ".join(f"{kind} {'' if kind == 'stage' else arrow.get(direction, '')}{nbytes(n)}"
                           for (kind, direction), n in sorted(per.items()) if n)
-        rows.append([str(e), fmt_bytes(flows["out"]), fmt_bytes(flows["in"]), fmt_bytes(flows["stage"]),
+        rows.append([str(e), nbytes(flows["out"]), nbytes(flows["in"]), nbytes(flows["stage"]),
                      _html.escape(kinds) if html else kinds])
-    rows.append(["total", fmt_bytes(total["out"]), fmt_bytes(total["in"]), fmt_bytes(total["stage"]), ""])
+    rows.append(["total", nbytes(total["out"]), nbytes(total["in"]), nbytes(total["stage"]), ""])
     return rows
 
 
@@ -350,12 +351,12 @@ def _columns(rows: list[list[str]], left: tuple[int, ...] = ()) -> list[str]:
 def _pipeline_caption(view: PipelineView, info: _Info | None, truncated: bool = False) -> str:
     if info is None:  # not announced (yet): what was measured so far
         return (f"pipeline run {view.run}: bubble {view.bubble:.1%} measured; "
-                f"{fmt_seconds(view.makespan)} on {view.p} engines"
+                f"{seconds(view.makespan)} on {view.p} engines"
                 + ("; too many ops to hold, only the newest shown" if truncated else ""))
     theory = f"{info.theory:.1%}" if info.theory is not None else "n/a"
     stash = ", ".join(f"s{s} {n}" for s, n in sorted(info.peak_stash.items())) or "n/a"
     return (f"pipeline run {view.run} ({info.schedule}): bubble {view.bubble:.1%} measured, "
-            f"{theory} theory; {fmt_seconds(view.makespan)} on {view.p} engines; peak stash {stash}"
+            f"{theory} theory; {seconds(view.makespan)} on {view.p} engines; peak stash {stash}"
             + ("; too many ops to hold, only the newest shown" if truncated else ""))
 
 
@@ -388,7 +389,7 @@ def _timeline_svg(view: PipelineView) -> str:
     y = len(view.engines) * (_ROW + _PAD)
     axis = (f'<text x="{_LABEL}" y="{y + 10}" fill="currentColor">0</text>'
             f'<text x="{_LABEL + width}" y="{y + 10}" text-anchor="end" fill="currentColor">'
-            f"{fmt_seconds(view.makespan)}</text>")
+            f"{seconds(view.makespan)}</text>")
     legend, lx = [], _LABEL + 60
     present = {s.kind for row in view.spans.values() for s in row}
     for kind in [k for k in ("F", "B", "I", "W", "step") if k in present]:
@@ -447,33 +448,4 @@ def _timeline_text(view: PipelineView, cols: int = 64) -> list[str]:
             kind = max(col, key=col.__getitem__) if busy >= 0.5 else "."
             row += "." if kind == "." else "+" if col[kind] < busy / 2 else "s" if kind == "step" else kind
         out.append(f"  {f'engine {e}':>{width}} |{row}|")
-    return out + [f"  ('.' idle, '+' mixed, {fmt_seconds(step)} per column)"]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Units
-
-
-def fmt_bytes(n: float) -> str:
-    """``1.2 MB``: decimal units, three significant digits.
-
-    >>> fmt_bytes(0), fmt_bytes(1234), fmt_bytes(56_700), fmt_bytes(5.6e9)
-    ('0 B', '1.23 kB', '56.7 kB', '5.60 GB')
-    """
-    unit = "B"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 999.5 or unit == "TB":
-            break
-        n /= 1000
-    if unit == "B":
-        return f"{n:.0f} B"
-    return f"{n:.{2 if abs(n) < 9.995 else 1 if abs(n) < 99.95 else 0}f} {unit}"
-
-
-def fmt_seconds(t: float) -> str:
-    """``12.3 ms``, ``4.56 s``."""
-    if t >= 1:
-        return f"{t:.3g} s"
-    if t >= 1e-3:
-        return f"{t * 1e3:.3g} ms"
-    return f"{t * 1e6:.3g} µs"
+    return out + [f"  ('.' idle, '+' mixed, {seconds(step)} per column)"]

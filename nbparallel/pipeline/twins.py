@@ -1,0 +1,65 @@
+"""The Python twins of ``%%stage`` and ``%pipeline``, on the current session's pipeline::
+
+    from nbparallel import pipeline
+    pipeline.stage("l1", STAGE_CELL_SOURCE)            # runs once on its engine
+    pipeline.stage("l2", OTHER_STAGE_SOURCE)
+    y = pipeline.run(x, microbatches=8)                # forward only (GPipe order)
+    losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
+    pipeline.show()                                    # stages, engines, parameter bytes
+
+``pool=`` names another session than the current one.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from .. import session as session_mod
+from ..session import Session
+from .runtime import Pipeline, StageInfo
+
+__all__ = ["stage", "run", "train", "show", "clear"]
+
+
+def _pipeline(session: Session | None) -> Pipeline:
+    return (session or session_mod.ensure()).pipeline
+
+
+def stage(name: str, code: str, *, engine: int | None = None,
+          namespace: Mapping[str, Any] | None = None, pool: Session | None = None) -> StageInfo:
+    """Define (or replace) stage ``name`` by running ``code`` once on its engine.
+
+    >>> pipeline.stage("l1", "W = w1\\ndef forward(x, ctx):\\n    return x @ W")
+    """
+    if namespace is None:
+        namespace = sys._getframe(1).f_globals
+    return _pipeline(pool).define(name, code, engine, namespace)
+
+
+def run(x: Any, microbatches: int = 1, *, dashboard: bool | None = None,
+        pool: Session | None = None) -> Any:
+    """Forward ``x`` through every stage in ``microbatches`` pieces; returns the joined output.
+
+    >>> y = pipeline.run(x, microbatches=8)
+    """
+    return _pipeline(pool).run(x, microbatches, dashboard)
+
+
+def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
+          dashboard: bool | None = None, pool: Session | None = None) -> list[float]:
+    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss.
+
+    >>> losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
+    """
+    return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard)
+
+
+def show(*, pool: Session | None = None) -> list[StageInfo]:
+    """The stages in order, with engine, hooks and parameter bytes."""
+    return _pipeline(pool).show()
+
+
+def clear(*, pool: Session | None = None) -> None:
+    """Remove every stage (``%pipeline clear``)."""
+    _pipeline(pool).clear()
