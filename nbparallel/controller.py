@@ -11,18 +11,21 @@ while a magic waits:
   altogether is declared gone after :data:`MISSES` silent probes in a row.
 
 Nothing is sent on the probe connection: ZeroMQ drops a peer that closes before its greeting.
+Also here: where a cluster's connection file lies and the flags that name it in the commands we
+suggest, and the processes of a controller this kernel started.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 from urllib.parse import urlsplit
 
 import psutil
 
-__all__ = ["ControllerWatch"]
+__all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags"]
 
 PROBE_TIMEOUT = 1.0
 MISSES = 3
@@ -94,3 +97,29 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+def controller_pids(cluster: Any) -> list[int]:
+    """The started controller's pid, then those of the scheduler processes it forked."""
+    pid = getattr(getattr(cluster, "controller", None), "pid", -1) or -1
+    if pid <= 0:
+        return []
+    try:
+        return [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return [pid]
+
+
+def flags(profile: str | None, cluster_id: str | None) -> str:
+    """The ``--profile``/``--cluster-id`` flags that name a cluster, for the commands we suggest."""
+    return (f" --profile={profile}" if profile else "") + (
+        f" --cluster-id={cluster_id}" if cluster_id else "")
+
+
+def connection_file(profile: str | None, cluster_id: str | None) -> Path:
+    """Where ``ipcluster`` writes the client connection file of the cluster so named."""
+    from IPython.paths import get_ipython_dir
+
+    profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
+    name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
+    return profile_dir / "security" / name

@@ -28,12 +28,11 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from . import gpu
-from .controller import ControllerWatch
+from .controller import ControllerWatch, connection_file, controller_pids, flags
 from . import reaper
 from .cores import thread_limits, usable_cores
 from .engine.runner import bind_gpu, probe_gpus
@@ -41,7 +40,7 @@ from .errors import ControllerLost, PoolError, RemoteError, RemoteFailure, Usage
 from .format import ranges
 from .partition import parse_engines
 
-__all__ = ["EngineInfo", "Pool", "Waited", "connection_file", "flags"]
+__all__ = ["EngineInfo", "Pool", "Waited"]
 
 CONNECT_TIMEOUT = 5.0
 ENGINE_TIMEOUT = 120.0
@@ -94,7 +93,7 @@ class Pool:
         self._reaper: subprocess.Popen | None = None
         #: The controller and its scheduler processes, when nbparallel started them: a controller
         #: killed alone leaves its schedulers behind, and stop() must not.
-        self._controller_pids = _controller_pids(cluster)
+        self._controller_pids = controller_pids(cluster)
         self._controller = ControllerWatch(
             None if getattr(client, "_ssh", False) else client._config.get("registration"),
             self._controller_pids[:1])
@@ -568,34 +567,5 @@ class Pool:
         return f"<nbparallel.Pool {self.how}, engines {ranges(self.ids) or 'none'}>"
 
 
-def _controller_pids(cluster: Any) -> list[int]:
-    """The started controller's pid, then those of the scheduler processes it forked."""
-    import psutil
-
-    pid = getattr(getattr(cluster, "controller", None), "pid", -1) or -1
-    if pid <= 0:
-        return []
-    try:
-        return [pid] + [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return [pid]
-
-
 def _text(value: Any) -> str:
     return "".join(value) if isinstance(value, list) else (value or "")
-
-
-def flags(profile: str | None, cluster_id: str | None) -> str:
-    """The ``--profile``/``--cluster-id`` flags that name a cluster, for the commands we suggest."""
-    return (f" --profile={profile}" if profile else "") + (
-        f" --cluster-id={cluster_id}" if cluster_id else "")
-
-
-def connection_file(profile: str | None, cluster_id: str | None) -> Path:
-    """Where ``ipcluster`` writes the client connection file of the cluster so named."""
-    from IPython.paths import get_ipython_dir
-
-    profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
-    name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
-    return profile_dir / "security" / name
-

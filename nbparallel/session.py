@@ -25,7 +25,8 @@ from .errors import PoolError, UsageError
 from .format import ranges
 from .monitor import Monitor
 from .pipeline.runtime import Pipeline
-from .pool import EngineInfo, Pool, connection_file
+from .controller import connection_file
+from .pool import EngineInfo, Pool
 from .telemetry.records import Ring, Transfer
 
 __all__ = ["Session", "start", "connect", "restart", "stop", "current", "ensure", "resolve"]

@@ -20,7 +20,8 @@ import pytest
 import zmq
 
 from nbparallel.dataplane.addresses import check_reachable, route_address
-from nbparallel.dataplane.direct import Channel, ChannelError, Server, sign
+from nbparallel.dataplane.direct import Channel, ChannelError, sign
+from nbparallel.dataplane.server import Server
 
 KEY = b"k" * 32
 OTHER_KEY = b"o" * 32

@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 from nbparallel.dataplane import direct, handoff
+from nbparallel.dataplane.server import Server
 from nbparallel.dataplane.shm import Segment
 from nbparallel import pipeline
 
@@ -83,7 +84,7 @@ def test_no_process_of_a_local_pool_listens_beyond_loopback(pool):
 def test_the_check_sees_a_wildcard_listener():
     """The check above can fail: a server bound to every interface is reported."""
     key = os.urandom(32)
-    with direct.Server(key, "0.0.0.0") as server:
+    with Server(key, "0.0.0.0") as server:
         port = int(server.endpoint.rsplit(":", 1)[1])
         hits = exposed(listening(os.getpid(), recursive=False))
         assert ("0.0.0.0", port) in {(s[2], s[3]) for s in hits}

@@ -13,7 +13,7 @@ import atexit
 import functools
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np

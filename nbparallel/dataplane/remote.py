@@ -23,7 +23,8 @@ import numpy as np
 from .. import gpu
 from . import transport
 from .addresses import check_reachable
-from .direct import Channel, Server
+from .direct import Channel
+from .server import Server
 from .shm import Segment
 
 __all__ = ["Source", "Request", "Chores", "Kept", "CollectReply", "token", "stored", "keep", "resident_keys",

@@ -1,0 +1,379 @@
+"""The receiving end of the signed channel: a :class:`Server` in an engine (or any process).
+
+The wire format, the signature and the client (:class:`~nbparallel.dataplane.direct.Channel`)
+are in ``direct.py``; this module only receives PUTs, parks GETs until their transfer is offered,
+and answers both. It checks every message's signature before anything else, refuses replays,
+and never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import logging
+import math
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from .direct import (ERR, GET, MAGIC, MAX_GET_WAIT, OK, PUT, REPLAY_HISTORY, ChannelError,
+                     advertised_host, check_key, peer_address, raw, shown, sign, tid_bytes)
+
+__all__ = ["Server"]
+
+_log = logging.getLogger("nbparallel.dataplane")
+
+
+@dataclass
+class _Parked:
+    """A GET waiting for its transfer to be offered."""
+
+    ident: bytes
+    tid: bytes
+    wait: float
+    deadline: float
+
+
+class Server:
+    """Receives PUTs and serves GETs; lives in an engine (or any process).
+
+    A ROUTER socket bound to ``tcp://host:<free port>``, owned by one background daemon thread;
+    the other methods may be called from any thread. ``host`` defaults to loopback; to accept
+    other machines pass an address of this machine (an engine uses :func:`~nbparallel.dataplane.addresses.route_address`), or
+    ``"0.0.0.0"`` to listen on every interface, in which case :attr:`endpoint` advertises the
+    address the hostname resolves to (or ``"0.0.0.0"`` when it does not resolve).
+    :meth:`listen` adds another address later.
+
+    Attributes:
+        endpoint: where Channels connect, e.g. ``"tcp://127.0.0.1:53211"``.
+        refused: how many messages were refused (bad or missing signature, replay, malformed,
+            a put for a transfer id already waiting to be taken).
+    """
+
+    def __init__(self, key: bytes, host: str = "127.0.0.1"):
+        self._key = check_key(key)
+        self.refused = 0
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._inbox: dict[bytes, tuple[bytes, list[memoryview]]] = {}
+        self._offered: dict[bytes, tuple[bytes, list[memoryview]]] = {}
+        self._seen: set[bytes] = set()
+        self._seen_order: collections.deque[bytes] = collections.deque()
+        self._closed = False
+        self._stop = False
+        self._binds: list[tuple[str, Future[str]]] = []
+
+        self._ctx = zmq.Context()
+        try:
+            self._router = self._ctx.socket(zmq.ROUTER)
+            self._router.setsockopt(zmq.LINGER, 0)
+            # Fail loudly (instead of dropping) when answering a client that has gone away, so
+            # an offered transfer is kept for the next GET.
+            self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            port = self._router.bind_to_random_port(f"tcp://{host}")
+            wake_addr = f"inproc://nbparallel-dataplane-{id(self):x}-{port}"
+            self._wake_in = self._ctx.socket(zmq.PULL)
+            self._wake_in.setsockopt(zmq.LINGER, 0)
+            self._wake_in.bind(wake_addr)
+            # Used by offer/discard/close from any thread, always under self._lock.
+            self._wake_out = self._ctx.socket(zmq.PUSH)
+            self._wake_out.setsockopt(zmq.LINGER, 0)
+            self._wake_out.connect(wake_addr)
+        except zmq.ZMQError as e:
+            self._ctx.destroy(linger=0)
+            raise ChannelError(
+                f"could not listen on {host!r} ({e}): pass an address of this machine, "
+                "e.g. 127.0.0.1 or 0.0.0.0."
+            ) from None
+        self.endpoint = f"tcp://{advertised_host(host)}:{port}"
+        # Starting the thread is a memory barrier, so handing it the sockets made here is safe;
+        # from now on only that thread touches the router and wake_in.
+        self._thread = threading.Thread(target=self._run, name=f"nbparallel-dataplane-{port}", daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<Server {self.endpoint} pending={self.pending()} refused={self.refused}>"
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- API for the owning process -------------------------------------------------------
+
+    def take(self, tid: str, timeout: float = 30.0) -> tuple[bytes, list[memoryview]]:
+        """Wait until a PUT of transfer ``tid`` has arrived, then remove and return it.
+
+        Returns ``(header, buffers)``; the buffers are memoryviews of the received frames.
+        Raises :class:`ChannelError` after ``timeout`` seconds, or when the server is closed.
+        """
+        key = tid_bytes(tid)
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while key not in self._inbox:
+                if self._closed:
+                    raise ChannelError(
+                        f"transfer {tid!r} cannot be taken: the server {self.endpoint} is closed."
+                    )
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelError(
+                        f"transfer {tid!r} did not arrive at {self.endpoint} within {timeout:g} s: "
+                        "check that the sender puts it under this id, with the same key, or allow "
+                        "a longer timeout."
+                    )
+                self._arrived.wait(left)
+            return self._inbox.pop(key)
+
+    def offer(self, tid: str, header: bytes, buffers: Sequence[Any]) -> None:
+        """Keep ``(header, buffers)`` so that one GET of ``tid`` is answered with them.
+
+        The transfer is forgotten once served; offering the same id again replaces it. The
+        buffers are sent without copying, so they must not change until the GET was answered
+        (or the transfer discarded).
+        """
+        key = tid_bytes(tid)
+        item = (bytes(header), [raw(b) for b in buffers])
+        with self._lock:
+            if self._closed:
+                raise ChannelError(
+                    f"transfer {tid!r} cannot be offered: the server {self.endpoint} is closed."
+                )
+            self._offered[key] = item
+            self._wake()
+
+    def discard(self, tid: str) -> None:
+        """Drop transfer ``tid``, offered or received but not taken; unknown ids are ignored."""
+        key = tid_bytes(tid)
+        with self._lock:
+            self._inbox.pop(key, None)
+            self._offered.pop(key, None)
+
+    def discard_prefix(self, prefix: str) -> int:
+        """Drop every stored transfer whose id starts with ``prefix`` (an aborted run's leftovers)."""
+        key = prefix.encode()
+        with self._lock:
+            stale = [k for k in (*self._inbox, *self._offered) if k.startswith(key)]
+            for k in stale:
+                self._inbox.pop(k, None)
+                self._offered.pop(k, None)
+        return len(stale)
+
+    def listen(self, host: str, timeout: float = 10.0) -> str:
+        """Accept Channels on ``host`` too (another interface of this machine); returns the
+        endpoint there. Transfers are shared: a PUT on either endpoint can be taken once."""
+        done: Future[str] = Future()
+        with self._lock:
+            if self._closed:
+                raise ChannelError(f"cannot listen on {host!r}: the server {self.endpoint} is closed.")
+            self._binds.append((host, done))
+            self._wake()
+        return done.result(timeout)
+
+    def pending(self) -> int:
+        """How many transfers are stored: received but not taken, plus offered but not served."""
+        with self._lock:
+            return len(self._inbox) + len(self._offered)
+
+    def close(self) -> None:
+        """Stop the thread, close the sockets (dropping whatever is unsent) and forget every transfer.
+
+        Idempotent. Threads blocked in :meth:`take` get a :class:`ChannelError`.
+        """
+        with self._arrived:
+            if self._closed:
+                return
+            self._closed = True
+            self._stop = True
+            self._wake()
+            self._arrived.notify_all()
+        self._thread.join()
+        with self._lock:
+            self._inbox.clear()
+            self._offered.clear()
+            for host, done in self._binds:
+                done.set_exception(ChannelError(f"cannot listen on {host!r}: the server closed."))
+            self._binds.clear()
+            self._wake_out.close(linger=0)
+        self._ctx.term()
+
+    # -- the server thread ---------------------------------------------------------------
+
+    def _wake(self) -> None:
+        # Caller holds self._lock. A full queue means wake-ups are already pending.
+        try:
+            self._wake_out.send(b"", zmq.NOBLOCK)
+        except zmq.Again:
+            pass
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._wake_in, zmq.POLLIN)
+        parked: list[_Parked] = []
+        try:
+            while not self._stop:
+                # Nothing may kill this thread: a bad message must not take the server down.
+                try:
+                    ready = dict(poller.poll(self._poll_ms(parked)))
+                    if self._wake_in in ready:
+                        self._drain_wakes()
+                        self._bind_requested()
+                    if self._router in ready:
+                        self._drain_router(parked)
+                    self._answer_parked(parked)
+                except Exception:
+                    _log.exception(
+                        "nbparallel data plane server %s: unexpected error; still serving", self.endpoint
+                    )
+                    time.sleep(0.05)  # don't spin if the error repeats
+            for p in parked:
+                self._send(p.ident, ERR, p.tid, b"the server is closing")
+        except Exception:
+            _log.exception("nbparallel data plane server %s: error while closing", self.endpoint)
+        finally:
+            self._router.close(linger=0)
+            self._wake_in.close(linger=0)
+
+    @staticmethod
+    def _poll_ms(parked: list[_Parked]) -> int | None:
+        if not parked:
+            return None
+        left = min(p.deadline for p in parked) - time.monotonic()
+        return max(0, math.ceil(left * 1000))
+
+    def _drain_wakes(self) -> None:
+        while True:
+            try:
+                self._wake_in.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+
+    def _bind_requested(self) -> None:
+        with self._lock:
+            todo, self._binds = self._binds, []
+        for host, done in todo:
+            try:
+                port = self._router.bind_to_random_port(f"tcp://{host}")
+            except zmq.ZMQError as e:
+                done.set_exception(ChannelError(
+                    f"could not listen on {host!r} ({e}): pass an address of this machine."))
+            else:
+                done.set_result(f"tcp://{advertised_host(host)}:{port}")
+
+    def _drain_router(self, parked: list[_Parked]) -> None:
+        # Bounded, so parked GETs and close() still get a turn under a flood.
+        for _ in range(1000):
+            try:
+                frames = self._router.recv_multipart(copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames, parked)
+            except Exception:
+                _log.exception("nbparallel data plane server %s: failed to handle a message", self.endpoint)
+
+    def _handle(self, frames: list[zmq.Frame], parked: list[_Parked]) -> None:
+        ident, parts = frames[0].bytes, frames[1:]
+        if len(parts) < 5:
+            tid = parts[2].bytes if len(parts) > 2 else b""
+            reason = f"malformed message ({len(parts)} frames, at least 5 expected)"
+            return self._refuse(ident, tid, frames, reason)
+        magic, op, tid_frame, sig_frame, header, *buffers = parts
+        tid, sig = tid_frame.bytes, sig_frame.bytes
+        if not hmac.compare_digest(sign(self._key, [magic, op, tid_frame, header, *buffers]), sig):
+            reason = "signature did not match (wrong key, or an altered message)"
+            return self._refuse(ident, tid, frames, reason)
+        if sig in self._seen:
+            return self._refuse(ident, tid, frames, "replay of a message already received")
+        self._remember(sig)
+        if magic.bytes != MAGIC:
+            return self._refuse(ident, tid, frames, f"unknown protocol {shown(magic.bytes)}, expected 'nbp1'")
+        kind = op.bytes
+        if kind == PUT:
+            with self._arrived:
+                duplicate = tid in self._inbox
+                if not duplicate:
+                    self._inbox[tid] = (header.bytes, [f.buffer for f in buffers])
+                    self._arrived.notify_all()
+            if duplicate:
+                reason = "a transfer with this id is already waiting to be taken"
+                return self._refuse(ident, tid, frames, reason)
+            self._send(ident, OK, tid, sig)
+        elif kind == GET:
+            wait = self._get_wait(header.bytes)
+            if wait is None:
+                return self._refuse(ident, tid, frames, "malformed get request")
+            parked.append(_Parked(ident, tid, wait, time.monotonic() + wait))
+        else:
+            self._refuse(ident, tid, frames, f"unexpected op {shown(kind)}")
+
+    @staticmethod
+    def _get_wait(header: bytes) -> float | None:
+        if len(header) < 8:
+            return None
+        (wait,) = struct.unpack(">d", header[:8])
+        if not 0 <= wait <= MAX_GET_WAIT:  # also rejects NaN
+            return None
+        return wait
+
+    def _remember(self, sig: bytes) -> None:
+        self._seen.add(sig)
+        self._seen_order.append(sig)
+        if len(self._seen_order) > REPLAY_HISTORY:
+            self._seen.discard(self._seen_order.popleft())
+
+    def _refuse(self, ident: bytes, tid: bytes, frames: list[zmq.Frame], reason: str) -> None:
+        self.refused += 1
+        _log.warning(
+            "nbparallel data plane server %s refused a message from %s for transfer %s: %s",
+            self.endpoint,
+            peer_address(frames[-1]),
+            shown(tid),
+            reason,
+        )
+        self._send(ident, ERR, tid, reason.encode())
+
+    def _answer_parked(self, parked: list[_Parked]) -> None:
+        now = time.monotonic()
+        waiting = []
+        for p in parked:
+            with self._lock:
+                item = self._offered.pop(p.tid, None)
+            if item is not None:
+                header, buffers = item
+                if not self._send(p.ident, OK, p.tid, header, buffers):
+                    # The client has gone: keep the transfer for the next GET, unless it was
+                    # offered again meanwhile.
+                    with self._lock:
+                        if not self._closed:
+                            self._offered.setdefault(p.tid, item)
+            elif now >= p.deadline:
+                self._send(p.ident, ERR, p.tid, f"it was not offered within {p.wait:g} s".encode())
+            else:
+                waiting.append(p)
+        parked[:] = waiting
+
+    def _send(self, ident: bytes, op: bytes, tid: bytes, header: bytes, buffers: Sequence[Any] = ()) -> bool:
+        sig = sign(self._key, [MAGIC, op, tid, header, *buffers])
+        try:
+            frames = [ident, MAGIC, op, tid, sig, header, *buffers]
+            self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.ZMQError as e:
+            _log.warning(
+                "nbparallel data plane server %s could not answer a client for transfer %s: %s",
+                self.endpoint,
+                shown(tid),
+                e,
+            )
+            return False
+        return True
+
+
