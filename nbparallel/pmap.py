@@ -222,7 +222,7 @@ class _Payloads:
         self._notes: dict[Any, tuple[Any, int]] = {}
 
     def place(self, chunk: list[tuple[int, Any]]) -> Any:
-        self._size = sum(_nbytes(item) for _, item in chunk)
+        self._size = sum(transport.nbytes_of(item) for _, item in chunk)
         return self.plane.place_chunk(self.ids, chunk, self._size, self.transport)
 
     def sent(self, fut: Any, note: Any) -> None:
@@ -236,15 +236,6 @@ class _Payloads:
         for note, size in self._notes.values():
             self.plane.chunk_done(-1, note, size, None, account=False)
         self._notes.clear()
-
-
-def _nbytes(item: Any) -> int:
-    nbytes = getattr(item, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(item, (tuple, list)) and len(item) < 64:
-        return sum(_nbytes(x) for x in item)
-    return 0
 
 
 def _collect(session: Session, spec: PmapSpec, chunker: Chunker,

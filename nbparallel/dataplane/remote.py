@@ -293,8 +293,8 @@ def send(endpoint: str, tid: str, value: Any, owner: str | None,
     host's ``/dev/shm``; ``to_gpu`` says both are GPU processes of this host.
     """
     device = type(value).__module__.startswith("cupy") or _holds_device(value)
-    hop = transport.Hop(transport.ENGINE, transport.ENGINE, owner is not None, _nbytes(value),
-                        device, to_gpu and gpu.bound() is not None)
+    hop = transport.Hop(transport.ENGINE, transport.ENGINE, owner is not None,
+                        transport.nbytes_of(value), device, to_gpu and gpu.bound() is not None)
     full: list[str] = []
     while True:
         name = transport.choose(hop, without=full)
@@ -320,14 +320,3 @@ def _holds_device(value: Any) -> bool:
     if isinstance(value, dict):
         return any(type(v).__module__.startswith("cupy") for v in list(value.values())[:64])
     return False
-
-
-def _nbytes(value: Any) -> int:
-    nbytes = getattr(value, "nbytes", None)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, (tuple, list)) and len(value) < 64:
-        return sum(_nbytes(v) for v in value)
-    if isinstance(value, dict) and len(value) < 64:
-        return sum(_nbytes(v) for v in value.values())
-    return 0
