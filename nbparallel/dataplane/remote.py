@@ -292,16 +292,22 @@ def send(endpoint: str, tid: str, value: Any, owner: str | None,
     ``owner`` (the notebook arena's ``<kernel pid>-<tag>``) is given when both engines share this
     host's ``/dev/shm``; ``to_gpu`` says both are GPU processes of this host.
     """
-    device = type(value).__module__.startswith("cupy") or _holds_device(value)
-    hop = transport.Hop(transport.ENGINE, transport.ENGINE, owner is not None,
-                        transport.nbytes_of(value), device, to_gpu and gpu.bound() is not None)
+    # Between GPU processes the device transport looks for CuPy arrays itself, however deeply
+    # they are nested; a value whose size cannot be read without pickling it is sized by the
+    # transports that pickle it (they say Full when it turns out small).
+    on_gpu = to_gpu and gpu.bound() is not None
+    size = transport.nbytes_of(value)
+    if size == 0 and not isinstance(value, (int, float, complex, str, bytes, type(None))):
+        size = transport.HANDOFF_LIMIT
+    hop = transport.Hop(transport.ENGINE, transport.ENGINE, owner is not None, size, on_gpu,
+                        on_gpu)
     full: list[str] = []
     while True:
         name = transport.choose(hop, without=full)
         try:
             header, frames, nbytes = transport.get(name).pack(value, owner)
         except transport.Full:
-            full.append(name)  # every segment or slot is still being read: try the next
+            full.append(name)  # no room, or too small to be worth it: the next one then
             continue
         sent = _peer(endpoint).put(tid, transport.wire(name, header), frames)
         return (nbytes if nbytes else sent), name
@@ -312,11 +318,3 @@ def receive(tid: str, timeout: float = PEER_TIMEOUT) -> Any:
     header, frames = server().take(tid, timeout)
     carrier, inner = transport.unwire(header)
     return carrier.unpack(inner, frames)
-
-
-def _holds_device(value: Any) -> bool:
-    if isinstance(value, (tuple, list)):
-        return any(type(v).__module__.startswith("cupy") for v in value[:64])
-    if isinstance(value, dict):
-        return any(type(v).__module__.startswith("cupy") for v in list(value.values())[:64])
-    return False

@@ -62,14 +62,15 @@ it. **A new transport is one module that subclasses Transport, plus one line in
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar, Collection, Sequence
 
 from ..errors import UsageError
 
 __all__ = ["SHM", "DIRECT", "INLINE", "CUDA_IPC", "NAMES", "OPTIONS", "INLINE_LIMIT",
-           "HANDOFF_LIMIT", "Hop", "Full", "Transport", "register", "registered", "get", "check",
-           "choose", "nbytes_of", "wire", "unwire"]
+           "HANDOFF_LIMIT", "Hop", "Full", "NotCarried", "Transport", "register", "registered",
+           "get", "check", "choose", "nbytes_of", "wire", "unwire"]
 
 SHM = "shm"
 DIRECT = "direct"
@@ -101,7 +102,8 @@ class Hop:
     ``sender`` and ``receiver`` are ``"notebook"`` or ``"engine"``; the receiver of a
     load-balanced ``%%pmap`` chunk is ``"any engine"`` (not known when the chunk is placed).
     ``local``: both ends map this host's ``/dev/shm`` (probed, not guessed from host names).
-    ``device``: the value holds CuPy arrays; ``gpu``: both ends are GPU processes of this host.
+    ``device``: the value holds (between engines: may hold) CuPy arrays; ``gpu``: both ends are
+    GPU processes of this host.
     """
 
     sender: str = NOTEBOOK
@@ -116,8 +118,14 @@ class Hop:
         return self.sender == ENGINE and self.receiver == ENGINE
 
 
-class Transport:
-    """What a transport implements; see the module docstring for the contract."""
+class NotCarried(TypeError):
+    """A transport was handed a hop in a direction it does not carry (its ``reaches`` says no
+    to such hops, so only a caller that skipped the chooser gets this)."""
+
+
+class Transport(abc.ABC):
+    """What a transport implements; see the module docstring for the contract. The directions a
+    transport does not carry keep these defaults, which raise :class:`NotCarried`."""
 
     name: ClassVar[str]
     rank: ClassVar[int]
@@ -128,9 +136,9 @@ class Transport:
         self.link = link  # the notebook's DataPlane: arena, channels, engines' addresses
 
     @staticmethod
+    @abc.abstractmethod
     def reaches(hop: Hop) -> bool:
         """Whether it can carry ``hop`` at all (what forcing it needs)."""
-        raise NotImplementedError  # each transport answers for itself
 
     @classmethod
     def suits(cls, hop: Hop) -> bool:
@@ -145,31 +153,31 @@ class Transport:
     # -- notebook to engines -----------------------------------------------------------------
     def place(self, engines: Sequence[int], parcels: Sequence[dict[str, Any]],
               shared: dict[str, Any]) -> list[Any]:
-        raise NotImplementedError(f"{self.name} does not carry values from the notebook")
+        raise NotCarried(f"{self.name} does not carry values from the notebook")
 
     def release(self, notes: Sequence[Any]) -> None:
         """The call that placed ``notes`` is over."""
 
-    @staticmethod
-    def open(note: Any) -> dict[str, Any]:
-        raise NotImplementedError
+    @classmethod
+    def open(cls, note: Any) -> dict[str, Any]:
+        raise NotCarried(f"{cls.name} does not carry values from the notebook")
 
     # -- engines to the notebook -------------------------------------------------------------
-    @staticmethod
-    def deliver(dest: Any, value: Any) -> Any:
-        raise NotImplementedError
+    @classmethod
+    def deliver(cls, dest: Any, value: Any) -> Any:
+        raise NotCarried(f"{cls.name} does not carry results to the notebook")
 
     def fetch(self, engine: int, dest: Any, inline: Any) -> Any:
-        raise NotImplementedError
+        raise NotCarried(f"{self.name} does not carry results to the notebook")
 
     # -- engine to engine ----------------------------------------------------------------------
-    @staticmethod
-    def pack(value: Any, owner: str | None) -> tuple[bytes, list[Any], int]:
-        raise NotImplementedError
+    @classmethod
+    def pack(cls, value: Any, owner: str | None) -> tuple[bytes, list[Any], int]:
+        raise NotCarried(f"{cls.name} does not carry values between engines")
 
-    @staticmethod
-    def unpack(header: bytes, frames: list[Any]) -> Any:
-        raise NotImplementedError
+    @classmethod
+    def unpack(cls, header: bytes, frames: list[Any]) -> Any:
+        raise NotCarried(f"{cls.name} does not carry values between engines")
 
     @staticmethod
     def reset() -> None:
