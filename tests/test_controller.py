@@ -38,11 +38,17 @@ def gone(pids: list[int], timeout: float = 15.0) -> list[int]:
     """Those of ``pids`` still running after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        left = [p for p in pids if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in pids if _running(p)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.2)
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:  # gone, possibly reaped between a look and the next
+        return False
 
 
 def kill_all(pids: list[int]) -> None:
