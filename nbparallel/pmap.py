@@ -193,10 +193,12 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
         r = chunker.next()
         if r is None:
             return None
-        note = payloads.place([(i, items[i]) for i in r])
+        chunk = [(i, items[i]) for i in r]
+        size = sum(transport.nbytes_of(item) for _, item in chunk)
+        note = payloads.place(chunk, size)
         fut = session.pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, note,
                                     engines=ids, retries=spec.retries)
-        payloads.sent(fut, note)
+        payloads.sent(fut, note, size)
         return fut, r
 
     in_flight: dict[Any, range] = {}
@@ -221,12 +223,11 @@ class _Payloads:
         self.transport = transport_name
         self._notes: dict[Any, tuple[Any, int]] = {}
 
-    def place(self, chunk: list[tuple[int, Any]]) -> Any:
-        self._size = sum(transport.nbytes_of(item) for _, item in chunk)
-        return self.plane.place_chunk(self.ids, chunk, self._size, self.transport)
+    def place(self, chunk: list[tuple[int, Any]], size: int) -> Any:
+        return self.plane.place_chunk(self.ids, chunk, size, self.transport)
 
-    def sent(self, fut: Any, note: Any) -> None:
-        self._notes[fut] = (note, self._size)
+    def sent(self, fut: Any, note: Any, size: int) -> None:
+        self._notes[fut] = (note, size)
 
     def finished(self, fut: Any, engine: int, held: Sequence[str] | None) -> None:
         note, size = self._notes.pop(fut)

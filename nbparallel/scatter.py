@@ -227,7 +227,7 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     try:
         futures = [
             session.pool.apply(eid, run_scatter, cell, names_blob,
-                               [*out.payload(rank), Kept(plan.stored[rank])], rank, len(ids),
+                               [*out.notes[rank], Kept(plan.stored[rank])], rank, len(ids),
                                plan.halos[rank], outputs, keys, plane.chores(eid))
             for rank, eid in enumerate(ids)
         ]

@@ -38,14 +38,10 @@ __all__ = ["DataPlane", "Outbound", "Job", "Here"]
 
 @dataclass
 class Outbound:
-    """Payloads placed for one call: ``notes[rank]`` go to engine ``engines[rank]``; ``done``
-    releases what they hold."""
+    """Payloads placed for one call: ``notes[rank]`` go to the call's engine of that rank;
+    ``done`` releases what they hold."""
 
-    engines: list[int]
     notes: list[list[Any]]
-
-    def payload(self, rank: int) -> list[Any]:
-        return self.notes[rank]
 
 
 @dataclass(frozen=True)
@@ -167,7 +163,7 @@ class DataPlane:
              kinds: tuple[str, str] = ("scatter", "broadcast"), transport: str = "auto") -> Outbound:
         """Place ``per_rank[r]`` for engine ``ids[r]`` and ``shared`` for all of them."""
         forced = check_transport(transport)
-        out = Outbound(list(ids), [[] for _ in ids])
+        out = Outbound([[] for _ in ids])
         try:
             per_rank, shared = self._send_device(ids, per_rank, shared, forced, out)
             # A hop is as large as its largest value: smaller ones ride inline whatever carries it.
