@@ -11,7 +11,11 @@ cost this way.
 
 ``cuda_ipc``: pass CuPy arrays between GPU processes of one host by CUDA IPC (default on;
 ``NBPARALLEL_CUDA_IPC=0`` sends them through host memory, for engines that cannot share device
-memory, e.g. in containers that do not share an IPC namespace)::
+memory, e.g. in containers that do not share an IPC namespace).
+
+``comm_timeout``: seconds a ``comm`` collective waits for the other ranks before it fails with a
+report of who has not arrived (default 60; ``NBPARALLEL_COMM_TIMEOUT``; ``--comm-timeout`` for
+one cell)::
 
     import nbparallel
     nbparallel.config.dashboard = False
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["dashboard", "telemetry", "cuda_ipc"]
+__all__ = ["dashboard", "telemetry", "cuda_ipc", "comm_timeout"]
 
 
 def _flag(name: str) -> bool:
@@ -31,3 +35,4 @@ def _flag(name: str) -> bool:
 dashboard: bool = _flag("NBPARALLEL_DASHBOARD")
 telemetry: bool = _flag("NBPARALLEL_TELEMETRY")
 cuda_ipc: bool = _flag("NBPARALLEL_CUDA_IPC")
+comm_timeout: float = float(os.environ.get("NBPARALLEL_COMM_TIMEOUT", "60"))

@@ -7,11 +7,16 @@
     │   └── PartitionError    a value that cannot be split, joined or reduced as asked
     ├── PoolError             no cluster reachable, unknown or missing engines
     │   └── ControllerLost    the cluster's controller stopped; the pool cannot be used again
-    └── RemoteError           user code raised inside an engine
-        └── PmapError         some %%pmap items failed; the rest of the results are kept
+    ├── RemoteError           user code raised inside an engine
+    │   └── PmapError         some %%pmap items failed; the rest of the results are kept
+    └── CommError             raised inside a cell by ``comm``: a collective that cannot complete
+        ├── CommTimeout       a rank waited longer than the comm timeout for the others
+        └── PeerFailed        another rank of the collective failed, left the cell, or died
 
 Every message is one paragraph that says what was wrong and how to fix it. When any of these is
-raised by a magic, no notebook variable has been changed.
+raised by a magic, no notebook variable has been changed. The ``CommError`` family is raised on
+the engines, inside the cell; the notebook receives it as a :class:`RemoteError` whose failures
+name it (the rank that failed first is shown first).
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ __all__ = [
     "RemoteError",
     "RemoteFailure",
     "PmapError",
+    "CommError",
+    "CommTimeout",
+    "PeerFailed",
 ]
 
 
@@ -148,3 +156,19 @@ class PmapError(RemoteError):
             f"are kept in this error's .results (None where an item failed). First failure, on "
             f"{first.where()}: {first.ename}: {first.evalue}\n\n{first.traceback.rstrip()}",
         )
+
+
+class CommError(NbparallelError):
+    """A ``comm`` call inside a cell could not complete: bad arguments, ranks that called
+    different collectives (or the same one with other shapes), or one of the subclasses below.
+    Raised on every rank that takes part, so none is left waiting."""
+
+
+class CommTimeout(CommError):
+    """A rank waited longer than the comm timeout (``--comm-timeout``, ``nbparallel.config``)
+    for the others; the message says which ranks had not arrived and where each one was."""
+
+
+class PeerFailed(CommError):
+    """Another rank of this collective raised, finished its cell without joining, or died; this
+    rank stopped waiting for it."""

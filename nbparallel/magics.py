@@ -172,6 +172,9 @@ class NbparallelMagics(Magics):
     @argument("--keep", nargs="+", default=[], metavar="NAME",
               help="names left on the engines; the notebook gets a Resident handle that later "
                    "cells can scatter without moving data (numpy.asarray(handle) gathers)")
+    @argument("--comm-timeout", type=float, default=None, metavar="S",
+              help="seconds a comm collective waits for the other engines before it fails "
+                   "with a report of who is missing (default: nbparallel.config.comm_timeout, 60)")
     @_transport_option(transport.OPTIONS)
     @_dashboard_option
     @_engines_option
@@ -179,7 +182,8 @@ class NbparallelMagics(Magics):
     def scatter(self, line: str, cell: str) -> None:
         """Run the cell on every engine over shards of the named arrays.
 
-        In the cell: ``rank``, ``size``, ``halo`` and ``xp`` (CuPy on GPU engines, else NumPy)::
+        In the cell: ``rank``, ``size``, ``halo``, ``xp`` (CuPy on GPU engines, else NumPy) and
+        ``comm``, collectives between the cell's engines (allreduce, halo, alltoall...)::
 
             %%scatter a b --broadcast w --gather c --reduce s=sum
             c = a * w + b
@@ -193,7 +197,7 @@ class NbparallelMagics(Magics):
             scatter=tuple(args.names), broadcast=tuple(args.broadcast), gather=tuple(args.gather),
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
             engines=args.engines, keep=tuple(args.keep), transport=args.transport,
-            dashboard=False if args.no_dashboard else None,
+            dashboard=False if args.no_dashboard else None, comm_timeout=args.comm_timeout,
         )
         spec.check()
         values = self._lookup(list(spec.scatter), "to scatter")

@@ -169,7 +169,13 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     spec.check()
     bound = target_names(spec.target)
     cell, tree = parse_cell(body, "%%pmap cell", result=True)
-    names_blob = pack_names(free_names(tree), namespace, skip=bound | {"xp"} | set(hidden),
+    free = free_names(tree)
+    if "comm" in free and "comm" not in namespace and "comm" not in bound:
+        raise UsageError(
+            "`comm` is not defined in %%pmap: items run one at a time on whichever engine is "
+            "free, so there are no ranks to exchange data between. Use %%scatter for a cell "
+            "whose engines talk to each other (comm.allreduce, comm.halo, ...).")
+    names_blob = pack_names(free, namespace, skip=bound | {"xp"} | set(hidden),
                             too_big="Make `{name}` the iterable of items, or build it inside "
                                     "the cell (for example load it from a file there).")
     try:

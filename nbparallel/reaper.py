@@ -60,8 +60,9 @@ def stop_processes(pids: list[int], grace: float = GRACE_SECONDS) -> None:
             pass
 
 
-def remove_segments(kernel_pid: int) -> int:
-    """Unlink the shared-memory segments a dead kernel left (named ``nbp-<pid>-...``)."""
+def remove_segments(kernel_pid: int | str) -> int:
+    """Unlink the shared-memory segments a dead kernel left (named ``nbp-<pid>-...``); a longer
+    prefix (``<pid>-<tag>``, ``<pid>-<tag>-<comm id>``) removes just those of one pool or comm."""
     removed = 0
     for path in Path("/dev/shm").glob(f"nbp-{kernel_pid}-*"):
         try:

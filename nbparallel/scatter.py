@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import partition
 from .cellcode import free_names, pack_names, parse_cell
+from .comm.setup import check_timeout, open_comm
 from .dataplane import transport
 from .dataplane.plane import Here, Job
 from .dataplane.remote import Kept, Source
@@ -29,11 +30,12 @@ from .engine.runner import run_scatter
 from .errors import RemoteError, UsageError
 from .resident import Resident
 from .session import Session, resolve
+from .telemetry.records import transfer
 
 __all__ = ["ScatterSpec", "scatter", "run", "RUNNER_NAMES"]
 
 #: Names the runner defines in every scatter cell.
-RUNNER_NAMES = ("rank", "size", "xp", "halo")
+RUNNER_NAMES = ("rank", "size", "xp", "halo", "comm")
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class ScatterSpec:
     keep: tuple[str, ...] = ()
     transport: str = "auto"
     dashboard: bool | None = None  # None: nbparallel.config.dashboard
+    comm_timeout: float | None = None  # None: nbparallel.config.comm_timeout
 
     def outputs(self) -> list[str]:
         return list(self.gather) + [name for name, _ in self.reduce] + list(self.keep)
@@ -79,6 +82,7 @@ class ScatterSpec:
         if self.halo and not self.scatter:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
         transport.check(self.transport)
+        check_timeout(self.comm_timeout)
 
 
 def _roles(groups: Sequence[tuple[str, Sequence[str]]],
@@ -178,6 +182,7 @@ def scatter(
     keep: Sequence[str] = (),
     transport: str = "auto",
     dashboard: bool | None = None,
+    comm_timeout: float | None = None,
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
     pool: Session | None = None,
@@ -188,7 +193,9 @@ def scatter(
     ``data`` values are split along ``axis`` like ``numpy.array_split`` (``halo`` extra rows from
     each neighbour); ``broadcast`` values go whole to every engine. Other names the code reads are
     taken from ``namespace`` (default: the caller's globals) and sent automatically when small.
-    In the code, ``rank``, ``size``, ``xp`` and ``halo`` are defined. Names in ``keep`` stay on
+    In the code, ``rank``, ``size``, ``xp``, ``halo`` and ``comm`` (collectives between the
+    engines, :class:`~nbparallel.comm.Comm`; each wait bounded by ``comm_timeout`` seconds) are
+    defined. Names in ``keep`` stay on
     the engines and come back as :class:`~nbparallel.Resident` handles, which a later call can
     take in ``data`` without moving a byte. ``transport`` forces ``"shm"``, ``"direct"`` or
     ``"ipp"`` instead of choosing per engine. ``pool`` is the session to run on (default: the
@@ -201,7 +208,7 @@ def scatter(
     data = dict(data or {})
     bcast = dict(broadcast or {})
     spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
-                       axis, halo, None, tuple(keep), transport, dashboard)
+                       axis, halo, None, tuple(keep), transport, dashboard, comm_timeout)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
@@ -215,20 +222,26 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     spec.check()
     cell, tree = parse_cell(code, "%%scatter cell")
     skip = set(spec.scatter) | set(spec.broadcast) | set(RUNNER_NAMES) | set(hidden)
-    names_blob = pack_names(free_names(tree), namespace, skip=skip)
+    free = free_names(tree)
+    names_blob = pack_names(free, namespace, skip=skip)
     session = resolve(pool, echo)
     ids = session.pool.select(engines if engines is not None else spec.engines)
     plane = session.plane
     plan = _plan(spec, values, ids, plane)
     outputs = spec.outputs()
     keys = {name: f"{name}-{secrets.token_hex(8)}" for name in spec.keep}
-    out = plane.send(ids, plan.per_rank, plan.shared, transport=spec.transport)
+    # Only a cell that uses `comm` pays for one (a control segment, the engines' channels).
+    comm = (open_comm(plane, ids, transport.check(spec.transport), spec.comm_timeout)
+            if "comm" in free else None)
+    out = None
     ok = False
     try:
+        out = plane.send(ids, plan.per_rank, plan.shared, transport=spec.transport)
         futures = [
             session.pool.apply(eid, run_scatter, cell, names_blob,
                                [*out.notes[rank], Kept(plan.stored[rank])], rank, len(ids),
-                               plan.halos[rank], outputs, keys, plane.chores(eid))
+                               plan.halos[rank], outputs, keys, plane.chores(eid),
+                               comm.spec if comm else None)
             for rank, eid in enumerate(ids)
         ]
         with session.monitor.watch("%%scatter", ids, spec.dashboard) as watch:
@@ -238,7 +251,10 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
         ok = True
         return result
     finally:
-        plane.done(out)
+        if out is not None:
+            plane.done(out)
+        if comm is not None:
+            comm.close()
         if not ok:  # shards some engines kept before another failed must not stay behind
             for key in keys.values():
                 for eid in ids:
@@ -262,10 +278,14 @@ def _collect(session: Session, futures: list[Any], ids: list[int],
         session.plane.held(eid, reply.held)
         if reply.time is not None:
             session.monitor.span(eid, "scatter", *reply.time)
+        if reply.comm is not None:
+            _record_comm(session, eid, ids, reply.comm)
         if reply.failure is not None:
             failures.append(replace(reply.failure, engine=eid))
         replies.append(reply)
     if failures:
+        # The rank that failed first is the story; the others only stopped waiting for it.
+        failures.sort(key=lambda f: f.ename in _RELEASED)
         raise RemoteError("the %%scatter cell", failures)
     for eid, reply in zip(ids, replies):
         if not reply.ok:
@@ -280,6 +300,18 @@ def _collect(session: Session, futures: list[Any], ids: list[int],
 
 #: How an engine interrupted because another one died reports (or fails to report) back.
 _STOPPED = ("KeyboardInterrupt", "TimeoutError")
+#: How a rank whose comm peer failed reports back.
+_RELEASED = ("PeerFailed",)
+
+
+def _record_comm(session: Session, eid: int, ids: list[int], stats: Any) -> None:
+    """A rank's comm calls as spans, and the bytes it read from each peer as transfers."""
+    for _, t0, t1 in stats.spans:
+        session.monitor.span(eid, "comm", t0, t1)
+    for source, nbytes in enumerate(stats.received):
+        if nbytes:
+            session.monitor.transfers.append(
+                transfer(ids[source], "comm", "out", stats.backend, nbytes, peer=eid))
 
 
 def _died(pool: Any, fut: Any) -> bool:

@@ -132,6 +132,19 @@ class Server:
                 self._arrived.wait(left)
             return self._inbox.pop(key)
 
+    def arrived(self, tid: str, timeout: float = 0.0) -> bool:
+        """Whether transfer ``tid`` is here to take, waiting up to ``timeout`` for it; never
+        raises, so a caller can look at other things between short waits."""
+        key = tid_bytes(tid)
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while key not in self._inbox and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._arrived.wait(left)
+            return key in self._inbox
+
     def offer(self, tid: str, header: bytes, buffers: Sequence[Any]) -> None:
         """Keep ``(header, buffers)`` so that one GET of ``tid`` is answered with them.
 

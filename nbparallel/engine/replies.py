@@ -21,7 +21,8 @@ class ScatterReply:
     ``values`` came back in the reply; ``pending`` (name -> (shape, dtype)) wait in the engine's
     stash for the notebook's ``collect``; ``kept`` (name -> (shape, dtype) or (None, type name))
     stay resident. ``missing`` names outputs the cell never defined. ``held``: segments this engine
-    still has views of; ``time``: the run's wall-clock start and end.
+    still has views of; ``time``: the run's wall-clock start and end; ``comm``: what the cell's
+    ``comm`` did (a :class:`~nbparallel.comm.CommStats`), when it had one.
     """
 
     ok: bool
@@ -33,6 +34,7 @@ class ScatterReply:
     failure: RemoteFailure | None = None
     held: tuple[str, ...] = ()
     time: tuple[float, float] | None = None
+    comm: Any = None
 
 
 @dataclass(frozen=True)

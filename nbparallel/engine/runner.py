@@ -19,10 +19,11 @@ from urllib.parse import urlsplit
 
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
+from ..comm import Comm, CommSpec
 from ..dataplane import parcel, remote
 from ..dataplane.addresses import route_address
 from ..dataplane.transport import INLINE
-from ..errors import RemoteFailure
+from ..errors import NbparallelError, RemoteFailure
 from .replies import ChunkReply, ScatterReply
 
 __all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "cluster_address", "probe_gpus",
@@ -35,16 +36,34 @@ def register_source(cell: CellCode) -> None:
     linecache.cache[cell.filename] = (len(cell.source), None, lines, cell.filename)
 
 
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def failure(exc: BaseException, filename: str, **where: Any) -> RemoteFailure:
     """``exc`` as the notebook shows it: the traceback from the user's cell ``filename`` on
-    (the runner's own frames dropped), with where it happened; the notebook fills in the engine."""
+    (the runner's own frames dropped), with where it happened; the notebook fills in the engine.
+
+    An nbparallel error raised under the user's code (a ``comm`` call that could not complete)
+    ends at the user's line: the frames inside nbparallel say nothing the message does not."""
     tb = exc.__traceback__
     while tb is not None and tb.tb_frame.f_code.co_filename != filename:
         tb = tb.tb_next
     if tb is None:  # not raised from the cell (a payload that did not open): all of it
         tb = exc.__traceback__
-    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    if isinstance(exc, NbparallelError) and tb is not None and filename:
+        frames = [f for f in traceback.extract_tb(tb) if not f.filename.startswith(_PACKAGE)]
+        text = "".join(["Traceback (most recent call last):\n", *traceback.format_list(frames),
+                        *traceback.format_exception_only(type(exc), exc)])
+    else:
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
     return RemoteFailure(-1, type(exc).__name__, str(exc), text, **where)
+
+
+def _summary(exc: BaseException, filename: str) -> str:
+    """One line for the other ranks of a comm: what failed here, and at which line of the cell."""
+    lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
+    at = f" (line {lines[-1]})" if lines else ""
+    return f"{type(exc).__name__}: {exc}"[:500] + at
 
 
 def _base_namespace(names_blob: bytes) -> dict[str, Any]:
@@ -56,35 +75,53 @@ def _base_namespace(names_blob: bytes) -> dict[str, Any]:
 
 def run_scatter(cell: CellCode, names_blob: bytes, payload: list[Any], rank: int, size: int,
                 halo: tuple[int, int], outputs: list[str], keep: dict[str, str] | None = None,
-                todo: remote.Chores | None = None) -> ScatterReply:
+                todo: remote.Chores | None = None, comm: CommSpec | None = None) -> ScatterReply:
     """Run a ``%%scatter`` cell on this engine's shard (``payload``: the notebook's notes).
 
     Small outputs come back in the reply; large arrays wait in the stash for the notebook's
     ``collect`` (so they can be written straight into the final array); names in ``keep`` stay
     resident under the given keys. The reply also lists the shared-memory segments this engine
-    still holds views of.
+    still holds views of. With ``comm`` the cell gets a :class:`~nbparallel.comm.Comm` of that
+    spec as ``comm``, and the reply says what it did.
     """
     t0 = time.time()
     remote.chores(todo)
     remote.clear_stash()
-    reply = _scatter_once(cell, names_blob, payload, rank, size, halo, outputs, keep or {})
+    reply = _scatter_once(cell, names_blob, payload, rank, size, halo, outputs, keep or {}, comm)
     # After the cell's namespace is gone:
     return replace(reply, held=tuple(remote.held()), time=(t0, time.time()))
 
 
 def _scatter_once(cell: CellCode, names_blob: bytes, payload: list[Any], rank: int, size: int,
-                  halo: tuple[int, int], outputs: list[str], keep: dict[str, str]) -> ScatterReply:
+                  halo: tuple[int, int], outputs: list[str], keep: dict[str, str],
+                  spec: CommSpec | None) -> ScatterReply:
     register_source(cell)
+    comm = None
     try:
+        if spec is not None:  # first: the other ranks learn of any failure below through it
+            comm = Comm(spec, rank)
         ns = _base_namespace(names_blob)
         ns.update(gpu.to_device(remote.open_payload(payload)))  # shards go to the GPU once
     except Exception as exc:  # a resident value that is gone, or a payload that did not arrive
+        if comm is not None:
+            comm._close(_summary(exc, ""))
         return ScatterReply(False, rank, failure=failure(exc, "", rank=rank))
-    ns.update(rank=rank, size=size, halo=tuple(halo))
+    ns.update(rank=rank, size=size, halo=tuple(halo), comm=comm)
     try:
         exec(compile_cell(cell), ns)
     except Exception as exc:  # the user's exception, reported with their own line
-        return ScatterReply(False, rank, failure=failure(exc, cell.filename, rank=rank))
+        stats = comm._close(_summary(exc, cell.filename)) if comm is not None else None
+        return ScatterReply(False, rank, failure=failure(exc, cell.filename, rank=rank), comm=stats)
+    except BaseException:  # Ctrl-C: the other ranks stop waiting for this one at once
+        if comm is not None:
+            comm._close("interrupted (KeyboardInterrupt)")
+        raise
+    stats = comm._close(None) if comm is not None else None
+    reply = _outputs(ns, rank, outputs, keep)
+    return replace(reply, comm=stats)
+
+
+def _outputs(ns: dict[str, Any], rank: int, outputs: list[str], keep: dict[str, str]) -> ScatterReply:
     missing = tuple(name for name in outputs if name not in ns)
     if missing:
         return ScatterReply(False, rank, missing=missing)

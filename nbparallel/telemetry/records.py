@@ -21,13 +21,14 @@ from typing import Generic, Iterable, TypeVar
 __all__ = ["Transfer", "Span", "Sample", "Ring", "transfer", "KINDS", "SPAN_KINDS"]
 
 #: What a transfer carried.
-KINDS = ("scatter", "broadcast", "gather", "reduce", "payload", "result", "stage")
+KINDS = ("scatter", "broadcast", "gather", "reduce", "payload", "result", "stage", "comm")
 # How it travelled is the name of the transport that carried it (``dataplane.transport.NAMES``);
 # telemetry stays below the data plane and takes it as plain text.
 
 #: What a span timed: a %%scatter cell on one shard, a %%pmap chunk, or a pipeline op
-#: (F forward, B backward, I backward-input, W backward-weight, step the optimiser step).
-SPAN_KINDS = ("scatter", "pmap", "F", "B", "I", "W", "step")
+#: (F forward, B backward, I backward-input, W backward-weight, step the optimiser step), or a
+#: ``comm`` collective inside a cell.
+SPAN_KINDS = ("scatter", "pmap", "F", "B", "I", "W", "step", "comm")
 
 _T = TypeVar("_T")
 
@@ -38,8 +39,8 @@ class Transfer:
 
     ``direction`` is ``"out"`` (notebook to engine) or ``"in"`` (engine to notebook). ``nbytes``
     counts the payload as delivered to that engine: a broadcast placed once in shared memory and
-    read by three engines is three records. Kind ``"stage"`` is engine to engine: ``engine`` sent
-    the bytes and ``peer`` received them (-1 for every other kind).
+    read by three engines is three records. Kinds ``"stage"`` and ``"comm"`` are engine to
+    engine: ``engine`` sent the bytes and ``peer`` received them (-1 for every other kind).
     """
 
     engine: int

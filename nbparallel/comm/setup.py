@@ -1,0 +1,67 @@
+"""The notebook's half of ``comm``: choose the backend for a cell's engines and make its spec.
+
+Engines that all map this notebook's /dev/shm talk through shared memory; otherwise through
+their direct channels. ``--transport shm`` or ``direct`` forces one (``ipp`` cannot carry
+collectives and leaves the choice to us). The control segment lives for the cell only: the
+notebook unlinks it, and any segment an engine made for this comm, when the cell ends, however
+it ends.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .. import config
+from ..dataplane.shm import Segment
+from ..dataplane.transport import DIRECT, SHM
+from ..errors import UsageError
+from ..reaper import remove_segments
+from .shm import slot_owner
+from .spec import BLOCK, CommSpec
+
+__all__ = ["Opened", "open_comm", "check_timeout"]
+
+
+@dataclass
+class Opened:
+    """A cell's comm as the notebook holds it while the cell runs; :meth:`close` after."""
+
+    spec: CommSpec
+    control: Segment | None
+
+    def close(self) -> None:
+        if self.control is not None:
+            self.control.unlink()
+            self.control.close()
+        if self.spec.backend == SHM:
+            remove_segments(slot_owner(self.spec))  # what a killed or stopped engine left
+
+
+def check_timeout(seconds: Any) -> float:
+    value = config.comm_timeout if seconds is None else seconds
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        value = -1.0
+    if not 0 < value < 1e7:
+        raise UsageError(f"the comm timeout must be a number of seconds above 0, not "
+                         f"{seconds!r} (e.g. --comm-timeout 120).")
+    return value
+
+
+def open_comm(plane: Any, ids: Sequence[int], forced: str, timeout: float | None) -> Opened:
+    """Choose how the engines ``ids`` talk and make the spec every rank opens its comm on."""
+    seconds = check_timeout(timeout)
+    local = plane.arena.ok and all(plane.is_local(e) for e in ids)
+    if forced == SHM and not local:
+        raise UsageError(
+            "--transport shm: these engines do not all share this machine's /dev/shm, so "
+            "their comm cannot use shared memory. Use --transport direct, or the default.")
+    backend = DIRECT if forced == DIRECT or not local else SHM
+    endpoints = tuple(plane.endpoint(e, cluster=not local) for e in ids)
+    control = Segment.create(len(ids) * BLOCK, plane.arena.owner) if backend == SHM else None
+    spec = CommSpec(secrets.token_hex(8), tuple(ids), backend, endpoints,
+                    plane.arena.owner, seconds, control.name if control else None)
+    return Opened(spec, control)
