@@ -9,6 +9,8 @@ this machine; nothing printed is a constant. The groups:
   ``nbparallel.config.telemetry`` off, which prices the spans and samples the dashboard reads.
 * ``roundtrip``: the latency of a trivial cell, ``nbparallel.scatter("y = x", ...)`` of a few
   items, against ``%px pass``.
+* ``comm``: collectives between two engines (allreduce of 8 B, 1 MB, 64 MB; a 32 KiB halo
+  exchange) beside mpi4py under ``mpiexec -n 2``; see ``benchcomm.py``.
 * ``gpu`` (only with ``--only gpu``): CUDA IPC between GPU engines and a RawKernel stencil over a
   device-resident shard, each against the device's own copy speed; see ``benchgpu.py``.
 * ``pipeline``: two stages on the first two engines. ``activation hop``: the time of a
@@ -44,7 +46,7 @@ import numpy as np
 
 import nbparallel
 
-from . import benchgpu, config
+from . import benchcomm, benchgpu, config
 from .benchkit import HOP, HOP_MBS, MB, NB, Setup, Trial
 from .benchkit import check as _check
 from .benchkit import measure as _measure
@@ -61,9 +63,9 @@ if TYPE_CHECKING:
 __all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "Trial", "Setup", "run", "format_table",
            "markdown_table", "machine"]
 
-GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "gpu")
+GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "comm", "gpu")
 #: What runs without --only: the GPU group only where asked for (its rows need GPU engines).
-DEFAULT_GROUPS = GROUPS[:4]
+DEFAULT_GROUPS = GROUPS[:5]
 #: Rows that are the memory ceiling of their group: ratios against them are percentages.
 CEILINGS = ("numpy.copyto", "cupy device-to-device copy")
 TRANSPORTS = transport.OPTIONS  #: what --transport takes (the data plane defines them)
@@ -109,6 +111,8 @@ def run(pool: Session | None, *, size_mb: int = 256, items: int = 2000, repeat: 
         cases += _roundtrip_group(pool, n, say)
     if "pipeline" in only:
         cases += _pipeline_group(pool, size_mb, repeat, say)
+    if "comm" in only:
+        cases += benchcomm.group(pool, repeat, say)
     if "gpu" in only:
         cases += benchgpu.group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,
@@ -343,8 +347,8 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
     Unit "x": how many times faster nbparallel is (the other's time / nbparallel's). Unit "%"
     (against ``numpy.copyto``): nbparallel's GB/s as a percentage of its GB/s, which for the same
-    bytes is 100 times the same ratio. Latency and telemetry's cost compare medians; bandwidth
-    and items the best runs.
+    bytes is 100 times the same ratio. Latency, collectives and telemetry's cost compare
+    medians; bandwidth and items the best runs.
     """
     mine = {(c["group"], c["what"]): c for c in cases if c["name"] == NB}
     out = {}
@@ -352,8 +356,8 @@ def _ratios(cases: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         nb = mine.get((other["group"], other["what"]))
         if other["name"] == NB or nb is None:
             continue
-        stat = ("seconds_median" if other["group"] == "roundtrip" or other["name"] == NO_TELEMETRY
-                else "seconds_best")
+        stat = ("seconds_median" if other["group"] in ("roundtrip", "comm")
+                or other["name"] == NO_TELEMETRY else "seconds_best")
         pct = other["name"] in CEILINGS
         a, b = nb[stat], other[stat]
         if pct and nb.get("gbps") and other.get("gbps"):  # the same as b / a for the same bytes

@@ -167,3 +167,23 @@ def test_pipeline_group_times_the_hop_and_the_overhead(pool) -> None:
     assert ratios["pipeline/numpy.copyto/activation hop"]["unit"] == "%"
     # The bench's stages are its own: the user's pipeline is untouched.
     assert pool.pipeline.stages == user_stages
+
+
+def test_comm_group_runs_beside_mpi4py(pool) -> None:
+    import shutil
+
+    report = bench.run(pool, repeat=1, only=["comm"])
+    rows = {(c["name"].split(" (")[0], c["what"]): c for c in report["cases"]}
+    for what in ("allreduce 8 B", "allreduce 1 MB", "allreduce 64 MB", "halo 32 KiB"):
+        mine = rows[("nbparallel", what)]
+        assert mine["error"] is None and mine["seconds_median"] > 0, mine
+    have_mpi = shutil.which("mpiexec") and importlib.util.find_spec("mpi4py")
+    if os.environ.get("CI") == "true":
+        assert have_mpi, ".ci/run installs Open MPI and nbparallel[mpi]"
+    theirs = rows[("mpi4py", "allreduce 64 MB")]
+    if have_mpi:
+        assert theirs["error"] is None, theirs
+        labels = [k for k in report["ratios"] if k.startswith("comm allreduce 64 MB: nbparallel vs mpi4py")]
+        assert labels and report["ratios"][labels[0]]["value"] > 0
+    else:
+        assert theirs["error"].startswith("not installed")

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -30,13 +29,16 @@ from ..errors import CommError
 from ..partition import bounds
 from . import channel
 from .backend import EACH, EVERYONE, Backend, Call
-from .ops import as_array, check_op, describe, reduce_into, reduce_values
+from .ops import as_array, check_op, describe, dtype_name, reduce_into, reduce_values
 from .spec import CommSpec, CommStats
 
 __all__ = ["Comm", "LARGE"]
 
 #: Arrays from this many bytes are reduced block by block, each rank reducing one block.
 LARGE = 256 << 10
+#: Elements reduced at a time: a chunk and its result stay in the core's cache between the
+#: reduction and the copy that follows it.
+CHUNK = 1 << 15
 #: Spans kept per cell (one per call); further calls are counted, not timed one by one.
 MAX_SPANS = 5000
 
@@ -60,13 +62,13 @@ class Comm:
         self._got: dict[tuple[int, int], int] = {}
         self._spans: list[tuple[str, float, float]] = []
         self._calls = 0
+        self._descs: dict[tuple[str, str], str] = {}
 
     def __repr__(self) -> str:
         return f"<comm rank {self.rank} of {self.size} ({self._backend.name})>"
 
     # -- the calls -----------------------------------------------------------------------------
-    @contextmanager
-    def _call(self, name: str, desc: str, line: int) -> Iterator[Call]:
+    def _call(self, name: str, desc: str, line: int) -> "_Calling":
         if self._broken is not None:
             raise CommError(
                 f"comm.{name} cannot run: an earlier comm call in this cell failed "
@@ -75,16 +77,7 @@ class Comm:
         self._seq += 1
         call = Call(self._seq, desc, line)
         self._backend.enter(call)
-        t0 = time.time()
-        try:
-            yield call
-        except BaseException as exc:
-            self._broken = f"{call}: {type(exc).__name__}"
-            raise
-        finally:
-            self._calls += 1
-            if len(self._spans) < MAX_SPANS:
-                self._spans.append((name, t0, time.time()))
+        return _Calling(self, name, call)
 
     def barrier(self) -> None:
         """Wait until every rank has called ``barrier``."""
@@ -165,7 +158,15 @@ class Comm:
         """``array`` with up to ``k`` rows of each neighbour attached along ``axis``: the last
         ``k`` rows of rank ``rank - 1`` before it, the first ``k`` of rank ``rank + 1`` after it
         (wrapping round with ``periodic``), the layout of ``%%scatter --halo``. ``out`` (of the
-        extended shape) receives the result without a new array."""
+        extended shape) receives the result without a new array; when ``array`` already is the
+        middle of ``out`` (a view), only the halo rows are written, the in-place way of an
+        iterative stencil::
+
+            ext = np.zeros((rows + 2, cols)); u = ext[1:-1]    # (rank 0 and the last: one side)
+            for step in range(n):
+                comm.halo(u, 1, out=ext)
+                u[...] = stencil(ext)
+        """
         host, device = _host(array)
         arr = as_array(host)
         if arr is None or arr.ndim == 0:
@@ -178,7 +179,7 @@ class Comm:
         rows = arr.shape[axis]
         other = arr.shape[:axis] + arr.shape[axis + 1:]
         desc = describe("halo", None, k=k, axis=axis, periodic=periodic,
-                        rows=f"{arr.dtype} (..{other})")
+                        rows=f"{dtype_name(arr.dtype)} (..{other})")
         left, right = self._neighbours(periodic)
         with self._call("halo", desc, _line()) as call:
             if k > rows:
@@ -200,7 +201,9 @@ class Comm:
             at = 0
             for piece in pieces:
                 n = piece.shape[axis]
-                np.copyto(_rows(out, axis, at, at + n), piece)
+                dest = _rows(out, axis, at, at + n)
+                if piece is not arr or not _same_memory(dest, arr):  # the middle may be in place
+                    np.copyto(dest, piece)
                 at += n
             return out
 
@@ -251,7 +254,10 @@ class Comm:
             if out is not None:
                 raise CommError(f"comm.{name}: out= needs an array value, not "
                                 f"{type(value).__name__}.")
-            with self._call(name, describe(name, None, op=op), line) as call:
+            desc = self._descs.get((name, op))
+            if desc is None:
+                desc = self._descs[name, op] = describe(name, None, op=op)
+            with self._call(name, desc, line) as call:
                 items = [host] if root is None else _only(self.size, root, host)
                 got = self._backend.round(call, EVERYONE if root is None else EACH, items)
                 if root is not None and self.rank != root:
@@ -292,8 +298,18 @@ class Comm:
         mine = [flat[a:b] if r == self.rank else got.get(r, copy=False) for r in range(self.size)]
         keep = root is None or self.rank == root
         target = (out.reshape(-1) if out is not None else np.empty(flat.size, arr.dtype)) if keep else None
-        block = _reduce_to(op, mine, target[a:b] if target is not None else np.empty(b - a, arr.dtype),
-                           self.rank)
+        # The reduced block goes straight where the next round publishes it, and from there
+        # (still in cache, chunk by chunk) into the result: one pass over memory fewer.
+        room = self._backend.reserve((b - a) * arr.itemsize)
+        if room is not None:
+            block = room.view(arr.dtype)
+        else:
+            block = target[a:b] if target is not None else np.empty(b - a, arr.dtype)
+        for lo in range(0, b - a, CHUNK):
+            hi = min(lo + CHUNK, b - a)
+            _reduce_to(op, [m[lo:hi] for m in mine], block[lo:hi], self.rank)
+            if room is not None and target is not None:
+                np.copyto(target[a + lo:a + hi], block[lo:hi])
         items = [block] if root is None else _only(self.size, root, block)
         got = self._backend.round(call, EVERYONE if root is None else EACH, items)
         if target is None:
@@ -321,6 +337,28 @@ class Comm:
         left = self.rank - 1 if self.rank > 0 else (self.size - 1 if periodic else None)
         right = self.rank + 1 if self.rank < self.size - 1 else (0 if periodic else None)
         return left, right
+
+
+class _Calling:
+    """One call in progress: times it, and marks the comm broken if it fails (a class, not a
+    generator context manager: it is on the path of every 8-byte allreduce)."""
+
+    __slots__ = ("comm", "name", "call", "t0")
+
+    def __init__(self, comm: Comm, name: str, call: Call):
+        self.comm, self.name, self.call = comm, name, call
+
+    def __enter__(self) -> Call:
+        self.t0 = time.time()
+        return self.call
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> None:
+        comm = self.comm
+        if kind is not None:
+            comm._broken = f"{self.call}: {kind.__name__}"
+        comm._calls += 1
+        if len(comm._spans) < MAX_SPANS:
+            comm._spans.append((self.name, self.t0, time.time()))
 
 
 def _backend(spec: CommSpec, rank: int) -> Backend:
@@ -367,6 +405,12 @@ def _axis(call: str, arr: np.ndarray, axis: Any) -> int:
         raise CommError(f"comm.{call}: axis={axis!r} is not an axis of an array of "
                         f"{arr.ndim} dimension(s).")
     return int(axis) % arr.ndim
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` and ``b`` are the same elements (one a view of the other, exactly)."""
+    return (a.shape == b.shape and a.strides == b.strides and np.may_share_memory(a, b)
+            and a.__array_interface__["data"][0] == b.__array_interface__["data"][0])
 
 
 def _rows(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:

@@ -30,7 +30,10 @@ def _encode(item: Any, frames: list[Any]) -> Any:
         return None
     if isinstance(item, np.ndarray) and not item.dtype.hasobject:
         frames.append(item if item.flags.c_contiguous else np.ascontiguousarray(item))
-        return ("a", len(frames) - 1, item.dtype, item.shape)
+        # A plain dtype travels as its short string: pickling the dtype object costs more than
+        # the rest of a small round together.
+        dtype = item.dtype.str if item.dtype.fields is None and not item.dtype.subdtype else item.dtype
+        return ("a", len(frames) - 1, dtype, item.shape)
     if isinstance(item, tuple):
         return ("t", [_encode(x, frames) for x in item])
     try:  # plain pickle is several times faster for numbers and containers of them

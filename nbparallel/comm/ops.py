@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import CommError
 
-__all__ = ["OPS", "check_op", "reduce_into", "reduce_values", "describe", "as_array"]
+__all__ = ["OPS", "check_op", "reduce_into", "reduce_values", "describe", "dtype_name", "as_array"]
 
 #: op name -> (NumPy ufunc for arrays, Python function for other objects)
 OPS: dict[str, tuple[np.ufunc, Callable[[Any, Any], Any]]] = {
@@ -47,7 +47,7 @@ def reduce_into(op: str, parts: Sequence[np.ndarray], out: np.ndarray) -> np.nda
 
 def reduce_values(op: str, values: Sequence[Any]) -> Any:
     """Reduce Python objects (or small arrays) in rank order."""
-    if all(isinstance(v, np.ndarray) for v in values):
+    if type(values[0]) is np.ndarray and all(isinstance(v, np.ndarray) for v in values):
         return reduce_into(op, values, np.empty_like(values[0]))
     return functools.reduce(OPS[op][1], values)
 
@@ -63,11 +63,22 @@ def as_array(value: Any) -> np.ndarray | None:
     return None
 
 
+_NAMES: dict[np.dtype, str] = {}
+
+
+def dtype_name(dtype: np.dtype) -> str:
+    """``str(dtype)``, remembered: NumPy builds the name anew each time, in microseconds."""
+    name = _NAMES.get(dtype)
+    if name is None:
+        name = _NAMES[dtype] = str(dtype)
+    return name
+
+
 def describe(call: str, value: Any = None, **options: Any) -> str:
     """What a call looks like to the others: ``allreduce(float64 (1000,), op=sum)``."""
     parts = []
     if isinstance(value, np.ndarray):
-        parts.append(f"{value.dtype} {tuple(value.shape)}")
+        parts.append(f"{dtype_name(value.dtype)} {value.shape}")
     elif value is not None:
         parts.append(type(value).__name__)
     parts += [f"{k}={v}" for k, v in options.items()]
