@@ -30,6 +30,7 @@ from .errors import UsageError
 from .format import nbytes
 from .pipeline import schedule as sched
 from .pipeline.schedule import NAMES as SCHEDULES
+from .comm.setup import BACKENDS as COMM_BACKENDS
 from .pmap import PmapSpec, target_names
 from .pmap import run as run_pmap
 from .scatter import ScatterSpec
@@ -175,6 +176,9 @@ class NbparallelMagics(Magics):
     @argument("--comm-timeout", type=float, default=None, metavar="S",
               help="seconds a comm collective waits for the other engines before it fails "
                    "with a report of who is missing (default: nbparallel.config.comm_timeout, 60)")
+    @argument("--comm", default="auto", choices=COMM_BACKENDS,
+              help="how comm's collectives travel: auto (shared memory between engines of this "
+                   "host, else the direct channels), shm or direct")
     @_transport_option(transport.OPTIONS)
     @_dashboard_option
     @_engines_option
@@ -198,6 +202,7 @@ class NbparallelMagics(Magics):
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
             engines=args.engines, keep=tuple(args.keep), transport=args.transport,
             dashboard=False if args.no_dashboard else None, comm_timeout=args.comm_timeout,
+            comm=args.comm,
         )
         spec.check()
         values = self._lookup(list(spec.scatter), "to scatter")

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from . import partition
 from .cellcode import free_names, pack_names, parse_cell
-from .comm.setup import check_timeout, open_comm
+from .comm.setup import check_backend, check_timeout, open_comm
 from .dataplane import transport
 from .dataplane.plane import Here, Job
 from .dataplane.remote import Kept, Source
@@ -53,6 +53,7 @@ class ScatterSpec:
     transport: str = "auto"
     dashboard: bool | None = None  # None: nbparallel.config.dashboard
     comm_timeout: float | None = None  # None: nbparallel.config.comm_timeout
+    comm: str = "auto"  # the comm backend: auto, shm or direct
 
     def outputs(self) -> list[str]:
         return list(self.gather) + [name for name, _ in self.reduce] + list(self.keep)
@@ -83,6 +84,7 @@ class ScatterSpec:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
         transport.check(self.transport)
         check_timeout(self.comm_timeout)
+        check_backend(self.comm)
 
 
 def _roles(groups: Sequence[tuple[str, Sequence[str]]],
@@ -183,6 +185,7 @@ def scatter(
     transport: str = "auto",
     dashboard: bool | None = None,
     comm_timeout: float | None = None,
+    comm: str = "auto",
     namespace: Mapping[str, Any] | None = None,
     hidden: Sequence[str] = (),
     pool: Session | None = None,
@@ -195,7 +198,7 @@ def scatter(
     taken from ``namespace`` (default: the caller's globals) and sent automatically when small.
     In the code, ``rank``, ``size``, ``xp``, ``halo`` and ``comm`` (collectives between the
     engines, :class:`~nbparallel.comm.Comm`; each wait bounded by ``comm_timeout`` seconds) are
-    defined. Names in ``keep`` stay on
+    defined (``comm="shm"`` or ``"direct"`` forces its backend). Names in ``keep`` stay on
     the engines and come back as :class:`~nbparallel.Resident` handles, which a later call can
     take in ``data`` without moving a byte. ``transport`` forces ``"shm"``, ``"direct"`` or
     ``"ipp"`` instead of choosing per engine. ``pool`` is the session to run on (default: the
@@ -208,7 +211,7 @@ def scatter(
     data = dict(data or {})
     bcast = dict(broadcast or {})
     spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
-                       axis, halo, None, tuple(keep), transport, dashboard, comm_timeout)
+                       axis, halo, None, tuple(keep), transport, dashboard, comm_timeout, comm)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
@@ -231,8 +234,7 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     outputs = spec.outputs()
     keys = {name: f"{name}-{secrets.token_hex(8)}" for name in spec.keep}
     # Only a cell that uses `comm` pays for one (a control segment, the engines' channels).
-    comm = (open_comm(plane, ids, transport.check(spec.transport), spec.comm_timeout)
-            if "comm" in free else None)
+    comm = open_comm(plane, ids, spec.comm, spec.comm_timeout) if "comm" in free else None
     out = None
     ok = False
     try:

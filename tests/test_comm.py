@@ -47,9 +47,9 @@ out["shift"] = comm.sendrecv(rank, dest=(rank + 1) % size, source=(rank - 1) % s
 """
 
 
-@pytest.mark.parametrize("transport", BACKENDS)
-def test_every_collective_agrees_with_numpy_on_three_engines(ip, transport):
-    ip.run_cell_magic("scatter", f"--reduce out=list --transport {transport}", COLLECTIVES)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_collective_agrees_with_numpy_on_three_engines(ip, backend):
+    ip.run_cell_magic("scatter", f"--reduce out=list --comm {backend}", COLLECTIVES)
     outs = ip.user_ns["out"]
     assert len(outs) == 3
     big = np.arange(100_000, dtype=np.float64)
@@ -79,11 +79,11 @@ def test_every_collective_agrees_with_numpy_on_three_engines(ip, transport):
 
 
 @pytest.mark.parametrize("periodic", [False, True])
-@pytest.mark.parametrize("transport", BACKENDS)
-def test_halo_gives_the_layout_of_scatter_halo(ip, periodic, transport):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_halo_gives_the_layout_of_scatter_halo(ip, periodic, backend):
     grid = np.random.default_rng(2).random((31, 5))
     ip.user_ns.update(grid=grid)
-    ip.run_cell_magic("scatter", f"grid --reduce ext=list --transport {transport}",
+    ip.run_cell_magic("scatter", f"grid --reduce ext=list --comm {backend}",
                       f"ext = comm.halo(grid, 2, periodic={periodic})")
     shards = partition.split(grid, 3, 0, 2)
     for r, (got, shard) in enumerate(zip(ip.user_ns["ext"], shards)):
@@ -197,16 +197,16 @@ def test_a_rank_that_skips_a_collective_is_reported_not_waited_for(ip):
     assert "rank 1 finished the cell without calling barrier()" in str(err)
 
 
-@pytest.mark.parametrize("transport", BACKENDS)
-def test_a_timeout_says_who_has_not_arrived_and_where_each_rank_is(ip, transport):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_timeout_says_who_has_not_arrived_and_where_each_rank_is(ip, backend):
     t0 = time.perf_counter()
-    err = _errors(ip, f"--engines 0-1 --comm-timeout 1 --transport {transport}",
+    err = _errors(ip, f"--engines 0-1 --comm-timeout 1 --comm {backend}",
                   "import time\nif rank == 1:\n    time.sleep(4)\ncomm.barrier()")
     assert time.perf_counter() - t0 < 8
     timeout = [f for f in err.failures if f.ename == "CommTimeout"]
     assert timeout and timeout[0].rank == 0
     assert "rank 0 waited 1 s in barrier() (call #1 at line 4) for rank(s) 1" in timeout[0].evalue
-    if transport == "auto":
+    if backend == "auto":
         assert "rank 1 is running its own code (its last comm call: no comm call yet)" in str(err)
 
 

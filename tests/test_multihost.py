@@ -208,3 +208,23 @@ def test_channels_listen_only_where_the_other_host_reaches_them(current):
         assert addresses and addresses <= allowed[engine], (engine, addresses)
     # The peer's data-plane channel is on the link's address, not on every interface.
     assert any(a.startswith(f"{peer_ip}:") for a in listening(pool.info(PEER)["pid"]))
+
+
+def test_comm_between_hosts_goes_over_the_direct_channels(ip, current):
+    pool, _, _ = current
+    cursor = pool.transfers.cursor
+    ip.run_cell_magic("scatter", "--reduce out=list --no-dashboard", """
+import numpy as np, socket
+big = np.full(200_000, rank + 1.0)                       # 1.6 MB: reduced block by block
+out = (repr(comm), socket.gethostname(),
+       comm.allreduce(big)[::50_000].tolist(), comm.alltoall([rank * 10 + j for j in range(size)]),
+       comm.halo(np.full((3, 2), float(rank)), 1).tolist())
+""")
+    (r0, h0, s0, a0, x0), (r1, h1, s1, a1, x1) = ip.user_ns["out"]
+    assert "direct" in r0 and "direct" in r1 and (h0, h1) == (socket.gethostname(), PEER_NAME)
+    assert s0 == s1 == [3.0] * 4
+    assert (a0, a1) == ([0, 10], [1, 11])
+    assert x0 == [[0.0, 0.0]] * 3 + [[1.0, 1.0]] and x1 == [[0.0, 0.0]] + [[1.0, 1.0]] * 3
+    comm = {(t.engine, t.peer, t.transport) for t in pool.transfers.since(cursor)[0]
+            if t.kind == "comm"}
+    assert comm == {(HOST, PEER, "direct"), (PEER, HOST, "direct")}

@@ -1,8 +1,7 @@
 """The notebook's half of ``comm``: choose the backend for a cell's engines and make its spec.
 
 Engines that all map this notebook's /dev/shm talk through shared memory; otherwise through
-their direct channels. ``--transport shm`` or ``direct`` forces one (``ipp`` cannot carry
-collectives and leaves the choice to us). The control segment lives for the cell only: the
+their direct channels. ``--comm shm`` or ``--comm direct`` forces one. The control segment lives for the cell only: the
 notebook unlinks it, and any segment an engine made for this comm, when the cell ends, however
 it ends.
 """
@@ -21,7 +20,10 @@ from ..reaper import remove_segments
 from .shm import slot_owner
 from .spec import BLOCK, CommSpec
 
-__all__ = ["Opened", "open_comm", "check_timeout"]
+__all__ = ["Opened", "open_comm", "check_timeout", "check_backend", "BACKENDS"]
+
+#: What ``--comm`` takes.
+BACKENDS = ("auto", SHM, DIRECT)
 
 
 @dataclass
@@ -51,14 +53,22 @@ def check_timeout(seconds: Any) -> float:
     return value
 
 
+def check_backend(name: str) -> str:
+    if name not in BACKENDS:
+        raise UsageError(f"--comm {name}: unknown comm backend; use one of {', '.join(BACKENDS)} "
+                         f"(auto: shared memory between engines of this host, else direct).")
+    return name
+
+
 def open_comm(plane: Any, ids: Sequence[int], forced: str, timeout: float | None) -> Opened:
     """Choose how the engines ``ids`` talk and make the spec every rank opens its comm on."""
     seconds = check_timeout(timeout)
     local = plane.arena.ok and all(plane.is_local(e) for e in ids)
+    check_backend(forced)
     if forced == SHM and not local:
         raise UsageError(
-            "--transport shm: these engines do not all share this machine's /dev/shm, so "
-            "their comm cannot use shared memory. Use --transport direct, or the default.")
+            "--comm shm: these engines do not all share this machine's /dev/shm, so "
+            "their comm cannot use shared memory. Use --comm direct, or the default (auto).")
     backend = DIRECT if forced == DIRECT or not local else SHM
     endpoints = tuple(plane.endpoint(e, cluster=not local) for e in ids)
     control = Segment.create(len(ids) * BLOCK, plane.arena.owner) if backend == SHM else None
