@@ -243,13 +243,13 @@ def test_live_widgets_send_only_what_changed(kernel):
     clock.t += 1.0
     d.feed(transfers=TRANSFERS[:1])
     assert d.tick()
-    assert changes == {"head": 1, "load": 0, "volume": 1, "pipeline": 0}
+    assert changes == {"head": 1, "load": 0, "volume": 1, "comm": 0, "pipeline": 0}
     head = d._widgets["head"].value
     assert summary(head)["data-bytes"] == "4000000"
     clock.t += 1.0
     d.feed(samples=[Sample(1, clock.t, 30.0)])
     assert d.tick()
-    assert changes == {"head": 2, "load": 1, "volume": 1, "pipeline": 0}
+    assert changes == {"head": 2, "load": 1, "volume": 1, "comm": 0, "pipeline": 0}
 
     d.finish()
     bundle, kwargs = kernel[0].shown[-1]
@@ -274,3 +274,22 @@ def test_finish_in_a_kernel_without_show_still_leaves_html(kernel):
     d = Dashboard([0], clock=Clock())
     d.finish()
     assert len(kernel) == 1 and "nbp-summary" in kernel[0].shown[0]["text/html"]
+
+
+def test_the_comm_matrix_shows_bytes_between_engines_and_time_in_collectives():
+    clock = Clock(100.0)
+    d = Dashboard([0, 1, 2], live=False, clock=clock)
+    assert "nbp-comm" not in d.html() and "engine to engine (comm" not in d.text()
+    d.feed(transfers=[Transfer(0, "comm", "out", "shm", 3 << 20, 99.0, peer=1),
+                      Transfer(1, "comm", "out", "shm", 1 << 20, 99.0, peer=0),
+                      Transfer(1, "stage", "out", "direct", 1 << 20, 99.1, peer=2),
+                      Transfer(2, "scatter", "out", "shm", 5 << 20, 99.2)],
+           spans=[Span(0, "comm", 98.0, 98.5), Span(0, "comm", 98.6, 98.7), Span(1, "scatter", 97.0, 99.0)])
+    text = d.text()
+    assert "  0                -  3.0 MiB      0 B          600 ms" in text
+    assert "  1          1.0 MiB        -  1.0 MiB             0 s" in text
+    assert len(Tags(d.html()).find("nbp-comm")) == 1
+    # Engine-to-engine bytes are neither "to engine" nor "from engine" in the volume table.
+    volume = text.split("bytes moved\n", 1)[1]
+    row0 = next(line for line in volume.splitlines() if line.startswith("       0 "))
+    assert row0.split()[1:6] == ["0", "B", "0", "B", "3.0"]

@@ -10,6 +10,8 @@ explicit ``now`` where time matters, so tests feed synthetic records and a fixed
     tel.ingest(transfers=new_transfers, spans=new_spans, samples=new_samples)
     tel.busy(now=time.time())           # {0: 0.83, 1: 0.41}: share of the last 5 s each engine worked
     tel.totals()                        # {'out': ..., 'in': ..., 'stage': ..., 'all': ...} bytes
+    tel.pairs                           # {(0, 1): ...}: bytes engine 0 sent engine 1 (comm, stages)
+    tel.comm_seconds                    # {0: 0.12, 1: 0.31}: time each engine spent in collectives
     tel.run(run_id).bubble              # measured idle share of a pipeline run
 """
 
@@ -24,14 +26,17 @@ from ..pipeline.schedule import bubble
 from .records import Sample, Span, Transfer
 
 __all__ = [
-    "PIPELINE_KINDS", "FLOWS", "union", "busy_fraction", "flow", "bytes_by_engine", "totals",
-    "gbps", "PipelineView", "pipeline_view", "pipeline_spans", "Telemetry", "MEMORY_BOUND",
+    "PIPELINE_KINDS", "FLOWS", "PEER_KINDS", "union", "busy_fraction", "flow", "bytes_by_engine",
+    "totals", "comm_matrix", "gbps", "PipelineView", "pipeline_view", "pipeline_spans", "Telemetry", "MEMORY_BOUND",
 ]
 
 #: Span kinds that belong to a pipeline run (one op of a schedule, or the optimiser step).
 PIPELINE_KINDS = ("F", "B", "I", "W", "step")
 #: Where bytes went: ``out`` notebook to engine, ``in`` engine to notebook, ``stage`` engine to engine.
 FLOWS = ("out", "in", "stage")
+#: Transfer kinds that go engine to engine (``engine`` sent, ``peer`` received): pipeline
+#: activations and gradients, and ``comm`` collectives.
+PEER_KINDS = ("stage", "comm")
 
 #: Bytes the :class:`Telemetry` aggregate may hold with its default limits, whatever it is fed
 #: (checked with tracemalloc after 100,000 events in tests/test_telemetry.py). About 250 bytes per
@@ -83,9 +88,9 @@ def busy_fraction(spans: Iterable[Span], now: float, window: float = 5.0) -> dic
 
 
 def flow(kind: str, direction: str) -> str:
-    """Which of :data:`FLOWS` a transfer counts under: kind ``stage`` is engine to engine whatever
-    its direction; otherwise ``out`` (notebook to engine) or ``in`` (engine to notebook)."""
-    return "stage" if kind == "stage" else ("in" if direction == "in" else "out")
+    """Which of :data:`FLOWS` a transfer counts under: the :data:`PEER_KINDS` are engine to engine
+    whatever their direction; otherwise ``out`` (notebook to engine) or ``in`` (engine to notebook)."""
+    return "stage" if kind in PEER_KINDS else ("in" if direction == "in" else "out")
 
 
 def bytes_by_engine(transfers: Iterable[Transfer]) -> dict[int, dict[tuple[str, str], int]]:
@@ -109,6 +114,22 @@ def totals(by_engine: dict[int, dict[tuple[str, str], int]]) -> dict[str, int]:
         for (kind, direction), n in per.items():
             out[flow(kind, direction)] += n
     out["all"] = sum(out[f] for f in FLOWS)
+    return out
+
+
+def comm_matrix(transfers: Iterable[Transfer]) -> dict[tuple[int, int], int]:
+    """Bytes from engine to engine, ``(sender, receiver) -> bytes``, over the :data:`PEER_KINDS`.
+
+    >>> comm_matrix([Transfer(0, "comm", "out", "shm", 8, 0.0, peer=1),
+    ...              Transfer(1, "comm", "out", "shm", 8, 0.0, peer=0),
+    ...              Transfer(0, "comm", "out", "shm", 8, 1.0, peer=1),
+    ...              Transfer(0, "scatter", "out", "shm", 99, 1.0)])
+    {(0, 1): 16, (1, 0): 8}
+    """
+    out: dict[tuple[int, int], int] = {}
+    for t in transfers:
+        if t.kind in PEER_KINDS and t.peer >= 0:
+            out[t.engine, t.peer] = out.get((t.engine, t.peer), 0) + t.nbytes
     return out
 
 
@@ -222,6 +243,10 @@ class Telemetry:
         self.events = 0
         self.total_bytes = 0
         self.bytes: dict[tuple[int, str, str], int] = {}
+        #: Bytes from engine to engine since the start (:func:`comm_matrix`).
+        self.pairs: dict[tuple[int, int], int] = {}
+        #: Seconds each engine spent in ``comm`` collectives since the start.
+        self.comm_seconds: dict[int, float] = {}
         self.spans: deque[Span] = deque(maxlen=max_spans)
         self.samples: deque[Sample] = deque(maxlen=max_samples)
         self.latest: dict[int, Sample] = {}
@@ -256,6 +281,8 @@ class Telemetry:
         self.engines.add(t.engine)
         key = (t.engine, t.kind, t.direction)
         self.bytes[key] = self.bytes.get(key, 0) + t.nbytes
+        if t.kind in PEER_KINDS and t.peer >= 0:
+            self.pairs[t.engine, t.peer] = self.pairs.get((t.engine, t.peer), 0) + t.nbytes
         self.total_bytes += t.nbytes
         k = math.floor(t.time / self._bucket)
         self._buckets[k] = self._buckets.get(k, 0) + t.nbytes
@@ -266,6 +293,8 @@ class Telemetry:
         self.engines.add(s.engine)
         self.spans.append(s)
         self.events += 1
+        if s.kind == "comm":
+            self.comm_seconds[s.engine] = self.comm_seconds.get(s.engine, 0.0) + s.end - s.start
         if s.kind not in PIPELINE_KINDS or not s.run:
             return
         held = self._runs.get(s.run)

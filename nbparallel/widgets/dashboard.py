@@ -45,7 +45,7 @@ _JOIN_PX = 3.0  # narrower ops are drawn joined with their neighbours
 
 #: Fill colours per span kind (Tableau 10), and the bubble shade.
 COLORS = {"F": "#4e79a7", "B": "#59a14f", "I": "#f28e2b", "W": "#b07aa1", "step": "#79706e",
-          "scatter": "#76b7b2", "pmap": "#edc948"}
+          "scatter": "#76b7b2", "pmap": "#edc948", "comm": "#ff9da7"}
 BUBBLE = "#e15759"
 _MAX_INFOS = 256  # pipeline() announcements remembered
 
@@ -176,6 +176,10 @@ class Dashboard:
         lines += _columns(rows)
         lines.append("bytes moved")
         lines += _columns([_VOLUME_HEAD] + _volume_rows(self, html=False), left=(4,))
+        matrix = _matrix_rows(self)
+        if matrix:
+            lines.append(_MATRIX_CAPTION)
+            lines += _columns(matrix, left=(0,))
         view = self._view()
         if view is not None:
             lines.append(_pipeline_caption(view, self._infos.get(view.run), view.run in tel.truncated))
@@ -209,7 +213,8 @@ class Dashboard:
 
     def _sections(self, now: float) -> dict[str, str]:
         return {"head": _head_html(self, now), "load": _load_html(self, now),
-                "volume": _volume_html(self), "pipeline": self._pipeline_html()}
+                "volume": _volume_html(self), "comm": _matrix_html(self),
+                "pipeline": self._pipeline_html()}
 
     def _pipeline_html(self) -> str:
         run = self._run()
@@ -242,7 +247,7 @@ class Dashboard:
     def _build_widgets(self) -> None:
         import ipywidgets as w
 
-        self._widgets = {name: w.HTML("") for name in ("head", "load", "volume", "pipeline")}
+        self._widgets = {name: w.HTML("") for name in ("head", "load", "volume", "comm", "pipeline")}
         self._root = w.VBox(list(self._widgets.values()))
         self._root.add_class("nbp-dashboard")
 
@@ -314,7 +319,7 @@ def _volume_rows(d: Dashboard, html: bool) -> list[list[str]]:
             flows[flow(kind, direction)] += n
             total[flow(kind, direction)] += n
         arrow = {"out": "→", "in": "←"}
-        kinds = ", ".join(f"{kind} {'' if kind == 'stage' else arrow.get(direction, '')}{nbytes(n)}"
+        kinds = ", ".join(f"{kind} {'' if flow(kind, direction) == 'stage' else arrow.get(direction, '')}{nbytes(n)}"
                           for (kind, direction), n in sorted(per.items()) if n)
         rows.append([str(e), nbytes(flows["out"]), nbytes(flows["in"]), nbytes(flows["stage"]),
                      _html.escape(kinds) if html else kinds])
@@ -325,6 +330,31 @@ def _volume_rows(d: Dashboard, html: bool) -> list[list[str]]:
 def _volume_html(d: Dashboard) -> str:
     return _table("nbp-volume", "bytes moved (→ to the engine, ← back to the notebook)",
                   _VOLUME_HEAD, _volume_rows(d, html=True), d._engines() + ["total"])
+
+
+_MATRIX_CAPTION = "engine to engine (comm collectives and pipeline stages; row sends, column receives)"
+
+
+def _matrix_rows(d: Dashboard) -> list[list[str]]:
+    """The comm matrix: bytes each engine sent each other engine, and time in collectives;
+    no rows when engines never talked."""
+    tel = d.telemetry
+    if not tel.pairs and not tel.comm_seconds:
+        return []
+    engines = [e for e in d._engines()
+               if any(e in pair for pair in tel.pairs) or e in tel.comm_seconds]
+    rows = [["from \\ to", *map(str, engines), "in collectives"]]
+    for src in engines:
+        cells = ["-" if src == dst else nbytes(tel.pairs.get((src, dst), 0)) for dst in engines]
+        rows.append([str(src), *cells, seconds(tel.comm_seconds.get(src, 0.0))])
+    return rows
+
+
+def _matrix_html(d: Dashboard) -> str:
+    rows = _matrix_rows(d)
+    if not rows:
+        return ""
+    return _table("nbp-comm", _MATRIX_CAPTION, rows[0], rows[1:], [r[0] for r in rows[1:]])
 
 
 def _table(cls: str, caption: str, head: list[str], rows: list[list[str]], keys: list[Any]) -> str:
