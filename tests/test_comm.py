@@ -266,3 +266,9 @@ def test_no_segment_is_left_after_runs_errors_and_timeouts(ip, pool):
     _errors(ip, "--comm-timeout 0.5", "import numpy as np, time\ncomm.allreduce(np.ones(1 << 20))\n"
                                       "if rank == 0:\n    time.sleep(2)\ncomm.barrier()")
     assert _comm_segments(pool) == []
+
+
+def test_comm_in_a_stage_cell_is_a_usage_error(ip, pool):
+    with pytest.raises(UsageError, match="`comm` is not defined in %%stage s0"):
+        ip.run_cell_magic("stage", "s0 --engine 0", "def forward(x, ctx):\n    return comm.allreduce(x)")
+    assert "s0" not in pool.pipeline.stages

@@ -30,7 +30,7 @@ from ..partition import bounds
 from . import channel
 from .backend import EACH, EVERYONE, Backend, Call
 from .ops import as_array, check_op, describe, dtype_name, reduce_into, reduce_values
-from .spec import CommSpec, CommStats
+from .spec import MPI_BACKEND, CommSpec, CommStats
 
 __all__ = ["Comm", "LARGE"]
 
@@ -366,6 +366,10 @@ def _backend(spec: CommSpec, rank: int) -> Backend:
         from .shm import ShmBackend
 
         return ShmBackend(spec, rank)
+    if spec.backend == MPI_BACKEND:
+        from .mpi import MpiBackend  # imports mpi4py: only on engines that are MPI ranks
+
+        return MpiBackend(spec, rank)
     return channel.ChannelBackend(spec, rank)
 
 

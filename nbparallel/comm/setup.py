@@ -1,7 +1,8 @@
 """The notebook's half of ``comm``: choose the backend for a cell's engines and make its spec.
 
-Engines that all map this notebook's /dev/shm talk through shared memory; otherwise through
-their direct channels. ``--comm shm`` or ``--comm direct`` forces one. The control segment lives for the cell only: the
+Engines that all map this notebook's /dev/shm talk through shared memory; engines of other hosts
+that are ranks of one MPI world (``ipcluster start --engines=mpi``) through that MPI; any others
+through their direct channels. ``--comm shm|mpi|direct`` forces one. The control segment lives for the cell only: the
 notebook unlinks it, and any segment an engine made for this comm, when the cell ends, however
 it ends.
 """
@@ -18,12 +19,12 @@ from ..dataplane.transport import DIRECT, SHM
 from ..errors import UsageError
 from ..reaper import remove_segments
 from .shm import slot_owner
-from .spec import BLOCK, CommSpec
+from .spec import BLOCK, MPI_BACKEND, CommSpec
 
 __all__ = ["Opened", "open_comm", "check_timeout", "check_backend", "BACKENDS"]
 
 #: What ``--comm`` takes.
-BACKENDS = ("auto", SHM, DIRECT)
+BACKENDS = ("auto", SHM, MPI_BACKEND, DIRECT)
 
 
 @dataclass
@@ -56,7 +57,8 @@ def check_timeout(seconds: Any) -> float:
 def check_backend(name: str) -> str:
     if name not in BACKENDS:
         raise UsageError(f"--comm {name}: unknown comm backend; use one of {', '.join(BACKENDS)} "
-                         f"(auto: shared memory between engines of this host, else direct).")
+                         f"(auto: shared memory between engines of this host, else MPI between "
+                         f"the ranks of one MPI world, else direct).")
     return name
 
 
@@ -69,9 +71,19 @@ def open_comm(plane: Any, ids: Sequence[int], forced: str, timeout: float | None
         raise UsageError(
             "--comm shm: these engines do not all share this machine's /dev/shm, so "
             "their comm cannot use shared memory. Use --comm direct, or the default (auto).")
-    backend = DIRECT if forced == DIRECT or not local else SHM
+    worlds = [plane.pool.info(e).get("mpi") for e in ids]
+    one_world = all(w is not None for w in worlds) and len({w["world"] for w in worlds}) == 1
+    if forced == MPI_BACKEND and not one_world:
+        raise UsageError(
+            "--comm mpi: these engines are not ranks of one MPI world (start them with "
+            "`ipcluster start --engines=mpi`, where mpi4py is installed). Use the default (auto).")
+    if forced != "auto":
+        backend = forced
+    else:
+        backend = SHM if local else MPI_BACKEND if one_world else DIRECT
     endpoints = tuple(plane.endpoint(e, cluster=not local) for e in ids)
     control = Segment.create(len(ids) * BLOCK, plane.arena.owner) if backend == SHM else None
+    ranks = tuple(w["rank"] for w in worlds) if one_world else None
     spec = CommSpec(secrets.token_hex(8), tuple(ids), backend, endpoints,
-                    plane.arena.owner, seconds, control.name if control else None)
+                    plane.arena.owner, seconds, control.name if control else None, ranks)
     return Opened(spec, control)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CommSpec", "CommStats", "BLOCK"]
+__all__ = ["CommSpec", "CommStats", "BLOCK", "MPI_BACKEND"]
+
+#: The comm backend of engines that are one MPI world (the others are the transports of the
+#: same names: shared memory and the direct channels).
+MPI_BACKEND = "mpi"
 
 #: Bytes of the control segment per rank (``shm.py`` lays them out).
 BLOCK = 8192
@@ -23,7 +27,8 @@ class CommSpec:
     direct channels); ``control`` names the shared-memory control segment the notebook made
     (``None`` off one host); ``endpoints`` are each rank's direct channel (point-to-point sends,
     and the collectives between hosts); ``owner`` is what segments the engines make are named
-    after, so the notebook's clean-up finds them; ``timeout`` bounds every wait.
+    after, so the notebook's clean-up finds them; ``timeout`` bounds every wait; ``mpi_ranks``
+    are the engines' ranks in their MPI world, when they are one.
     """
 
     id: str
@@ -33,6 +38,7 @@ class CommSpec:
     owner: str | None
     timeout: float
     control: str | None = None
+    mpi_ranks: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:

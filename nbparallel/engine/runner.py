@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
 from ..comm import Comm, CommSpec
+from ..comm.mpi import mpi_rank
 from ..dataplane import parcel, remote
 from ..dataplane.addresses import route_address
 from ..dataplane.transport import INLINE
@@ -192,11 +193,15 @@ def engine_info() -> dict[str, Any]:
     ``address`` is where the rest of the cluster reaches it (:func:`cluster_address`).
     ``ident`` is the engine's identity with the controller: a load-balanced task lost with its
     engine is reported under it alone, after the client has forgotten the engine's id.
+    ``mpi`` is the engine's ``rank`` in its MPI ``world`` (an id shared by the ranks of one
+    launch) when it is an MPI rank (``ipengine --mpi``), else None.
     """
     import socket
 
     return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name(),
-            "gpu": gpu.bound(), "ident": _ident(), "address": cluster_address()}
+            "gpu": gpu.bound(), "ident": _ident(), "address": cluster_address(),
+            "mpi": mpi_rank()}
+
 
 
 #: Set on an engine whose cluster reaches it by another address than the route to its controller.

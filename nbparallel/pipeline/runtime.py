@@ -96,7 +96,13 @@ class Pipeline:
         if not name.isidentifier():
             raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
         cell, tree = parse_cell(code, f"%%stage {name} cell")
-        blob = pack_names(free_names(tree), namespace, skip={"xp", *hidden},
+        free = free_names(tree)
+        if "comm" in free and "comm" not in namespace:
+            raise UsageError(
+                f"`comm` is not defined in %%stage {name}: a stage runs on one engine, and the "
+                f"collectives between the engines of a tensor-parallel stage are not built yet. "
+                f"Use %%scatter for a cell whose engines talk to each other.")
+        blob = pack_names(free, namespace, skip={"xp", *hidden},
                           too_big="Build `{name}` inside the %%stage cell instead (for example "
                                   "initialise or load the parameters there): it stays on the "
                                   "stage's engine.")
