@@ -462,14 +462,17 @@ def _status_table(pool: Any) -> str:
     engines = pool.status()
     gpus = any(e.gpu_uuid is not None or e.gpu_mem_total is not None or e.device.startswith("cuda")
                for e in engines)
+    mpi = any(e.mpi_rank is not None for e in engines)
     rows = [("engine", "host", "pid", "device", "state")
-            + (("GPU memory used / total",) if gpus else ())]
+            + (("GPU memory used / total",) if gpus else ()) + (("MPI rank",) if mpi else ())]
     for e in engines:
         state = "dead" if not e.alive else "busy" if e.busy else "idle"
         row = (str(e.id), e.host, str(e.pid), e.device, state)
         if gpus:
             row += (f"{nbytes(e.gpu_mem)} / {nbytes(e.gpu_mem_total)}"
                     if e.device.startswith("cuda") else "-",)
+        if mpi:
+            row += ("-" if e.mpi_rank is None else str(e.mpi_rank),)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

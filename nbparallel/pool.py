@@ -70,6 +70,7 @@ class EngineInfo:
     gpu_mem: int | None = None  #: bytes used on the device (NVML; engines on this host only)
     gpu_mem_total: int | None = None
     alive: bool = True  #: False: it was part of this pool and has stopped (killed, crashed)
+    mpi_rank: int | None = None  #: its rank in its MPI world, for engines that are MPI ranks
 
 
 class Pool:
@@ -321,9 +322,10 @@ class Pool:
                         device = f"cuda:{bound['index']} {name}"
                     _, used, nv_total = self._nvml_reader().metrics(bound)
                     total = nv_total or total
+            mpi = info.get("mpi") or {}
             rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1), device,
                                    bool(q.get("queue", 0) or q.get("tasks", 0)), uuid, used,
-                                   total))
+                                   total, mpi_rank=mpi.get("rank")))
         return sorted(rows, key=lambda row: row.id)
 
     def check_controller(self, force: bool = False, cheap: bool = False) -> None:

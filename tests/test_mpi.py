@@ -122,3 +122,12 @@ def test_an_mpi_wait_is_bounded_and_leaves_the_ranks_usable(mpi):
         got = nbparallel.scatter("s = comm.allreduce(rank + 10)", {}, reduce={"s": "list"},
                                  comm="mpi", pool=mpi)["s"]
         assert got == [21, 21]
+
+
+def test_nbp_status_shows_each_engines_mpi_rank(mpi):
+    from nbparallel.magics import _status_table
+
+    table = _status_table(mpi.pool)
+    header, _, *rows = table.splitlines()[1:]
+    assert header.split()[-2:] == ["MPI", "rank"]
+    assert sorted(r.split()[-1] for r in rows) == ["0", "1"]
