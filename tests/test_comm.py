@@ -251,14 +251,19 @@ def test_ctrl_c_in_a_collective_frees_every_rank_within_two_seconds(ip, pool):
 
 
 def _comm_segments(pool):
-    """Segments of this pool's arena that the arena did not make (the comms' own)."""
-    arena = pool.plane.arena
-    mine = set(arena._entries)
-    return sorted(p.name for p in Path("/dev/shm").glob(f"nbp-{arena.owner}-*") if p.name not in mine)
+    """Segments of this pool's comms: ``nbp-<arena owner>-<comm id>-<random>`` (the arena's own
+    and the engines' hand-off segments have no comm id)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"nbp-{pool.plane.arena.owner}-*-*"))
 
 
 def test_no_segment_is_left_after_runs_errors_and_timeouts(ip, pool):
-    ip.run_cell_magic("scatter", "", "import numpy as np\ncomm.allreduce(np.ones(1 << 20))")
+    seen = []
+    ip.user_ns["seen"] = None
+    ip.run_cell_magic("scatter", "--reduce seen=list",
+                      "import numpy as np, os\ncomm.allreduce(np.ones(1 << 20))\n"
+                      "seen = sorted(n for n in os.listdir('/dev/shm') if n.count('-') >= 4)")
+    seen = {n for names in ip.user_ns["seen"] for n in names}
+    assert any(n.startswith(f"nbp-{pool.plane.arena.owner}-") for n in seen)  # it saw them live
     assert _comm_segments(pool) == []
     _errors(ip, "", "import numpy as np\nif rank == 2:\n    raise KeyError('x')\n"
                     "comm.allreduce(np.ones(1 << 20))")

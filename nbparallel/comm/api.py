@@ -137,12 +137,7 @@ class Comm:
         """``array`` of every rank combined by ``op``; this rank gets its block along ``axis``,
         with ``numpy.array_split``'s bounds (the same rows ``%%scatter`` would give it)."""
         check_op(op, "reduce_scatter")
-        host, device = _host(array)
-        arr = as_array(host)
-        if arr is None or arr.ndim == 0:
-            raise CommError(f"comm.reduce_scatter takes an array with at least one dimension, "
-                            f"not {type(array).__name__}; use comm.allreduce for scalars.")
-        axis = _axis("reduce_scatter", arr, axis)
+        arr, device, axis = _rows_arg("reduce_scatter", array, axis, "; use comm.allreduce for scalars")
         desc = describe("reduce_scatter", arr, op=op, axis=axis)
         with self._call("reduce_scatter", desc, _line()) as call:
             blocks = np.array_split(arr, self.size, axis)
@@ -167,12 +162,7 @@ class Comm:
                 comm.halo(u, 1, out=ext)
                 u[...] = stencil(ext)
         """
-        host, device = _host(array)
-        arr = as_array(host)
-        if arr is None or arr.ndim == 0:
-            raise CommError(f"comm.halo takes an array with at least one dimension, not "
-                            f"{type(array).__name__}.")
-        axis = _axis("halo", arr, axis)
+        arr, device, axis = _rows_arg("halo", array, axis)
         if not isinstance(k, (int, np.integer)) or k < 0:
             raise CommError(f"comm.halo: k={k!r} must be a whole number of rows, 0 or more.")
         k = int(k)
@@ -402,6 +392,16 @@ def _host(value: Any) -> tuple[Any, bool]:
 
 def _back(value: Any, device: bool) -> Any:
     return gpu.array_module().asarray(value) if device else value
+
+
+def _rows_arg(call: str, array: Any, axis: Any, hint: str = "") -> tuple[np.ndarray, bool, int]:
+    """An array argument that has rows along ``axis``: (host array, was on device, axis)."""
+    host, device = _host(array)
+    arr = as_array(host)
+    if arr is None or arr.ndim == 0:
+        raise CommError(f"comm.{call} takes an array with at least one dimension, not "
+                        f"{type(array).__name__}{hint}.")
+    return arr, device, _axis(call, arr, axis)
 
 
 def _axis(call: str, arr: np.ndarray, axis: Any) -> int:

@@ -82,8 +82,11 @@ def open_comm(plane: Any, ids: Sequence[int], forced: str, timeout: float | None
     else:
         backend = SHM if local else MPI_BACKEND if one_world else DIRECT
     endpoints = tuple(plane.endpoint(e, cluster=not local) for e in ids)
-    control = Segment.create(len(ids) * BLOCK, plane.arena.owner) if backend == SHM else None
+    cid = secrets.token_hex(8)
+    # Named like the engines' segments of this comm, so one sweep by the comm's name finds all.
+    control = (Segment.create(len(ids) * BLOCK, f"{plane.arena.owner}-{cid}")
+               if backend == SHM else None)
     ranks = tuple(w["rank"] for w in worlds) if one_world else None
-    spec = CommSpec(secrets.token_hex(8), tuple(ids), backend, endpoints,
-                    plane.arena.owner, seconds, control.name if control else None, ranks)
+    spec = CommSpec(cid, tuple(ids), backend, endpoints, plane.arena.owner, seconds,
+                    control.name if control else None, ranks)
     return Opened(spec, control)

@@ -19,7 +19,6 @@ still reads.
 
 from __future__ import annotations
 
-import mmap
 import os
 import pickle
 import time
@@ -28,7 +27,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..dataplane.shm import GRAIN, MARGIN, SHM_DIR, Segment, free_bytes, new_name
+from ..dataplane.shm import GRAIN, MARGIN, NoRoom, Segment, free_bytes
 from ..dataplane.transport import SHM
 from ..errors import CommError, PeerFailed
 from . import items as wire
@@ -341,31 +340,17 @@ def _alive(pid: int) -> bool:
 
 
 def _create(size: int, owner: str) -> Segment:
-    """A segment whose pages are reserved now: a full /dev/shm is an error here, not a SIGBUS
-    when the data is written."""
     if free_bytes() - size < MARGIN:
         raise _no_room(size)
-    name = new_name(owner)
-    path = SHM_DIR / name
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
     try:
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as exc:
-            raise _no_room(size) from exc
-        mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                       mmap.PROT_READ | mmap.PROT_WRITE)
-    except BaseException:
-        os.unlink(path)
-        raise
-    finally:
-        os.close(fd)
-    return Segment(name, size, mm)
+        return Segment.create(size, owner)  # its pages reserved: no SIGBUS later
+    except NoRoom:
+        raise _no_room(size) from None
 
 
 def _no_room(size: int) -> CommError:
     return CommError(
         f"shared memory (/dev/shm) has no room for a {size >> 20} MiB comm buffer. Free some "
-        f"(fewer resident arrays, other kernels), or run the cell with --transport direct."
+        f"(fewer resident arrays, other kernels), or run the cell with --comm direct."
     )
 

@@ -25,7 +25,7 @@ from ..telemetry.records import Ring, Transfer, transfer
 from .. import gpu
 from . import parcel, remote
 from .direct import Channel
-from .shm import Arena, Segment
+from .shm import Arena, NoRoom, Segment
 from .transport import (ANY_ENGINE, CUDA_IPC, DIRECT, INLINE, INLINE_LIMIT, SHM, Full, Hop,
                         choose, registered)
 from .transport import check as check_transport
@@ -92,13 +92,16 @@ class DataPlane:
         """Whether ``engine`` maps this process's /dev/shm (probed once per engine)."""
         if engine not in self._local:
             self._probe([engine])
-        return self._local[engine]
+        return self._local.get(engine, False)
 
     def _probe(self, engines: list[int]) -> None:
         if not self.arena.ok:
             self._local.update({e: False for e in engines})
             return
-        seg = Segment.create(1 << 12, self.arena.owner)
+        try:
+            seg = Segment.create(1 << 12, self.arena.owner)
+        except NoRoom:  # /dev/shm is full now: not local for this hop, asked again next time
+            return
         secret = secrets.token_bytes(16)
         seg.mm[:16] = secret
         try:

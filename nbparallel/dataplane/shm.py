@@ -84,11 +84,17 @@ class Segment:
 
     @classmethod
     def create(cls, size: int, owner: int | str | None = None) -> "Segment":
+        """A new private segment of ``size`` bytes whose pages are reserved now: a full
+        /dev/shm is :class:`NoRoom` here, never a SIGBUS when the pages are first written
+        (``ftruncate`` alone reserves nothing on tmpfs)."""
         name = new_name(owner)
         path = SHM_DIR / name
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
         try:
-            os.ftruncate(fd, size)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise NoRoom(f"/dev/shm cannot hold {fmt.nbytes(size)} more: {exc.strerror}") from None
             # Populated up front: engines often write pages first, and a page another process
             # faulted in still costs this process a fault on its first touch.
             flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
