@@ -7,6 +7,8 @@
     │   └── PartitionError    a value that cannot be split, joined or reduced as asked
     ├── PoolError             no cluster reachable, unknown or missing engines
     │   └── ControllerLost    the cluster's controller stopped; the pool cannot be used again
+    ├── TransferError         bytes could not move: a data-plane transfer refused, timed out, or
+    │                         its engine gone (``ChannelError`` of the direct channels is one)
     ├── RemoteError           user code raised inside an engine
     │   └── PmapError         some %%pmap items failed; the rest of the results are kept
     └── CommError             raised inside a cell by ``comm``: a collective that cannot complete
@@ -30,6 +32,7 @@ __all__ = [
     "PartitionError",
     "PoolError",
     "ControllerLost",
+    "TransferError",
     "RemoteError",
     "RemoteFailure",
     "PmapError",
@@ -64,6 +67,12 @@ class ControllerLost(PoolError):
     """The controller of the pool's cluster stopped answering: no work reaches the engines and no
     result comes back. The message says how to get a working pool again (``%nbp restart`` for a
     pool nbparallel started, ``ipcluster start`` then ``%nbp connect`` for one it connected to)."""
+
+
+class TransferError(NbparallelError, RuntimeError):
+    """Bytes could not move between the notebook and an engine, or between engines: a transfer
+    refused (a wrong key, a tampered answer), not answered in time, or whose engine stopped.
+    The message names the engine or endpoint and what was being moved."""
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,8 @@ def _run(run: list[int]) -> str:
 
 _RANGE = re.compile(r"\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?")
 _HINT = "Write ids and ranges separated by commas, like 0-3,6."
+#: The most ids one range may name: more than any pool has, few enough to expand at once.
+MAX_RANGE = 100_000
 
 
 def parse_ranges(spec: str, what: str, *, item: str = "an id", hint: str = _HINT) -> list[int]:
@@ -114,5 +116,9 @@ def parse_ranges(spec: str, what: str, *, item: str = "an id", hint: str = _HINT
         if hi < lo:
             raise UsageError(f"cannot read {what} {spec!r}: the range {lo}-{hi} runs backwards; "
                              f"write {hi}-{lo}.")
+        if hi - lo >= MAX_RANGE:
+            raise UsageError(f"cannot read {what} {spec!r}: the range {lo}-{hi} names "
+                             f"{hi - lo + 1:,} ids, more than any cluster here has ({MAX_RANGE:,} "
+                             f"at most). {hint}")
         ids.update(dict.fromkeys(range(lo, hi + 1)))
     return list(ids)

@@ -392,7 +392,7 @@ class NbparallelMagics(Magics):
             if pool is None:
                 print("nbparallel: no pool yet; `%nbp start` starts one (the first magic does too).")
                 return None
-            print(_status_table(pool))
+            print(_status_table(pool, pool.plane.channel_stats()))
         elif args.command == "restart":
             pool = session_mod.restart()
             print(f"nbparallel: restarted: a fresh local cluster of {len(pool.ids)} engines.")
@@ -458,13 +458,16 @@ def _gpu_summary(pool: session_mod.Session) -> str:
     return "; GPUs: " + ", ".join(f"engine {e} cuda:{d['index']}" for e, d in bound)
 
 
-def _status_table(pool: Any) -> str:
+def _status_table(pool: Any, channels: dict[int, dict[str, int]] | None = None) -> str:
+    """The ``%nbp status`` table; ``channels`` (engine -> its direct channel's counts) adds how
+    many messages each engine's channel refused (unsigned, tampered, replayed, malformed)."""
     engines = pool.status()
     gpus = any(e.gpu_uuid is not None or e.gpu_mem_total is not None or e.device.startswith("cuda")
                for e in engines)
     mpi = any(e.mpi_rank is not None for e in engines)
     rows = [("engine", "host", "pid", "device", "state")
-            + (("GPU memory used / total",) if gpus else ()) + (("MPI rank",) if mpi else ())]
+            + (("GPU memory used / total",) if gpus else ()) + (("MPI rank",) if mpi else ())
+            + (("refused",) if channels is not None else ())]
     for e in engines:
         state = "dead" if not e.alive else "busy" if e.busy else "idle"
         row = (str(e.id), e.host, str(e.pid), e.device, state)
@@ -473,6 +476,8 @@ def _status_table(pool: Any) -> str:
                     if e.device.startswith("cuda") else "-",)
         if mpi:
             row += ("-" if e.mpi_rank is None else str(e.mpi_rank),)
+        if channels is not None:
+            row += (str(channels[e.id]["refused"]) if e.id in channels else "?",)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]

@@ -365,10 +365,11 @@ class Pool:
         if spec is None:
             return available
         wanted = parse_engines(spec) if isinstance(spec, str) else list(spec)
-        unknown = [i for i in wanted if i not in available]
+        known = set(available)
+        unknown = [i for i in wanted if i not in known]
         if unknown:
             raise UsageError(
-                f"--engines names engine(s) {', '.join(map(str, unknown))}, which the pool does "
+                f"--engines names engine(s) {ranges(unknown)}, which the pool does "
                 f"not have; available: {ranges(available)}."
             )
         if not wanted:

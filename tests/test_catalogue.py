@@ -120,6 +120,27 @@ CASES = [
          r"unrecognized arguments: --bogus"),
     Case("scatter-bad-transport", "%%scatter", "a --gather c --transport carrier", "c = a",
          "UsageError", r"invalid choice: 'carrier'"),
+    Case("comm-op", "%%scatter", "a --gather c", "c = a\ncomm.allreduce(1, op='mean')",
+         "RemoteError", r"CommError: comm.allreduce: unknown op 'mean'; use one of sum, prod",
+         sent=True),
+    Case("comm-root", "%%scatter", "a --gather c", "c = a\ncomm.bcast(c, root=5)", "RemoteError",
+         r"root=5 is not a rank of this comm, which has ranks 0 to 2", sent=True),
+    Case("comm-alltoall", "%%scatter", "a --gather c", "c = a\ncomm.alltoall([c])", "RemoteError",
+         r"comm.alltoall needs a list of exactly 3 items, one per rank .* but got 1 items",
+         sent=True),
+    Case("comm-halo", "%%scatter", "a --gather c", "c = a\ncomm.halo(c, 9)", "RemoteError",
+         r"comm.halo: k=9 rows were asked for, but rank 0 has only 4", sent=True),
+    Case("comm-mismatch", "%%scatter", "a --gather c",
+         "c = a\ncomm.barrier() if rank == 0 else comm.bcast(c)", "RemoteError",
+         r"the ranks called different collectives: rank 0 called barrier\(\) \(call #1 at line 2\); "
+         r"ranks 1, 2 called bcast\(root=0\)", sent=True),
+    Case("comm-shapes", "%%scatter", "a --gather c", "c = a\ncomm.allreduce(a[:rank + 1])",
+         "RemoteError", r"rank 0 called allreduce\(int64 \(1,\), op=sum\).*"
+         r"rank 1 called allreduce\(int64 \(2,\), op=sum\)", sent=True),
+    Case("comm-timeout", "%%scatter", "a --gather c --comm-timeout -5", "c = a\ncomm.barrier()",
+         "UsageError", r"the comm timeout must be a number of seconds above 0, not -5"),
+    Case("comm-backend", "%%scatter", "a --gather c --comm pigeon", "c = a\ncomm.barrier()",
+         "UsageError", r"invalid choice: 'pigeon'"),
     # -- %%pmap ---------------------------------------------------------------------------------
     Case("pmap-no-in", "%%pmap", "x range(3) -> r", "x", "UsageError",
          r"cannot read `%%pmap x range\(3\) -> r`; write `%%pmap x in ITERABLE -> NAME`"),
@@ -149,6 +170,8 @@ CASES = [
          r"1 of 4 items failed \(indices 2\).*ZeroDivisionError", sent=True),
     Case("pmap-iterable-undefined", "%%pmap", "x in nope -> r", "x", "UsageError",
          r"`nope` .*is not defined in the notebook"),
+    Case("pmap-comm", "%%pmap", "x in range(3) -> r", "comm.allreduce(x)", "UsageError",
+         r"`comm` is not defined in %%pmap: items run one at a time"),
     # -- %%stage --------------------------------------------------------------------------------
     Case("stage-no-name", "%%stage", "", FWD, "UsageError",
          r"%%stage: the following arguments are required: name"),
@@ -167,6 +190,8 @@ CASES = [
     Case("stage-cell-raises", "%%stage", "s", "raise RuntimeError('init failed')",
          "RemoteError", r"the %%stage s cell failed on engine 0, stage s: RuntimeError: init "
          r"failed", sent=True),
+    Case("stage-comm", "%%stage", "s", "def forward(x, ctx):\n    return comm.allreduce(x)",
+         "UsageError", r"`comm` is not defined in %%stage s: a stage runs on one engine"),
     # -- %pipeline ------------------------------------------------------------------------------
     Case("pipeline-no-command", "%pipeline", "", None, "UsageError",
          r"%pipeline: the following arguments are required: command"),

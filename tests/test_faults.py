@@ -315,3 +315,35 @@ def test_status_shows_a_dead_engine_and_restart_brings_the_pool_back(faulty, ip,
         np.testing.assert_array_equal(ip.user_ns["c"], np.arange(6) * 2)
     finally:
         pool_mod.stop()
+
+
+def test_an_engine_dying_during_a_direct_gather_is_named_within_seconds(ip, faulty, monkeypatch):
+    """The victim dies just as the notebook asks its channel for its part: the wait ends when
+    the process is gone (not after the channel's 60 s), with an nbparallel error naming it, and
+    the parts the other engines offered are dropped on them, not kept until the pool stops."""
+    from nbparallel.dataplane import remote
+    from nbparallel.dataplane.transports.direct import Direct
+    from nbparallel.errors import TransferError
+
+    victim, survivors = 0, [1, 2]
+    real = Direct.fetch
+
+    def fetch(self, engine, dest, inline):
+        if engine == victim:
+            os.kill(faulty.info(victim)["pid"], signal.SIGKILL)
+        return real(self, engine, dest, inline)
+
+    monkeypatch.setattr(Direct, "fetch", fetch)
+    ip.user_ns.update(big=BIG, y="before")
+    before = dict(ip.user_ns)
+    t0 = time.perf_counter()
+    with pytest.raises(TransferError, match=rf"engine {victim} \(pid \d+\) has stopped") as info:
+        ip.run_cell_magic("scatter", "big --gather y --transport direct --no-dashboard", "y = big + 1")
+    assert time.perf_counter() - t0 < 5
+    assert "Traceback" not in str(info.value)
+    untouched(ip, before)
+    monkeypatch.setattr(Direct, "fetch", real)
+    ip.run_cell_magic("scatter", "big --gather y --engines 1-2", "y = big * 2")  # carries the chores
+    np.testing.assert_array_equal(ip.user_ns["y"], BIG * 2)
+    stats = faulty.pool.call_each(survivors, remote.channel_stats, timeout=30)
+    assert {e: s["pending"] for e, s in stats.items()} == {1: 0, 2: 0}

@@ -191,3 +191,43 @@ def test_a_forged_message_is_refused_before_anything_is_unpickled(pool, tmp_path
     assert after["refused"] == before["refused"] + 1
     assert after["pending"] == before["pending"]  # nothing was kept to be taken later
     assert not marker.exists()
+
+
+def test_forged_messages_are_counted_not_written_into_the_running_cell(ip, pool, capfd):
+    """A key-less local user flooding an engine's channel cannot write into the notebook: the
+    refusals are counted (the `refused` column of `%nbp status`), and none reaches the output of
+    the cell running on that engine."""
+    import threading
+    import time
+
+    import zmq
+
+    from nbparallel.magics import _status_table
+
+    endpoint = pool.plane.endpoint(0)
+    before = pool.plane.channel_stats()[0]["refused"]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+
+    def forge() -> None:
+        time.sleep(0.3)  # while the cell runs
+        for i in range(200):
+            sock.send_multipart([b"nbp1", b"put", f"forged-{i}".encode(), b"\0" * 32, b"h", b"x"])
+            sock.recv_multipart()  # the signed refusal
+
+    flood = threading.Thread(target=forge)
+    flood.start()
+    try:
+        ip.run_cell_magic("scatter", "--engines 0", "import time\ntime.sleep(1.5)")
+    finally:
+        flood.join(timeout=30)
+        sock.close()
+        ctx.term()
+    out = capfd.readouterr()
+    assert "refused" not in out.out + out.err and "forged" not in out.out + out.err
+    assert pool.plane.channel_stats()[0]["refused"] == before + 200
+    table = _status_table(pool, pool.plane.channel_stats())
+    assert table.splitlines()[1].split()[-1] == "refused"
+    assert table.splitlines()[3].split()[-1] == str(before + 200)

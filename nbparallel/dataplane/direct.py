@@ -47,9 +47,11 @@ import socket
 import struct
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable
 
 import zmq
+
+from ..errors import TransferError
 
 __all__ = ["ChannelError", "sign", "raw", "tid_bytes", "check_key", "advertised_host", "peer_address",
            "shown", "Channel"]
@@ -59,9 +61,10 @@ PUT, GET, OK, ERR = b"put", b"get", b"ok", b"err"
 REPLAY_HISTORY = 10_000
 # Longest a parked GET may wait: bounds what one request can hold in the server.
 MAX_GET_WAIT = 24 * 3600.0
+LOOK = 0.5  # seconds between looks at whether the server's process is still there
 
 
-class ChannelError(Exception):
+class ChannelError(TransferError):
     """A transfer was refused, timed out, or hit a closed channel or server."""
 
 
@@ -137,9 +140,14 @@ class Channel:
     mistaken for the answer to the next request.
     """
 
-    def __init__(self, endpoint: str, key: bytes, timeout: float = 30.0):
+    def __init__(self, endpoint: str, key: bytes, timeout: float = 30.0,
+                 gone: Callable[[], str | None] | None = None):
         self.endpoint = endpoint
         self.timeout = timeout
+        #: Asked twice a second while an answer is awaited: why the server's process can no
+        #: longer answer (its engine stopped), or None. A dead engine then fails the wait at
+        #: once instead of after the whole timeout.
+        self.gone = gone
         self._key = check_key(key)
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
@@ -241,7 +249,10 @@ class Channel:
         try:
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(max(1, math.ceil(left * 1000))):
+                if left <= 0 or not sock.poll(max(1, math.ceil(min(left, LOOK) * 1000))):
+                    reason = self.gone() if self.gone is not None else None
+                    if reason is not None:
+                        raise ChannelError(f"the {what} on {self.endpoint} cannot finish: {reason}.")
                     if time.monotonic() < deadline:
                         continue
                     raise ChannelError(

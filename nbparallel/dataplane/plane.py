@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import os
 import secrets
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,7 @@ class DataPlane:
         self._channels: dict[int, Any] = {}
         self._endpoints: dict[tuple[int, str], str] = {}
         self._free: dict[int, list[str]] = {}
+        self._abandoned: dict[int, list[str]] = {}  # engine -> offered transfers to drop
         self.closed = False
 
     # -- engines -------------------------------------------------------------------------------
@@ -135,13 +137,31 @@ class DataPlane:
     def channel(self, engine: int) -> Any:
         """The notebook's direct channel to ``engine``."""
         if engine not in self._channels:
-            self._channels[engine] = Channel(self.endpoint(engine), self.pool.key)
+            self._channels[engine] = Channel(self.endpoint(engine), self.pool.key,
+                                             gone=functools.partial(self._gone, engine))
         return self._channels[engine]
+
+    def _gone(self, engine: int) -> str | None:
+        """Why ``engine`` can no longer answer its channel, or None while it can: its process
+        is gone (engines of this host, seen at once) or the controller dropped it."""
+        pid = self.pool.info(engine).get("pid")
+        if self.is_local(engine) and isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
+            return f"engine {engine} (pid {pid}) has stopped"
+        if not self.pool.alive([engine]):
+            return f"engine {engine} has stopped (the controller no longer lists it)"
+        return None
+
+    def channel_stats(self, timeout: float = 5.0) -> dict[int, dict[str, int]]:
+        """Per engine, what its direct channel has seen (messages ``refused``, transfers
+        ``pending``); engines busy for longer than ``timeout`` are left out."""
+        return self.pool.call_each(self.pool.ids, remote.channel_stats, timeout=timeout,
+                                   what="its channel's counts")
 
     def chores(self, engine: int) -> remote.Chores | None:
         """Housekeeping to piggyback on the next call to ``engine`` (None: there is none)."""
-        todo = remote.Chores(tuple(self._free.pop(engine, ())), tuple(self.arena.forgotten()))
-        return todo if todo.free or todo.forget else None
+        todo = remote.Chores(tuple(self._free.pop(engine, ())), tuple(self.arena.forgotten()),
+                             tuple(self._abandoned.pop(engine, ())))
+        return todo if todo.free or todo.forget or todo.discard else None
 
     def free_later(self, engine: int, key: str) -> None:
         """Drop a resident value with the next call to ``engine`` (called from finalizers)."""
@@ -329,6 +349,12 @@ class DataPlane:
         except BaseException:
             for seg, _ in finals.values():
                 self.arena.release(seg)
+            # Parts the engines offered on their channels and nobody will fetch now: dropped
+            # with the next call to each engine, not kept until the pool stops.
+            for r, eid in enumerate(ids):
+                for plan in dests.values():
+                    if isinstance(plan[r], DirectDest):
+                        self._abandoned.setdefault(eid, []).append(plan[r].tid)
             raise
         finally:
             if parts is not None:
@@ -419,6 +445,16 @@ class DataPlane:
         self._at_exit()
         atexit.unregister(self._at_exit)
         self.closed = True
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _leave(arena: Arena) -> None:

@@ -52,10 +52,12 @@ class Request:
 @dataclass(frozen=True)
 class Chores:
     """Housekeeping the notebook piggybacks on its next call to an engine: resident keys to
-    ``free``, segments the notebook unlinked whose mappings the engine should ``forget``."""
+    ``free``, segments the notebook unlinked whose mappings the engine should ``forget``, and
+    transfers offered on this engine's channel that nobody will fetch (``discard``)."""
 
     free: tuple[str, ...] = ()
     forget: tuple[str, ...] = ()
+    discard: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,9 @@ def chores(todo: Chores | None) -> None:
         seg = _segments.pop(name, None)
         if seg is not None:
             seg.close()  # views still alive keep the mapping until they go
+    for tid in todo.discard:
+        if _server is not None:
+            _server.discard(tid)
 
 
 def probe(name: str, size: int, secret: bytes) -> bool:

@@ -344,8 +344,11 @@ class Server:
             self._seen.discard(self._seen_order.popleft())
 
     def _refuse(self, ident: bytes, tid: bytes, frames: list[zmq.Frame], reason: str) -> None:
+        # Counted (``%nbp status`` shows it), and logged at debug level only: a warning would
+        # reach the output of the cell running on this engine, so anyone able to connect could
+        # write lines into the user's notebook.
         self.refused += 1
-        _log.warning(
+        _log.debug(
             "nbparallel data plane server %s refused a message from %s for transfer %s: %s",
             self.endpoint,
             peer_address(frames[-1]),

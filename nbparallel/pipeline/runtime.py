@@ -312,6 +312,7 @@ def _failed(future: Any) -> bool:
 
 def _forward_only(p: int, m: int, v: int) -> sched.Schedule:
     """Inference order: each rank runs its stages first to last, each over every micro-batch."""
+    sched.check_size(p, m, v)
     if v == 1:
         return sched.build("gpipe", p, m, train=False)
     ranks = tuple(tuple(sched.Op("F", st, j) for st in range(r, p * v, p) for j in range(m))

@@ -163,6 +163,20 @@ class Simulation:
 # Builders
 
 
+#: The most stage-micro-batches (p * v * m) a schedule may have: building and simulating one
+#: costs about 20 us each here, so this bound keeps any schedule under about 2 s.
+MAX_SIZE = 65_536
+
+
+def check_size(p: int, m: int, v: int = 1) -> None:
+    """Refuse a schedule too big to build in seconds (:data:`MAX_SIZE`), before building it."""
+    if p * v * m > MAX_SIZE:
+        raise ScheduleError(
+            f"{p} stage(s) x {v} virtual x {m} micro-batches = {p * v * m:,} stage-micro-batches, "
+            f"more than a schedule here can hold ({MAX_SIZE:,}); use fewer micro-batches (larger "
+            f"ones) or fewer stages.")
+
+
 def _check(name: str, p: int, m: int, v: int = 1, train: bool = True) -> str:
     """Normalise ``name`` and reject what no schedule can do, with one sentence saying how to fix it."""
     key = str(name).strip().lower().replace("_", "-")
@@ -173,6 +187,7 @@ def _check(name: str, p: int, m: int, v: int = 1, train: bool = True) -> str:
                                ("v", v, "virtual stages per rank")):
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ScheduleError(f"The number of {meaning} {what} must be a whole number >= 1, got {val!r}.")
+    check_size(p, m, v)
     if v > 1 and key != "interleaved":
         raise ScheduleError(f"v={v} virtual stages per rank needs schedule 'interleaved'; "
                             f"{key!r} puts one stage on each rank, so use v=1.")
