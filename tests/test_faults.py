@@ -347,3 +347,47 @@ def test_an_engine_dying_during_a_direct_gather_is_named_within_seconds(ip, faul
     np.testing.assert_array_equal(ip.user_ns["y"], BIG * 2)
     stats = faulty.pool.call_each(survivors, remote.channel_stats, timeout=30)
     assert {e: s["pending"] for e, s in stats.items()} == {1: 0, 2: 0}
+
+
+SHM_FULL = r"""
+import numpy as np
+import nbparallel
+from nbparallel.dataplane import shm
+
+session = nbparallel.start(2)
+# Another process took the space after the arena looked: statvfs still says it is there.
+shm.free_bytes = lambda: 1 << 40
+a = np.arange(12_000_000, dtype=np.float64)          # 96 MB, on a 64 MB /dev/shm
+before = a.copy()
+out = nbparallel.scatter("b = a * 2", {"a": a}, gather=["b"], pool=session)
+assert np.array_equal(out["b"], before * 2) and np.array_equal(a, before)
+moved = {(t.kind, t.transport) for t in session.transfers.since(0)[0]}
+print("TRANSPORTS", sorted(moved))
+session.stop()
+print("ALIVE")
+"""
+
+
+def test_a_full_dev_shm_is_a_fallback_not_a_sigbus(tmp_path):
+    """/dev/shm smaller than the payload, and the free-space check fooled (as when another
+    process fills it between the check and the write): the segment's pages are reserved when it
+    is made, so the transfer falls back to the direct channels and the kernel lives."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI runs as root with util-linux: the mount namespace must work")
+        pytest.skip("a private tmpfs on /dev/shm needs root and unshare")
+    script = tmp_path / "full.py"
+    script.write_text(SHM_FULL)
+    env = dict(os.environ, NBPARALLEL_SHM_BUDGET="1G", NBPARALLEL_DASHBOARD="0")
+    run = subprocess.run(
+        ["unshare", "--mount", "sh", "-c",
+         "mount -t tmpfs -o size=64m,mode=1777 tmpfs /dev/shm && exec \"$@\"", "sh",
+         sys.executable, str(script)],
+        capture_output=True, text=True, timeout=240, env=env)
+    assert run.returncode == 0, f"rc {run.returncode} (-7 is SIGBUS)\n{run.stdout}\n{run.stderr}"
+    assert "ALIVE" in run.stdout
+    assert "('scatter', 'direct')" in run.stdout
