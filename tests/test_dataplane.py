@@ -181,7 +181,7 @@ def test_forged_messages_are_refused_by_the_engine(pool):
     assert channel.endpoint.startswith("tcp://127.0.0.1:")
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
-    sock.connect(channel.endpoint)
+    sock.connect(channel.endpoint.partition("#")[0])
     evil = pickle.dumps(print)  # would run code if it were ever unpickled
     sock.send_multipart([b"nbp1", b"put", b"forged", b"\0" * 32, evil])
     assert sock.poll(5000)

@@ -5,6 +5,7 @@ No cluster: a Server and its clients run in this process, over loopback TCP.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -21,7 +22,7 @@ import pytest
 import zmq
 
 from nbparallel.dataplane.addresses import check_reachable, route_address
-from nbparallel.dataplane.direct import Channel, ChannelError, sign
+from nbparallel.dataplane.direct import Channel, ChannelError, sign, split_endpoint
 from nbparallel.dataplane.server import Server
 
 KEY = b"k" * 32
@@ -52,14 +53,27 @@ def raw(server):
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
-    sock.connect(server.endpoint)
+    sock.connect(split_endpoint(server.endpoint)[0])
     yield sock
     sock.close()
     ctx.term()
 
 
-def signed(op: bytes, tid: bytes, header: bytes, *buffers: bytes, key: bytes = KEY) -> list[bytes]:
-    return [b"nbp1", op, tid, sign(key, [b"nbp1", op, tid, header, *buffers]), header, *buffers]
+_sessions = itertools.count(1)
+
+
+def stamp() -> bytes:
+    """A fresh request stamp: a session of its own, counter 1."""
+    return next(_sessions).to_bytes(16, "big") + (1).to_bytes(8, "big")
+
+
+def signed(to: bytes, op: bytes, tid: bytes, header: bytes, *buffers: bytes, key: bytes = KEY,
+           stamped: bytes | None = None) -> list[bytes]:
+    """A hand-made message for the server whose id is ``to``; a put's header gets a stamp in
+    front (``stamped``, or a fresh one), as a Channel's does."""
+    if op == b"put":
+        header = (stamped or stamp()) + header
+    return [b"nbp2", op, tid, sign(key, [b"nbp2", op, tid, to, header, *buffers]), header, *buffers]
 
 
 def test_sign_frames_lengths_and_accepts_buffers():
@@ -134,9 +148,9 @@ def _refused(server, raw, frames, caplog, tid: bytes = b"evil"):
     with caplog.at_level(logging.DEBUG, logger="nbparallel.dataplane"):
         raw.send_multipart(frames)
         reply = raw.recv_multipart()
-    assert reply[:3] == [b"nbp1", b"err", tid]
+    assert reply[:3] == [b"nbp2", b"err", tid]
     # The refusal itself is signed, so a client with the right key can trust it.
-    assert reply[3] == sign(KEY, [b"nbp1", b"err", tid, *reply[4:]])
+    assert reply[3] == sign(KEY, [b"nbp2", b"err", tid, server.id, *reply[4:]])
     assert server.refused == before + 1
     # Logged for whoever debugs, but never as a warning: a warning inside an engine lands in the
     # running cell's output, where anyone able to connect could then write lines.
@@ -150,34 +164,34 @@ def _refused(server, raw, frames, caplog, tid: bytes = b"evil"):
 
 
 def test_refuses_wrong_signature(server, raw, caplog):
-    frames = signed(b"put", b"evil", b"h", b"data")
+    frames = signed(server.id, b"put", b"evil", b"h", b"data")
     frames[3] = bytes(32)
     assert "signature" in _refused(server, raw, frames, caplog)
 
 
 def test_refuses_altered_payload(server, raw, caplog):
-    frames = signed(b"put", b"evil", b"h", b"data")
+    frames = signed(server.id, b"put", b"evil", b"h", b"data")
     frames[5] = b"DATA"
     assert "signature" in _refused(server, raw, frames, caplog)
 
 
 def test_refuses_empty_signature(server, raw, caplog):
-    frames = signed(b"put", b"evil", b"h", b"data")
+    frames = signed(server.id, b"put", b"evil", b"h", b"data")
     frames[3] = b""
     assert "signature" in _refused(server, raw, frames, caplog)
 
 
 def test_refuses_missing_signature(server, raw, caplog):
-    assert "malformed" in _refused(server, raw, [b"nbp1", b"put", b"evil"], caplog)
+    assert "malformed" in _refused(server, raw, [b"nbp2", b"put", b"evil"], caplog)
 
 
 def test_refuses_wrong_key(server, raw, caplog):
-    frames = signed(b"put", b"evil", b"h", b"data", key=OTHER_KEY)
+    frames = signed(server.id, b"put", b"evil", b"h", b"data", key=OTHER_KEY)
     assert "signature" in _refused(server, raw, frames, caplog)
 
 
 def test_refuses_replay(server, raw, caplog):
-    frames = signed(b"put", b"evil", b"h", b"data")
+    frames = signed(server.id, b"put", b"evil", b"h", b"data")
     raw.send_multipart(frames)
     assert raw.recv_multipart()[1] == b"ok"
     assert server.take("evil", timeout=1)[0] == b"h"
@@ -186,11 +200,11 @@ def test_refuses_replay(server, raw, caplog):
 
 def test_refuses_reflected_answer(server, raw, caplog):
     # A signed message the server itself could have sent is not a request.
-    assert "unexpected op" in _refused(server, raw, signed(b"ok", b"evil", b"h"), caplog)
+    assert "unexpected op" in _refused(server, raw, signed(server.id, b"ok", b"evil", b"h"), caplog)
 
 
 def test_refuses_malformed_get(server, raw, caplog):
-    frames = signed(b"get", b"evil", struct.pack(">d", float("nan")) + os.urandom(16))
+    frames = signed(server.id, b"get", b"evil", struct.pack(">d", float("nan")) + stamp())
     assert "malformed" in _refused(server, raw, frames, caplog)
 
 
@@ -221,12 +235,12 @@ def test_client_refuses_forged_answer():
 
     def answer():
         ident, *_ = fake.recv_multipart()
-        fake.send_multipart([ident, *signed(b"ok", b"f", b"evil-header", b"evil", key=OTHER_KEY)])
+        fake.send_multipart([ident, *signed(b"\0" * 8, b"ok", b"f", b"evil-header", b"evil", key=OTHER_KEY)])
 
     t = threading.Thread(target=answer)
     t.start()
     try:
-        with Channel(f"tcp://127.0.0.1:{port}", KEY, timeout=2) as c:
+        with Channel(f"tcp://127.0.0.1:{port}#{bytes(8).hex()}", KEY, timeout=2) as c:
             with pytest.raises(ChannelError, match="signature .* did not match"):
                 c.get("f", timeout=0.5)
     finally:
@@ -244,7 +258,7 @@ def test_duplicate_put_is_refused(server, channel):
 
 def test_binds_loopback_by_default(server):
     assert server.endpoint.startswith("tcp://127.0.0.1:")
-    port = int(server.endpoint.rsplit(":", 1)[1])
+    port = int(server.endpoint.partition("#")[0].rsplit(":", 1)[1])
     listening = [
         c for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
     ]
@@ -345,7 +359,7 @@ def test_throughput_256mb(server, channel):
 
 def test_offer_kept_when_client_left(server, raw, channel):
     # A GET whose client disconnected before the offer must not swallow the transfer.
-    raw.send_multipart(signed(b"get", b"gone", struct.pack(">d", 2.0) + os.urandom(16)))
+    raw.send_multipart(signed(server.id, b"get", b"gone", struct.pack(">d", 2.0) + stamp()))
     time.sleep(0.1)
     raw.close()
     time.sleep(0.2)
@@ -375,7 +389,7 @@ def test_concurrent_channels(server):
 
 def test_refusal_log_names_peer_not_payload(server, raw, caplog):
     with caplog.at_level(logging.DEBUG, logger="nbparallel.dataplane"):
-        raw.send_multipart(signed(b"put", b"evil", b"h", b"secret-payload", key=OTHER_KEY))
+        raw.send_multipart(signed(server.id, b"put", b"evil", b"h", b"secret-payload", key=OTHER_KEY))
         raw.recv_multipart()
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "127.0.0.1" in text and "'evil'" in text and "secret-payload" not in text
@@ -414,3 +428,34 @@ def test_check_reachable_says_which_endpoint_and_how_to_fix(server):
         with pytest.raises(ChannelError, match=rf"the next stage at tcp://127\.0\.0\.1:{port} "
                            r"cannot be reached from .*NBPARALLEL_DATAPLANE_IP"):
             check_reachable(f"tcp://127.0.0.1:{port}", "the next stage")
+
+
+def test_a_message_for_another_server_is_refused(server, raw, caplog):
+    # Signed with the right key, but for a server of another engine (or this one before a restart).
+    other = Server(KEY)
+    try:
+        frames = signed(other.id, b"put", b"elsewhere", b"h", b"data")
+        assert "meant for another server" in _refused(server, raw, frames, caplog, tid=b"elsewhere")
+    finally:
+        other.close()
+
+
+def test_a_replay_is_refused_however_many_messages_came_after(server, raw, caplog):
+    session = os.urandom(16)
+    first = signed(server.id, b"put", b"first", b"h", b"data", stamped=session + (1).to_bytes(8, "big"))
+    raw.send_multipart(first)
+    assert raw.recv_multipart()[1] == b"ok"
+    server.take("first", timeout=1)
+    # Far more than the 10,000 messages the old replay window remembered:
+    with Channel(server.endpoint, KEY, timeout=3) as c:
+        for i in range(12_000):
+            c.put(f"t{i}", b"h", [b""])
+            server.take(f"t{i}", timeout=1)
+    assert "replay" in _refused(server, raw, first, caplog, tid=b"first")
+    # An older counter of the same session is a replay too; a newer one is fine.
+    older = signed(server.id, b"put", b"older", b"h", b"x", stamped=session + (1).to_bytes(8, "big"))
+    assert "replay" in _refused(server, raw, older, caplog, tid=b"older")
+    newer = signed(server.id, b"put", b"newer", b"h", b"x", stamped=session + (2).to_bytes(8, "big"))
+    raw.send_multipart(newer)
+    assert raw.recv_multipart()[1] == b"ok"
+    assert server.take("newer", timeout=1)[0] == b"h"

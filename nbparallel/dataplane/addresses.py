@@ -34,7 +34,7 @@ def check_reachable(endpoint: str, what: str, timeout: float = 10.0) -> None:
     at once, and why, when a server cannot be reached from here (a firewall, a loopback address
     of another machine).
     """
-    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host, _, port = endpoint.partition("#")[0].removeprefix("tcp://").rpartition(":")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except (OSError, ValueError) as exc:

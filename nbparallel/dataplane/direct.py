@@ -6,33 +6,39 @@ instead of through ipyparallel's controller, which would copy and re-route every
 process; a :class:`Channel` (here) connects to it. This module holds the wire format, the
 signature and the client.
 
+Endpoints are ``tcp://host:port#<server id>``: the server id (64 random bits, new each time a
+server starts) is part of every signature, so a message signed for one server is refused by
+every other, including the same engine's server after a restart.
+
 Wire format. Every message, in both directions, is one ZeroMQ multipart message::
 
-    [b"nbp1", op, tid, sig, header, *buffers]
+    [b"nbp2", op, tid, sig, header, *buffers]
 
 ``op``
     ``b"put"`` (client stores a transfer in the server), ``b"get"`` (client asks for an offered
     transfer), ``b"ok"`` and ``b"err"`` (the server's answers).
 ``tid``
-    The transfer id, UTF-8. A transfer id is used once: sending the very same message twice is
-    refused as a replay.
+    The transfer id, UTF-8.
 ``sig``
-    ``sign(key, [b"nbp1", op, tid, header, *buffers])``: HMAC-SHA256 over every other frame, each
-    preceded by its length, so frames can be neither altered nor re-split.
+    ``sign(key, [b"nbp2", op, tid, server id, header, *buffers])``: HMAC-SHA256 over every other
+    frame and the id of the server the message is for, each preceded by its length, so frames
+    can be neither altered nor re-split nor sent to another server.
 ``header``
-    Opaque bytes for ``put`` and for the ``ok`` answer to a ``get`` (the caller's metadata, e.g.
-    a pickled dtype and shape). For ``get`` it is the time the server should wait for the
-    transfer to be offered, as a big-endian float64 of seconds, then 16 random bytes that make
-    every request's signature unique. For the ``ok`` answer to a ``put`` it is the put's
-    signature, which ties the acknowledgement to that one request. For ``err`` it is the reason,
-    UTF-8.
+    For ``put``: a stamp, then the caller's opaque metadata (e.g. a pickled dtype and shape).
+    For ``get``: the time the server should wait for the transfer to be offered, as a
+    big-endian float64 of seconds, then a stamp. The stamp is the channel's session (16 random
+    bytes) and a counter (8 bytes, big-endian) that grows with every request of that session:
+    the server accepts a session's request only when its counter is above every one it
+    accepted before, so a replay is refused however long after (no window). For the ``ok``
+    answer to a ``put`` it is the put's signature, which ties the acknowledgement to that one
+    request; for the ``ok`` answer to a ``get`` the offered metadata. For ``err`` it is the
+    reason, UTF-8.
 ``buffers``
     Raw bytes, sent and received without copying.
 
 The server checks the signature (with :func:`hmac.compare_digest`) before it does anything else
-with a message, and refuses a message identical to one among the last 10,000 it accepted (a
-replay). The client checks the signature of every answer. Nothing here ever unpickles anything:
-headers are opaque bytes, and callers unpickle them only after :meth:`Server.take` or
+with a message. The client checks the signature of every answer. Nothing here ever unpickles
+anything: headers are opaque bytes, and callers unpickle them only after :meth:`Server.take` or
 :meth:`Channel.get` returned, that is after the signature was checked.
 """
 
@@ -54,11 +60,12 @@ import zmq
 from ..errors import TransferError
 
 __all__ = ["ChannelError", "sign", "raw", "tid_bytes", "check_key", "advertised_host", "peer_address",
-           "shown", "Channel"]
+           "shown", "split_endpoint", "endpoint_of", "Channel"]
 
-MAGIC = b"nbp1"
+MAGIC = b"nbp2"
 PUT, GET, OK, ERR = b"put", b"get", b"ok", b"err"
-REPLAY_HISTORY = 10_000
+#: Bytes of a request's stamp: its channel's session (16) and counter (8).
+STAMP = 24
 # Longest a parked GET may wait: bounds what one request can hold in the server.
 MAX_GET_WAIT = 24 * 3600.0
 LOOK = 0.5  # seconds between looks at whether the server's process is still there
@@ -93,6 +100,20 @@ def raw(buf: Any) -> memoryview:
             f"a buffer of type {type(buf).__name__} is not contiguous in memory: "
             "pass a contiguous copy (e.g. numpy.ascontiguousarray(x))."
         ) from None
+
+
+def split_endpoint(endpoint: str) -> tuple[str, bytes]:
+    """``("tcp://host:port", server id)`` of ``tcp://host:port#<hex id>``."""
+    address, _, ident = endpoint.partition("#")
+    try:
+        return address, bytes.fromhex(ident)
+    except ValueError:
+        raise ChannelError(f"{endpoint!r} is not a data-plane endpoint (tcp://host:port#<id>); "
+                           "ask the server for its endpoint.") from None
+
+
+def endpoint_of(address: str, ident: bytes) -> str:
+    return f"{address}#{ident.hex()}"
 
 
 def tid_bytes(tid: str) -> bytes:
@@ -149,6 +170,9 @@ class Channel:
         #: once instead of after the whole timeout.
         self.gone = gone
         self._key = check_key(key)
+        self._address, self._server = split_endpoint(endpoint)
+        self._session = os.urandom(16)
+        self._counter = 0
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._connect()
@@ -173,9 +197,10 @@ class Channel:
         key = tid_bytes(tid)
         header = bytes(header)
         views = [raw(b) for b in buffers]
-        sig = sign(self._key, [MAGIC, PUT, key, header, *views])
+        stamped = self._stamp() + header
+        sig = sign(self._key, [MAGIC, PUT, key, self._server, stamped, *views])
         what = f"put of transfer {tid!r}"
-        self._send([MAGIC, PUT, key, sig, header, *views], what)
+        self._send([MAGIC, PUT, key, sig, stamped, *views], what)
         op, answer, _ = self._answer(key, self.timeout, what)
         if op == ERR:
             raise ChannelError(f"{self.endpoint} refused the {what}: {answer.decode('utf-8', 'replace')}.")
@@ -195,8 +220,8 @@ class Channel:
         wait = self.timeout if timeout is None else float(timeout)
         if not 0 <= wait <= MAX_GET_WAIT:
             raise ValueError(f"timeout must be between 0 and {MAX_GET_WAIT:g} seconds, not {timeout!r}.")
-        request = struct.pack(">d", wait) + os.urandom(16)
-        sig = sign(self._key, [MAGIC, GET, key, request])
+        request = struct.pack(">d", wait) + self._stamp()
+        sig = sign(self._key, [MAGIC, GET, key, self._server, request])
         what = f"get of transfer {tid!r}"
         self._send([MAGIC, GET, key, sig, request], what)
         op, header, buffers = self._answer(key, wait + self.timeout, what)
@@ -206,6 +231,10 @@ class Channel:
                 "the sender offers this transfer id, or allow a longer timeout."
             )
         return header, buffers
+
+    def _stamp(self) -> bytes:
+        self._counter += 1
+        return self._session + self._counter.to_bytes(8, "big")
 
     def close(self) -> None:
         """Close the socket, dropping whatever is unsent; idempotent."""
@@ -219,7 +248,7 @@ class Channel:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(self.endpoint)
+            sock.connect(self._address)
         except zmq.ZMQError as e:
             sock.close(linger=0)
             raise ChannelError(
@@ -263,7 +292,8 @@ class Channel:
                 if len(frames) < 5:
                     raise ChannelError(f"the answer from {self.endpoint} to the {what} is malformed.")
                 magic, op, tid, sig, header, *buffers = frames
-                if not hmac.compare_digest(sign(self._key, [magic, op, tid, header, *buffers]), sig.bytes):
+                if not hmac.compare_digest(sign(self._key, [magic, op, tid, self._server, header, *buffers]),
+                                           sig.bytes):
                     raise ChannelError(
                         f"the signature of the answer from {self.endpoint} to the {what} did not match: "
                         "give the Channel the same key as the Server."

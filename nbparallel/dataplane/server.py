@@ -12,6 +12,7 @@ import collections
 import hmac
 import logging
 import math
+import os
 import struct
 import threading
 import time
@@ -22,12 +23,13 @@ from typing import Any
 
 import zmq
 
-from .direct import (ERR, GET, MAGIC, MAX_GET_WAIT, OK, PUT, REPLAY_HISTORY, ChannelError,
+from .direct import (ERR, GET, MAGIC, MAX_GET_WAIT, OK, PUT, STAMP, ChannelError, endpoint_of,
                      advertised_host, check_key, peer_address, raw, shown, sign, tid_bytes)
 
 __all__ = ["Server"]
 
 _log = logging.getLogger("nbparallel.dataplane")
+MAX_SESSIONS = 100_000
 
 
 @dataclass
@@ -63,8 +65,11 @@ class Server:
         self._arrived = threading.Condition(self._lock)
         self._inbox: dict[bytes, tuple[bytes, list[memoryview]]] = {}
         self._offered: dict[bytes, tuple[bytes, list[memoryview]]] = {}
-        self._seen: set[bytes] = set()
-        self._seen_order: collections.deque[bytes] = collections.deque()
+        #: Each channel session's highest request counter: a request must go above it.
+        self._sessions: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        #: In every signature, so a message for another server (or this one before a restart)
+        #: is refused here.
+        self.id = os.urandom(8)
         self._closed = False
         self._stop = False
         self._binds: list[tuple[str, Future[str]]] = []
@@ -91,7 +96,7 @@ class Server:
                 f"could not listen on {host!r} ({e}): pass an address of this machine, "
                 "e.g. 127.0.0.1 or 0.0.0.0."
             ) from None
-        self.endpoint = f"tcp://{advertised_host(host)}:{port}"
+        self.endpoint = endpoint_of(f"tcp://{advertised_host(host)}:{port}", self.id)
         # Starting the thread is a memory barrier, so handing it the sockets made here is safe;
         # from now on only that thread touches the router and wake_in.
         self._thread = threading.Thread(target=self._run, name=f"nbparallel-dataplane-{port}", daemon=True)
@@ -279,7 +284,7 @@ class Server:
                 done.set_exception(ChannelError(
                     f"could not listen on {host!r} ({e}): pass an address of this machine."))
             else:
-                done.set_result(f"tcp://{advertised_host(host)}:{port}")
+                done.set_result(endpoint_of(f"tcp://{advertised_host(host)}:{port}", self.id))
 
     def _drain_router(self, parked: list[_Parked]) -> None:
         # Bounded, so parked GETs and close() still get a turn under a flood.
@@ -301,20 +306,26 @@ class Server:
             return self._refuse(ident, tid, frames, reason)
         magic, op, tid_frame, sig_frame, header, *buffers = parts
         tid, sig = tid_frame.bytes, sig_frame.bytes
-        if not hmac.compare_digest(sign(self._key, [magic, op, tid_frame, header, *buffers]), sig):
-            reason = "signature did not match (wrong key, or an altered message)"
+        if not hmac.compare_digest(sign(self._key, [magic, op, tid_frame, self.id, header, *buffers]),
+                                   sig):
+            reason = ("signature did not match (wrong key, an altered message, or one meant for "
+                      "another server)")
             return self._refuse(ident, tid, frames, reason)
-        if sig in self._seen:
-            return self._refuse(ident, tid, frames, "replay of a message already received")
-        self._remember(sig)
         if magic.bytes != MAGIC:
-            return self._refuse(ident, tid, frames, f"unknown protocol {shown(magic.bytes)}, expected 'nbp1'")
+            return self._refuse(ident, tid, frames, f"unknown protocol {shown(magic.bytes)}, expected 'nbp2'")
         kind = op.bytes
+        if kind not in (PUT, GET):
+            return self._refuse(ident, tid, frames, f"unexpected op {shown(kind)}")
+        stamp = header.bytes[:STAMP] if kind == PUT else header.bytes[8:8 + STAMP]
+        if len(stamp) != STAMP:
+            return self._refuse(ident, tid, frames, "malformed request (no stamp)")
+        if not self._fresh(stamp):
+            return self._refuse(ident, tid, frames, "replay of a message already received")
         if kind == PUT:
             with self._arrived:
                 duplicate = tid in self._inbox
                 if not duplicate:
-                    self._inbox[tid] = (header.bytes, [f.buffer for f in buffers])
+                    self._inbox[tid] = (header.bytes[STAMP:], [f.buffer for f in buffers])
                     self._arrived.notify_all()
             if duplicate:
                 reason = "a transfer with this id is already waiting to be taken"
@@ -337,11 +348,19 @@ class Server:
             return None
         return wait
 
-    def _remember(self, sig: bytes) -> None:
-        self._seen.add(sig)
-        self._seen_order.append(sig)
-        if len(self._seen_order) > REPLAY_HISTORY:
-            self._seen.discard(self._seen_order.popleft())
+    def _fresh(self, stamp: bytes) -> bool:
+        """Whether ``stamp`` is newer than anything its session sent before (then remember it).
+
+        Only signed requests get here, so only holders of the key add sessions; the oldest of
+        more than :data:`MAX_SESSIONS` is forgotten (a channel idle for that many others)."""
+        session, counter = stamp[:16], int.from_bytes(stamp[16:], "big")
+        if counter <= self._sessions.get(session, 0):
+            return False
+        self._sessions[session] = counter
+        self._sessions.move_to_end(session)
+        if len(self._sessions) > MAX_SESSIONS:
+            self._sessions.popitem(last=False)
+        return True
 
     def _refuse(self, ident: bytes, tid: bytes, frames: list[zmq.Frame], reason: str) -> None:
         # Counted (``%nbp status`` shows it), and logged at debug level only: a warning would
@@ -378,7 +397,7 @@ class Server:
         parked[:] = waiting
 
     def _send(self, ident: bytes, op: bytes, tid: bytes, header: bytes, buffers: Sequence[Any] = ()) -> bool:
-        sig = sign(self._key, [MAGIC, op, tid, header, *buffers])
+        sig = sign(self._key, [MAGIC, op, tid, self.id, header, *buffers])
         try:
             frames = [ident, MAGIC, op, tid, sig, header, *buffers]
             self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
