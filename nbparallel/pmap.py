@@ -16,6 +16,9 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import cloudpickle
+import numpy as np
+
 from .cellcode import free_names, pack_names, parse_cell
 from .dataplane import transport
 from .engine.runner import run_pmap_chunk
@@ -185,6 +188,7 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
             f"%%pmap needs something to iterate over, but got a {type(items).__name__}; write "
             f"`%%pmap x in <list, range or other iterable> -> out`."
         ) from None
+    _check_items(items)
     session = resolve(pool, echo)
     ids = session.pool.select(engines if engines is not None else spec.engines)
     if not items:
@@ -217,6 +221,26 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
         raise
     finally:
         payloads.close()
+
+
+#: Item types that always pickle, checked without pickling them.
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), np.ndarray)
+
+
+def _check_items(items: list[Any]) -> None:
+    """Refuse, before anything runs, an item that cannot travel to an engine (cloudpickle is
+    what carries it: namedtuples of ``itertuples()``, notebook classes and lambdas all do)."""
+    for index, item in enumerate(items):
+        if isinstance(item, _PLAIN):
+            continue
+        try:
+            cloudpickle.dumps(item)
+        except Exception as exc:
+            raise UsageError(
+                f"%%pmap item {index} (a {type(item).__name__}) cannot be sent to an engine: "
+                f"{type(exc).__name__}: {exc}. Iterate over what the item holds instead (for "
+                f"example file names rather than open files), or build it inside the cell."
+            ) from None
 
 
 class _Payloads:
@@ -283,16 +307,17 @@ def _collect(session: Session, spec: PmapSpec, chunker: Chunker,
                 done += len(r)
                 continue
             payloads.finished(fut, engine, reply.held)
-            chunker.record(len(reply.results), reply.seconds)
+            outcomes = reply.results()
+            chunker.record(len(outcomes), reply.seconds)
             session.monitor.span(engine, "pmap", reply.started, reply.started + reply.seconds,
-                                 items=len(reply.results))
-            for index, ok, value in reply.results:
+                                 items=len(outcomes))
+            for index, ok, value in outcomes:
                 if ok:
                     results[index] = value
                     arrival.append(value)
                 else:
                     failures.append(replace(value, engine=engine))
-            done += len(reply.results)
+            done += len(outcomes)
         bar.update(done)
     bar.close(done)
     if failures:

@@ -122,3 +122,32 @@ def test_bad_input(ip, line, message):
 def test_syntax_error_reported_before_sending(ip):
     with pytest.raises(UsageError, match="syntax error on line 2"):
         ip.run_cell_magic("pmap", "x in range(3) -> r", "y = x\nreturn y +")
+
+
+def test_items_and_results_of_any_picklable_type_travel(ip):
+    """What ipyparallel's own serializer refused: a namedtuple whose class is not where its
+    name says (``DataFrame.itertuples()`` makes them, named ``Pandas``), a notebook class, a
+    lambda; and results of a class the cell defines."""
+    import collections
+
+    Row = collections.namedtuple("Pandas", "Index a b")
+    ip.user_ns.update(rows=[Row(i, i * 2, str(i)) for i in range(7)],
+                      fns=[lambda x: x + 1, lambda x: x * 3])
+    ip.run_cell_magic("pmap", "row in rows -> r", "row.a + int(row.b)")
+    assert ip.user_ns["r"] == [3 * i for i in range(7)]
+    ip.run_cell_magic("pmap", "f in fns -> r", "f(2)")
+    assert ip.user_ns["r"] == [3, 6]
+    ip.run_cell_magic("pmap", "x in range(3) -> r",
+                      "class Pair:\n    def __init__(self, v):\n        self.v = v\nPair(x)")
+    assert [p.v for p in ip.user_ns["r"]] == [0, 1, 2]
+
+
+def test_an_item_that_cannot_travel_is_named_before_anything_runs(ip, pool):
+    import threading
+
+    ip.user_ns.update(items=[1, 2, threading.Lock(), 4], r="before")
+    sent = len(pool.pool.client.history)
+    with pytest.raises(UsageError, match=r"%%pmap item 2 \(a lock\) cannot be sent to an engine"):
+        ip.run_cell_magic("pmap", "x in items -> r", "x")
+    assert ip.user_ns["r"] == "before"
+    assert len(pool.pool.client.history) == sent

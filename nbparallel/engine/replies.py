@@ -39,14 +39,21 @@ class ScatterReply:
 
 @dataclass(frozen=True)
 class ChunkReply:
-    """One ``%%pmap`` chunk: ``results`` holds ``(index, ok, value)`` per item, the value being
-    a :class:`RemoteFailure` when ``ok`` is false (tuples: a chunk may hold thousands).
-    ``seconds`` of engine time size the next chunks; ``started`` is the wall-clock start."""
+    """One ``%%pmap`` chunk: ``packed`` is the cloudpickled list of ``(index, ok, value)`` per
+    item (:meth:`results`), the value being a :class:`RemoteFailure` when ``ok`` is false
+    (tuples: a chunk may hold thousands; cloudpickled, since results may be of classes the cell
+    defined, which ipyparallel's serializer cannot carry). ``seconds`` of engine time size the
+    next chunks; ``started`` is the wall-clock start."""
 
-    results: list[tuple[int, bool, Any]]
+    packed: bytes
     seconds: float
     started: float
     held: tuple[str, ...] | None = None
+
+    def results(self) -> list[tuple[int, bool, Any]]:
+        import cloudpickle
+
+        return cloudpickle.loads(self.packed)
 
 
 @dataclass(frozen=True)

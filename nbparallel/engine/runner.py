@@ -17,6 +17,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import cloudpickle
+
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
 from ..comm import Comm, CommSpec
@@ -163,7 +165,26 @@ def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, note: Any) ->
     out = _pmap_items(cell, target, names_blob, items)
     del items
     held = tuple(remote.held()) if note.transport != INLINE else None
-    return ChunkReply(out, time.perf_counter() - t0, started, held)
+    return ChunkReply(_pack_results(out), time.perf_counter() - t0, started, held)
+
+
+def _pack_results(out: list[tuple[int, bool, Any]]) -> bytes:
+    """The chunk's results, cloudpickled; a result that cannot be becomes its item's failure."""
+    try:
+        return cloudpickle.dumps(out)
+    except Exception:
+        pass
+    checked = []
+    for index, ok, value in out:
+        try:
+            cloudpickle.dumps(value)
+            checked.append((index, ok, value))
+        except Exception as exc:
+            why = (f"the result (a {type(value).__name__}) cannot be sent back to the notebook: "
+                   f"{type(exc).__name__}: {exc}. Return plain data (numbers, arrays, lists, "
+                   f"dicts) instead.")
+            checked.append((index, False, RemoteFailure(-1, "UsageError", why, why, item=index)))
+    return cloudpickle.dumps(checked)
 
 
 def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
