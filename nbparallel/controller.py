@@ -25,6 +25,8 @@ from urllib.parse import urlsplit
 
 import psutil
 
+from .reaper import alive
+
 __all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags"]
 
 PROBE_TIMEOUT = 1.0
@@ -62,7 +64,7 @@ class ControllerWatch:
             return self.lost
         self._next = now + self.every
         if self.pids:
-            dead = [pid for pid in self.pids if not _alive(pid)]
+            dead = [pid for pid in self.pids if not alive(pid)]
             if dead:
                 self.lost = f"its process (pid {dead[0]}) has exited"
         elif self._address is not None:
@@ -90,13 +92,6 @@ def _address(url: str | None) -> tuple[str, int] | None:
     if parts.scheme != "tcp" or parts.hostname is None or parts.port is None:
         return None  # ipc:// and the like: nothing to probe from here
     return parts.hostname, parts.port
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def controller_pids(cluster: Any) -> list[int]:

@@ -19,13 +19,15 @@ from pathlib import Path
 
 import psutil
 
-__all__ = ["stop_processes", "remove_segments", "watch", "spawn"]
+__all__ = ["alive", "stop_processes", "remove_segments", "watch", "spawn"]
 
 POLL_SECONDS = 0.5
 GRACE_SECONDS = 3.0
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs: a killed one that nobody has reaped yet (a zombie,
+    which ``os.kill(pid, 0)`` still reaches) counts as gone."""
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -76,11 +78,11 @@ def remove_segments(kernel_pid: int | str) -> int:
 def watch(kernel_pid: int, pids: list[int]) -> None:
     """Block until the kernel dies (then stop ``pids``) or every pid in ``pids`` has ended."""
     while True:
-        if not _alive(kernel_pid):
+        if not alive(kernel_pid):
             stop_processes(pids)
             remove_segments(kernel_pid)
             return
-        if pids and not any(_alive(pid) for pid in pids):
+        if pids and not any(alive(pid) for pid in pids):
             return  # with no pids it watches for the kernel's segments alone, until told to stop
         time.sleep(POLL_SECONDS)
 

@@ -394,8 +394,10 @@ def test_engines_bind_round_robin_and_status_matches_nvml_by_uuid(fake_env, tmp_
     assert [row[3:7] for row in status] == [["cuda:0", "NVML", "GPU", "0"],
                                             ["cuda:1", "NVML", "GPU", "1"],
                                             ["cuda:0", "NVML", "GPU", "0"]]
-    assert [" ".join(row[-5:]) for row in status] == [
+    # The last column is how many messages each engine's channel refused (none here).
+    assert [" ".join(row[-6:-1]) for row in status] == [
         "1.0 MiB / 1.0 GiB", "2.0 MiB / 2.0 GiB", "1.0 MiB / 1.0 GiB"]
+    assert [row[-1] for row in status] == ["0", "0", "0"]
     assert "SAMPLES [(0, 10.0, 1048576, 1073741824), (1, 20.0, 2097152, 2147483648), " \
            "(2, 10.0, 1048576, 1073741824)]" in out
     assert "NOTEBOOK-CUPY False" in out

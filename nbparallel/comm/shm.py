@@ -30,6 +30,7 @@ import numpy as np
 from ..dataplane.shm import GRAIN, MARGIN, NoRoom, Segment, free_bytes
 from ..dataplane.transport import SHM
 from ..errors import CommError, PeerFailed
+from ..reaper import alive
 from . import items as wire
 from .backend import EVERYONE, LOOK, Backend, Call, Round, mismatch
 from .spec import BLOCK, CommSpec
@@ -283,7 +284,7 @@ class ShmBackend(Backend):
             self._pid_look = now
             for r in waiting:
                 pid = self._word(r, PID)
-                if pid and not _alive(pid):
+                if pid and not alive(pid):
                     raise PeerFailed(f"rank {r} (engine {self.spec.engines[r]}, pid {pid}) died "
                                      f"while rank {self.rank} waited in {call}.")
         if now - since > self.spec.timeout:
@@ -327,16 +328,6 @@ class _ShmRound(Round):
 
 def _at(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _create(size: int, owner: str) -> Segment:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import os
 import secrets
 import sys
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from .. import partition
 from ..errors import UsageError
-from ..reaper import remove_segments
+from ..reaper import alive, remove_segments
 from ..telemetry.records import Ring, Transfer, transfer
 from .. import gpu
 from . import parcel, remote
@@ -145,7 +144,7 @@ class DataPlane:
         """Why ``engine`` can no longer answer its channel, or None while it can: its process
         is gone (engines of this host, seen at once) or the controller dropped it."""
         pid = self.pool.info(engine).get("pid")
-        if self.is_local(engine) and isinstance(pid, int) and pid > 0 and not _pid_alive(pid):
+        if self.is_local(engine) and isinstance(pid, int) and pid > 0 and not alive(pid):
             return f"engine {engine} (pid {pid}) has stopped"
         if not self.pool.alive([engine]):
             return f"engine {engine} has stopped (the controller no longer lists it)"
@@ -445,16 +444,6 @@ class DataPlane:
         self._at_exit()
         atexit.unregister(self._at_exit)
         self.closed = True
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _leave(arena: Arena) -> None:

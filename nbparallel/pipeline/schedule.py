@@ -39,7 +39,8 @@ from ..errors import UsageError
 __all__ = [
     "NAMES", "KINDS", "ScheduleError", "Op", "Send", "Recv", "Action", "Schedule", "Costs", "Span",
     "Simulation",
-    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "build", "validate", "comms", "simulate",
+    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "build", "check_size", "MAX_SIZE", "validate",
+    "comms", "simulate",
     "bubble", "theoretical_bubble", "render",
 ]
 
