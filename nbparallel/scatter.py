@@ -28,6 +28,7 @@ from .dataplane.remote import Kept, Source
 from .engine.replies import ScatterReply
 from .engine.runner import run_scatter
 from .errors import RemoteError, UsageError
+from .pool import Relay
 from .resident import Resident
 from .session import Session, resolve
 from .telemetry.records import transfer
@@ -266,10 +267,16 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
 def _collect(session: Session, futures: list[Any], ids: list[int],
              watch: Any) -> list[ScatterReply]:
     pool = session.pool
-    stopped = pool.wait(futures, ids, tick=watch.tick, stop_if=lambda f: _died(pool, f)).stopped
+    relay = Relay()  # what the cell prints shows while it runs
+
+    def tick() -> None:
+        watch.tick()
+        relay.tick(futures, ids)
+
+    stopped = pool.wait(futures, ids, tick=tick, stop_if=lambda f: _died(pool, f)).stopped
     replies, failures = [], []
     for rank, (eid, fut) in enumerate(zip(ids, futures)):
-        pool.relay_output(fut, eid)
+        pool.relay_output(fut, eid, relay)
         reply, failure = pool.outcome(fut, eid, rank=rank)
         if failure is not None:  # the engine died or the runner could not start
             if not (stopped and failure.ename in _STOPPED):  # stopped by us: not news

@@ -169,3 +169,70 @@ def test_an_engine_dying_mid_cell_is_named_and_nothing_is_bound(ip):
         np.testing.assert_array_equal(out["y"], np.arange(4))
     finally:
         pool.stop()
+
+
+class _Recorder:
+    """A stand-in for sys.stdout that notes when each write came."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        import time
+
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_what_a_cell_prints_shows_while_it_runs(ip, monkeypatch):
+    import sys
+    import time
+
+    recorder = _Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    t0 = time.monotonic()
+    ip.run_cell_magic("scatter", "--engines 0-1 --no-dashboard",
+                      "import time\nprint('hello from', rank, flush=True)\ntime.sleep(3)\n"
+                      "print('bye', rank)")
+    took = time.monotonic() - t0
+    monkeypatch.undo()
+    first = {t for t, text in recorder.writes if "hello from" in text}
+    assert first and min(first) - t0 < 1.5 < took  # long before the cell ended
+    text = "".join(t for _, t in recorder.writes)
+    for r in (0, 1):  # every line once, labelled, the last ones at the end
+        assert text.count(f"[engine {r}] hello from {r}\n") == 1
+        assert text.count(f"[engine {r}] bye {r}\n") == 1
+
+
+def test_a_flood_of_output_is_cut_to_a_few_hundred_lines_a_second():
+    import io
+    import sys
+
+    from nbparallel.pool import Relay
+
+    class Task:  # what the relay reads of an ipyparallel AsyncResult: its output so far
+        stdout = ""
+        stderr = ""
+
+    now = [0.0]
+    relay = Relay(clock=lambda: now[0])
+    task = Task()
+    out, err = io.StringIO(), io.StringIO()
+    real = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = out, err
+    try:
+        task.stdout = "".join(f"line {i}\n" for i in range(1000)) + "partial"
+        relay.tick([task], [3])
+        assert out.getvalue().count("\n") == Relay.LINES_PER_SECOND  # the first 200, at once
+        assert "partial" not in out.getvalue()  # a line is shown once it is complete
+        now[0] = 1.5
+        relay.tick([task], [3])
+        assert "800 lines of engine output were not shown" in err.getvalue()
+        task.stdout += " end\n"
+        relay.show(task, 3, final=True)
+        assert out.getvalue().endswith("[engine 3] partial end\n")
+    finally:
+        sys.stdout, sys.stderr = real
