@@ -26,13 +26,13 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from . import gpu
 from .controller import ControllerWatch, connection_file, controller_pids, flags
+from .relay import Relay
 from . import reaper
 from .cores import thread_limits, usable_cores
 from .engine.runner import bind_gpu, probe_gpus
@@ -40,7 +40,7 @@ from .errors import ControllerLost, PoolError, RemoteError, RemoteFailure, Usage
 from .format import ranges
 from .partition import parse_engines
 
-__all__ = ["Relay", "EngineInfo", "Pool", "Waited"]
+__all__ = ["EngineInfo", "Pool", "Waited"]
 
 CONNECT_TIMEOUT = 5.0
 ENGINE_TIMEOUT = 120.0
@@ -554,7 +554,7 @@ class Pool:
         except Exception:
             return {}
 
-    def relay_output(self, future: Any, engine: int, relay: "Relay | None" = None) -> None:
+    def relay_output(self, future: Any, engine: int, relay: Relay | None = None) -> None:
         """Print what an engine printed while running ``future`` (what ``relay`` has not
         printed already while it ran), each line labelled by engine."""
         try:
@@ -565,66 +565,3 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<nbparallel.Pool {self.how}, engines {ranges(self.ids) or 'none'}>"
-
-
-def _text(value: Any) -> str:
-    return "".join(value) if isinstance(value, list) else (value or "")
-
-
-class Relay:
-    """Engines' output printed while their tasks run, not only when they end.
-
-    ipyparallel fills a task's ``stdout``/``stderr`` as the engine's output messages arrive;
-    :meth:`tick` (from the wait loop) prints the complete lines that are new, labelled
-    ``[engine K]``, at most :data:`LINES_PER_SECOND` a second: a cell that prints a million lines
-    costs the browser a few hundred, and one line says how many were left out.
-    """
-
-    LINES_PER_SECOND = 200
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._printed: dict[tuple[int, str], int] = {}  # (id(future), stream) -> chars shown
-        self._clock = clock
-        self._window = clock()
-        self._lines = 0
-        self._dropped = 0
-
-    def tick(self, futures: Sequence[Any], engines: Sequence[int]) -> None:
-        for fut, engine in zip(futures, engines):
-            self.show(fut, engine, final=False)
-        self._report()
-
-    def show(self, future: Any, engine: int, final: bool) -> None:
-        for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
-            try:
-                text = _text(getattr(future, name))
-            except Exception:
-                continue
-            key = (id(future), name)
-            start = self._printed.get(key, 0)
-            end = len(text) if final else text.rfind("\n", start) + 1
-            if end <= start:
-                continue
-            self._printed[key] = end
-            lines = text[start:end].rstrip("\n").split("\n")
-            shown = self._allow(len(lines), final)
-            if shown:
-                stream.write("".join(f"[engine {engine}] {line}\n" for line in lines[:shown]))
-        if final:
-            self._report(force=True)
-
-    def _allow(self, n: int, final: bool) -> int:
-        now = self._clock()
-        if now - self._window >= 1.0:
-            self._window, self._lines = now, 0
-        room = max(0, self.LINES_PER_SECOND - self._lines)
-        shown = min(n, room)
-        self._lines += shown
-        self._dropped += n - shown
-        return shown
-
-    def _report(self, force: bool = False) -> None:
-        if self._dropped and (force or self._clock() - self._window >= 1.0):
-            sys.stderr.write(f"[nbparallel] {self._dropped} lines of engine output were not "
-                             f"shown (more than {self.LINES_PER_SECOND} a second).\n")
-            self._dropped = 0

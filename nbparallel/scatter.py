@@ -28,7 +28,7 @@ from .dataplane.remote import Kept, Source
 from .engine.replies import ScatterReply
 from .engine.runner import run_scatter
 from .errors import RemoteError, UsageError
-from .pool import Relay
+from .relay import Relay
 from .resident import Resident
 from .session import Session, resolve
 from .telemetry.records import transfer

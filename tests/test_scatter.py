@@ -211,7 +211,7 @@ def test_a_flood_of_output_is_cut_to_a_few_hundred_lines_a_second():
     import io
     import sys
 
-    from nbparallel.pool import Relay
+    from nbparallel.relay import Relay
 
     class Task:  # what the relay reads of an ipyparallel AsyncResult: its output so far
         stdout = ""
