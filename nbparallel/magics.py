@@ -137,6 +137,16 @@ def _parse(magic: Callable[..., Any], line: str) -> argparse.Namespace:
         raise UsageError(f"%{failed.prog}: {exc}. Usage: {usage}; {hint}.") from None
 
 
+def _axis(text: str) -> int | str:
+    """--axis: a number, or a dimension name (xarray)."""
+    try:
+        return int(text)
+    except ValueError:
+        if text.isidentifier():
+            return text
+        raise ValueError(text) from None
+
+
 @magics_class
 class NbparallelMagics(Magics):
     """The nbparallel magics; registered by ``%load_ext nbparallel``."""
@@ -167,7 +177,11 @@ class NbparallelMagics(Magics):
               help="names joined in rank order and bound in the notebook")
     @argument("--reduce", nargs="+", default=[], metavar="NAME=OP",
               help="names combined with sum, prod, min, max, concat or list")
-    @argument("--axis", type=int, default=0, help="axis to split and join along (default 0)")
+    @argument("--axis", type=_axis, default=0,
+              help="axis to split and join along (default 0); for xarray values a dimension name")
+    @argument("--by", default=None, metavar="COLUMN",
+              help="hash-partition the rows of the scattered DataFrames or Arrow tables by "
+                   "COLUMN, so that every key is on exactly one engine (a shuffle)")
     @argument("--halo", type=int, default=0,
               help="rows each shard also gets from each neighbour; the cell sees halo=(lo, hi)")
     @argument("--keep", nargs="+", default=[], metavar="NAME",
@@ -202,7 +216,7 @@ class NbparallelMagics(Magics):
             reduce=tuple(_reduce_pairs(args.reduce)), axis=args.axis, halo=args.halo,
             engines=args.engines, keep=tuple(args.keep), transport=args.transport,
             dashboard=False if args.no_dashboard else None, comm_timeout=args.comm_timeout,
-            comm=args.comm,
+            comm=args.comm, by=args.by,
         )
         spec.check()
         values = self._lookup(list(spec.scatter), "to scatter")

@@ -2,6 +2,7 @@
 
 Boundaries are exactly ``numpy.array_split``'s: with ``L`` rows over ``n`` engines the first
 ``L % n`` engines get ``L // n + 1`` rows, the rest ``L // n``. Lists and tuples split the same way.
+pandas frames and series, Arrow tables and xarray values split by rows too (``tables.py``).
 A halo of ``k`` adds up to ``k`` neighbouring rows on each side (fewer at the ends); the shard says
 how many it got, so a stencil can trim them.
 
@@ -21,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from . import tables
 from .errors import PartitionError, UsageError
 from .format import parse_ranges
 
@@ -48,8 +50,10 @@ class Shard:
 
 def _is_array(value: Any) -> bool:
     # CuPy and other array libraries quack like NumPy here; checking attributes avoids importing them.
+    # A Series or DataArray quacks too, but has an index to keep: tables.py handles those.
     return isinstance(value, np.ndarray) or (
         hasattr(value, "shape") and hasattr(value, "dtype") and hasattr(value, "__getitem__")
+        and not tables.is_table(value)
     )
 
 
@@ -64,7 +68,14 @@ def bounds(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
     return out
 
 
-def _normalize_axis(value: Any, axis: int, name: str) -> int:
+def _normalize_axis(value: Any, axis: int | str, name: str) -> int | str:
+    if tables.is_table(value):
+        return tables.dim(value, axis, name)
+    if isinstance(axis, str):
+        raise PartitionError(
+            f"--axis {axis!r} names a dimension, which only xarray values have; `{name}` is a "
+            f"{type(value).__name__}: give --axis a number."
+        )
     if _is_array(value):
         ndim = len(value.shape)
         if ndim == 0:
@@ -85,26 +96,33 @@ def _normalize_axis(value: Any, axis: int, name: str) -> int:
                 f"not --axis {axis}; convert it with numpy.asarray to split along another axis."
             )
         return 0
+    hint = {dict: f" To split its items, scatter list({name}.items()) or pandas.DataFrame({name}).",
+            str: " A string is one value."}.get(type(value), "")
     raise PartitionError(
         f"`{name}` is a {type(value).__name__}, which cannot be split across engines; scatter "
-        f"arrays, lists or tuples, or send `{name}` whole with --broadcast {name}."
+        f"arrays, lists, tuples, pandas frames, Arrow tables or xarray values, or send `{name}` "
+        f"whole with --broadcast {name}.{hint}"
     )
 
 
-def length(value: Any, axis: int = 0, name: str = "value") -> int:
+def length(value: Any, axis: int | str = 0, name: str = "value") -> int:
     """Number of rows of ``value`` along ``axis`` (raises PartitionError if it cannot be split)."""
     axis = _normalize_axis(value, axis, name)
+    if tables.is_table(value):
+        return tables.rows(value, axis, name)
     return int(value.shape[axis]) if _is_array(value) else len(value)
 
 
-def _take(value: Any, axis: int, start: int, stop: int) -> Any:
+def _take(value: Any, axis: int | str, start: int, stop: int) -> Any:
+    if tables.is_table(value):
+        return tables.take(value, axis, start, stop)
     if _is_array(value):
         index = (slice(None),) * axis + (slice(start, stop),)
         return value[index]
     return value[start:stop]
 
 
-def split(value: Any, n: int, axis: int = 0, halo: int = 0, name: str = "value") -> list[Shard]:
+def split(value: Any, n: int, axis: int | str = 0, halo: int = 0, name: str = "value") -> list[Shard]:
     """Split ``value`` into ``n`` shards along ``axis``, each with up to ``halo`` extra rows a side.
 
     Array shards are views (no copy). Raises :class:`PartitionError` for values that cannot be
@@ -133,6 +151,8 @@ def split(value: Any, n: int, axis: int = 0, halo: int = 0, name: str = "value")
 
 
 def _kind(value: Any) -> str:
+    if tables.is_table(value):
+        return tables.kind(value)
     if isinstance(value, numbers.Number):
         return "number"
     if _is_array(value):
@@ -144,10 +164,18 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
-def join(values: Sequence[Any], axis: int = 0, name: str = "value",
+def join(values: Sequence[Any], axis: int | str = 0, name: str = "value",
          labels: Sequence[int] | None = None) -> Any:
-    """Join per-engine values in rank order: concatenate arrays along ``axis``, lists end to end."""
+    """Join per-engine values in rank order: concatenate arrays along ``axis``, lists end to end,
+    tables with their library's concat."""
     labels = list(labels) if labels is not None else list(range(len(values)))
+    if any(tables.is_table(v) for v in values):
+        return tables.join(values, axis, name, labels)
+    if isinstance(axis, str):
+        raise PartitionError(
+            f"cannot gather `{name}` along {axis!r}: a dimension name needs xarray values, and "
+            f"the engines returned {', '.join(sorted({_kind(v) for v in values}))}."
+        )
     kinds = {_kind(v) for v in values}
     if len(kinds) > 1:
         got = ", ".join(f"engine {e}: {_kind(v)}" for e, v in zip(labels, values))
@@ -214,16 +242,27 @@ REDUCE_OPS: dict[str, Callable[..., Any]] = {
 }
 
 
-def reduce(op: str, values: Sequence[Any], axis: int = 0, name: str = "value",
+def reduce(op: str, values: Sequence[Any], axis: int | str = 0, name: str = "value",
            labels: Sequence[int] | None = None) -> Any:
-    """Combine per-engine values with one of :data:`REDUCE_OPS` (elementwise for arrays)."""
+    """Combine per-engine values with one of :data:`REDUCE_OPS` (elementwise for arrays; pandas
+    values aligned on their index, see :func:`nbparallel.tables.reduce`)."""
     if op not in REDUCE_OPS:
         raise UsageError(
             f"unknown reduce operation {op!r} for `{name}`; use one of {', '.join(REDUCE_OPS)}, "
             f"as in --reduce {name}=sum."
         )
     labels = list(labels) if labels is not None else list(range(len(values)))
-    return REDUCE_OPS[op](list(values), axis, name, labels, op)
+    values = list(values)
+    if op in tables.REDUCIBLE and any(tables.is_table(v) for v in values):
+        kinds = {_kind(v) for v in values}
+        if len(kinds) > 1:
+            got = ", ".join(f"engine {e}: {_kind(v)}" for e, v in zip(labels, values))
+            raise PartitionError(
+                f"cannot reduce `{name}` with {op}: engines returned different kinds of value "
+                f"({got}). Make the cell produce the same type on every engine."
+            )
+        return tables.reduce(op, values, name, labels)
+    return REDUCE_OPS[op](values, axis, name, labels, op)
 
 
 def parse_engines(spec: str) -> list[int]:

@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from . import partition
+from . import partition, tables
 from .cellcode import free_names, pack_names, parse_cell
 from .comm.setup import check_backend, check_timeout, open_comm
 from .dataplane import transport
@@ -47,7 +47,7 @@ class ScatterSpec:
     broadcast: tuple[str, ...] = ()
     gather: tuple[str, ...] = ()
     reduce: tuple[tuple[str, str], ...] = ()
-    axis: int = 0
+    axis: int | str = 0  # a str: an xarray dimension name
     halo: int = 0
     engines: str | None = None
     keep: tuple[str, ...] = ()
@@ -55,6 +55,7 @@ class ScatterSpec:
     dashboard: bool | None = None  # None: nbparallel.config.dashboard
     comm_timeout: float | None = None  # None: nbparallel.config.comm_timeout
     comm: str = "auto"  # the comm backend: auto, shm or direct
+    by: str | None = None  # hash-partition table rows by this column instead of by position
 
     def outputs(self) -> list[str]:
         return list(self.gather) + [name for name, _ in self.reduce] + list(self.keep)
@@ -83,6 +84,14 @@ class ScatterSpec:
             )
         if self.halo and not self.scatter:
             raise UsageError("--halo needs at least one scattered name to take rows from.")
+        if self.by is not None:
+            if not self.scatter:
+                raise UsageError(f"--by {self.by} needs a scattered table to partition.")
+            if self.halo:
+                raise UsageError(
+                    f"--halo and --by {self.by} do not go together: hash-partitioned rows have "
+                    f"no neighbours. Drop one of them."
+                )
         transport.check(self.transport)
         check_timeout(self.comm_timeout)
         check_backend(self.comm)
@@ -113,6 +122,7 @@ class _Plan:
     shared: dict[str, Any] = field(default_factory=dict)
     stored: list[dict[str, str]] = field(default_factory=list)  # name -> resident key, in place
     halos: list[tuple[int, int]] = field(default_factory=list)
+    note: str | None = None  # a word for the user about the split (an --by skew)
 
 
 def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
@@ -124,7 +134,7 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
     for name in [*spec.scatter, *spec.broadcast]:
         if isinstance(values[name], Resident):
             handle = values[name]
-            if name in spec.scatter and _fits(handle, spec, engines, plane):
+            if name in spec.scatter and spec.by is None and _fits(handle, spec, engines, plane):
                 in_place[name] = handle
             else:  # another layout: gather it, then split it again like any array
                 values[name] = handle.gather()
@@ -137,6 +147,11 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
             f"each lands on the same engine, but {got}. Scatter them in separate cells, or "
             f"--broadcast the ones that every engine needs whole."
         )
+    if spec.by is not None:
+        _plan_by(spec, values, engines, plan)
+        for name in spec.broadcast:
+            plan.shared[name] = values[name]
+        return plan
     for name in spec.scatter:
         if name in in_place:
             for rank in range(n):
@@ -150,6 +165,15 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
     for name in spec.broadcast:
         plan.shared[name] = values[name]
     return plan
+
+
+def _plan_by(spec: ScatterSpec, values: dict[str, Any], engines: list[int], plan: _Plan) -> None:
+    """--by: every scattered name split by the same row positions, the key's hash decides."""
+    positions, _ = tables.by_key({nm: values[nm] for nm in spec.scatter}, spec.by, len(engines))
+    for name in spec.scatter:
+        for rank, index in enumerate(positions):
+            plan.per_rank[rank][name] = tables.take_rows(values[name], index, spec.axis, name)
+    plan.note = tables.skew_note([len(p) for p in positions], engines, spec.by)
 
 
 def _fits(handle: Resident, spec: ScatterSpec, engines: list[int], plane: Any) -> bool:
@@ -179,8 +203,9 @@ def scatter(
     broadcast: Mapping[str, Any] | None = None,
     gather: Sequence[str] = (),
     reduce: Mapping[str, str] | None = None,
-    axis: int = 0,
+    axis: int | str = 0,
     halo: int = 0,
+    by: str | None = None,
     engines: str | Sequence[int] | None = None,
     keep: Sequence[str] = (),
     transport: str = "auto",
@@ -195,7 +220,10 @@ def scatter(
     """Run ``code`` on every engine over shards of ``data``; return gathered and reduced values.
 
     ``data`` values are split along ``axis`` like ``numpy.array_split`` (``halo`` extra rows from
-    each neighbour); ``broadcast`` values go whole to every engine. Other names the code reads are
+    each neighbour): arrays, lists, pandas frames and series, Arrow tables, xarray values (whose
+    ``axis`` may be a dimension name). ``by`` names a column instead: the rows of the tables in
+    ``data`` are hash-partitioned so that each key is on one engine (``tables.by_key``).
+    ``broadcast`` values go whole to every engine. Other names the code reads are
     taken from ``namespace`` (default: the caller's globals) and sent automatically when small.
     In the code, ``rank``, ``size``, ``xp``, ``halo`` and ``comm`` (collectives between the
     engines, :class:`~nbparallel.comm.Comm`; each wait bounded by ``comm_timeout`` seconds) are
@@ -208,11 +236,13 @@ def scatter(
 
     >>> nbparallel.scatter("y = x * 2", {"x": np.arange(6)}, gather=["y"])["y"]
     array([ 0,  2,  4,  6,  8, 10])
+    >>> nbparallel.scatter("t = df.groupby('k').v.sum()", {"df": df}, by="k", gather=["t"])["t"]
     """
     data = dict(data or {})
     bcast = dict(broadcast or {})
     spec = ScatterSpec(tuple(data), tuple(bcast), tuple(gather), tuple((reduce or {}).items()),
-                       axis, halo, None, tuple(keep), transport, dashboard, comm_timeout, comm)
+                       axis, halo, None, tuple(keep), transport, dashboard, comm_timeout, comm,
+                       by)
     if namespace is None:
         namespace = sys._getframe(1).f_globals
     return run(spec, code, {**data, **bcast}, namespace, hidden=hidden,
@@ -232,6 +262,8 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     ids = session.pool.select(engines if engines is not None else spec.engines)
     plane = session.plane
     plan = _plan(spec, values, ids, plane)
+    if plan.note:
+        echo(plan.note)
     outputs = spec.outputs()
     keys = {name: f"{name}-{secrets.token_hex(8)}" for name in spec.keep}
     # Only a cell that uses `comm` pays for one (a control segment, the engines' channels).

@@ -114,7 +114,12 @@ def test_cupy_is_imported_in_one_place():
     assert _users("cupy") <= {"nbparallel.gpu"}
 
 
-PURE = ["nbparallel.partition", "nbparallel.cellcode", "nbparallel.format", "nbparallel.errors",
+@pytest.mark.parametrize("library", ["pandas", "pyarrow", "xarray"])
+def test_table_libraries_are_imported_in_one_place(library):
+    assert _users(library) <= {"nbparallel.tables"}
+
+
+PURE = ["nbparallel.partition", "nbparallel.tables", "nbparallel.cellcode", "nbparallel.format", "nbparallel.errors",
         "nbparallel.pipeline.schedule", "nbparallel.telemetry.records", "nbparallel.telemetry.reduce",
         "nbparallel.telemetry.trace", "nbparallel.dataplane.transport"]
 

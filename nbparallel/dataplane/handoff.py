@@ -44,7 +44,7 @@ class Outbox:
 
     def pack(self, header: bytes, buffers: Sequence[pickle.PickleBuffer]) -> bytes:
         """Write ``buffers`` into a free segment; returns the message that points the receiver at it."""
-        raws = [b.raw() for b in buffers]
+        raws = [parcel.raw(b) for b in buffers]
         spans, end = [], ALIGN  # the first cache line holds the busy flag
         for raw in raws:
             spans.append((end, raw.nbytes))

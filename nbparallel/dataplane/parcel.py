@@ -12,6 +12,7 @@ building each array on a token from the engine's half (``remote.py``), so views 
 
 from __future__ import annotations
 
+import io
 import pickle
 from dataclasses import dataclass
 from typing import Any, Callable, Union
@@ -23,7 +24,7 @@ from .shm import Segment, align
 from .transport import INLINE_LIMIT
 
 __all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Entry", "INLINE_LIMIT", "Layout",
-           "is_plain_array", "dumps", "loads", "open_entry"]
+           "is_plain_array", "dumps", "loads", "raw", "buffer_nbytes", "open_entry"]
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,67 @@ def is_plain_array(value: Any) -> bool:
     return isinstance(value, np.ndarray) and not value.dtype.hasobject and type(value) is np.ndarray
 
 
-def dumps(value: Any) -> tuple[bytes, list[pickle.PickleBuffer]]:
-    """Pickle with large buffers kept out of band (small ones stay in the stream)."""
-    buffers: list[pickle.PickleBuffer] = []
+def dumps(value: Any) -> tuple[bytes, list[Any]]:
+    """Pickle with large buffers kept out of band (small ones stay in the stream).
+
+    The buffers are ``PickleBuffer`` objects, or ndarrays where the value holds a large array
+    that is not contiguous (a row slice of a pandas block, a strided view) or holds datetimes:
+    pickle would copy those into the stream, so they are taken out of band as they are and the writer lays them
+    out contiguously (:meth:`Layout.write`, :func:`raw`) on the way to where they go.
+    """
+    buffers: list[Any] = []
+    strided: dict[int, np.ndarray] = {}
 
     def out_of_band(buf: pickle.PickleBuffer) -> bool:
+        arr = strided.pop(id(buf), None)
+        if arr is not None:
+            buffers.append(arr)
+            return False
         if buf.raw().nbytes < INLINE_LIMIT:
             return True  # true means: keep it in the stream
         buffers.append(buf)
         return False
 
-    return cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band), buffers
+    stream = io.BytesIO()
+    _Pickler(stream, strided, protocol=5, buffer_callback=out_of_band).dump(value)
+    return stream.getvalue(), buffers
+
+
+class _Pickler(cloudpickle.Pickler):
+    """cloudpickle, plus: a large array that NumPy would pickle in band leaves the stream as a
+    placeholder buffer, and :func:`dumps` hands out the array itself in its place."""
+
+    def __init__(self, file: Any, strided: dict[int, np.ndarray], **kw: Any):
+        super().__init__(file, **kw)
+        self._strided = strided
+
+    def reducer_override(self, obj: Any) -> Any:
+        # NumPy pickles these in band; datetimes too, however laid out (pandas' datetime columns).
+        if (type(obj) is np.ndarray and obj.nbytes >= INLINE_LIMIT and not obj.dtype.hasobject
+                and (obj.dtype.kind in "mM"
+                     or not (obj.flags.c_contiguous or obj.flags.f_contiguous))):
+            marker = pickle.PickleBuffer(bytearray())  # writable: so is the array received  # stands in for the array in the buffer stream
+            self._strided[id(marker)] = obj
+            self._keep = getattr(self, "_keep", [])
+            self._keep.append(marker)  # alive until the dump ends, so ids stay unique
+            return _from_buffer, (marker, obj.shape, obj.dtype)
+        return super().reducer_override(obj)
+
+
+def _from_buffer(buf: Any, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """The receiving end of a strided array: C-ordered over the buffer it was laid out in."""
+    return np.frombuffer(buf, dtype=dtype).reshape(shape) if len(shape) else np.frombuffer(buf, dtype)
+
+
+def raw(buffer: Any) -> Any:
+    """A contiguous bytes-like view of one of :func:`dumps`' buffers (a strided array: copied)."""
+    if isinstance(buffer, np.ndarray):
+        return memoryview(np.ascontiguousarray(buffer).reshape(-1).view(np.uint8))
+    return buffer.raw()
+
+
+def buffer_nbytes(buffer: Any) -> int:
+    return buffer.nbytes if isinstance(buffer, np.ndarray) else buffer.raw().nbytes
 
 
 def loads(header: bytes, buffers: list[Any]) -> Any:
@@ -110,9 +161,10 @@ class Layout:
         header, buffers = dumps(value)
         if not buffers:
             return lambda seg: Inline(value)
-        offsets = [self.reserve(buf.raw().nbytes) for buf in buffers]
+        sizes = [buffer_nbytes(buf) for buf in buffers]
+        offsets = [self.reserve(n) for n in sizes]
+        # A strided array is written flat: it is read back as one C-ordered buffer.
         self._writes.extend(zip(offsets, buffers))
-        sizes = [buf.raw().nbytes for buf in buffers]
         return lambda seg: Pickled(header, tuple(BufferSlot(seg.name, seg.size, o, n)
                                                  for o, n in zip(offsets, sizes)), readonly)
 

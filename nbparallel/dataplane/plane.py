@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import partition
+from .. import partition, tables
 from ..errors import UsageError
 from ..reaper import alive, remove_segments
 from ..telemetry.records import Ring, Transfer, transfer
@@ -31,7 +31,7 @@ from .transport import (ANY_ENGINE, CUDA_IPC, DIRECT, INLINE, INLINE_LIMIT, SHM,
 from .transport import check as check_transport
 from .transports.direct import DirectDest, new_dest
 from .transports.inline import InReply
-from .transports.shm import ShmDest
+from .transports.shm import OutboxDest, ShmDest
 
 __all__ = ["DataPlane", "Outbound", "Job", "Here"]
 
@@ -312,8 +312,9 @@ class DataPlane:
             for r, (shp, dt) in enumerate(job.metas):
                 if isinstance(job.sources[r], Here):
                     plan.append(None)
-                elif shp is None:
-                    plan.append(InReply())  # not an array: only the reply can carry it as is
+                elif shp is None:  # not an array: pickled, its buffers where the engine can put them
+                    plan.append(OutboxDest(self.arena.owner) if how[r] == SHM
+                                else new_dest() if how[r] == DIRECT else InReply())
                 elif how[r] == SHM:
                     plan.append(None)
                     shm_parts.append((job.name, r, part_layout.reserve(_meta_bytes(job.metas[r]))))
@@ -411,11 +412,13 @@ class DataPlane:
                 if isinstance(source, Here):
                     parts.append(source.value)
                     continue
-                part = self.transports[dest.transport].fetch(eid, dest, replies[r].values[position[r]])
+                inline = replies[r].values[position[r]]
+                part = self.transports[dest.transport].fetch(eid, dest, inline)
                 position[r] += 1
                 parts.append(part)
                 nbytes = _meta_bytes(job.metas[r]) if job.metas[r][0] is not None else _size(part)
-                self.transfers.append(transfer(eid, job.kind, "in", dest.transport, nbytes))
+                carried = dest.carried(inline) if isinstance(dest, OutboxDest) else dest.transport
+                self.transfers.append(transfer(eid, job.kind, "in", carried, nbytes))
             if job.op == "join":
                 out[job.name] = partition.join(parts, job.axis, job.name, list(ids))
             else:
@@ -464,6 +467,8 @@ def _largest(values: dict[str, Any]) -> int:
 
 
 def _size(value: Any) -> int:
+    if tables.is_table(value):
+        return tables.nbytes(value)  # sys.getsizeof would walk every string of a frame
     nbytes = getattr(value, "nbytes", None)
     if isinstance(nbytes, int):
         return nbytes

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import cloudpickle
 
-from .. import gpu
+from .. import gpu, tables
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
 from ..comm import Comm, CommSpec
 from ..comm.mpi import mpi_rank
@@ -140,6 +140,9 @@ def _outputs(ns: dict[str, Any], rank: int, outputs: list[str], keep: dict[str, 
         if parcel.is_plain_array(value) and value.nbytes >= parcel.INLINE_LIMIT:
             remote.stash(name, value)
             pending[name] = _meta(value)
+        elif tables.is_table(value) and tables.nbytes(value) >= parcel.INLINE_LIMIT:
+            remote.stash(name, value)  # its columns go by shared memory, not in the reply
+            pending[name] = (None, tables.kind(value))
         else:
             values[name] = value
     return ScatterReply(True, rank, values, pending, kept)
@@ -147,6 +150,8 @@ def _outputs(ns: dict[str, Any], rank: int, outputs: list[str], keep: dict[str, 
 
 def _meta(value: Any) -> tuple[Any, Any]:
     """(shape, dtype) of an array, or (None, type name) of anything else."""
+    if tables.is_table(value):
+        return None, tables.kind(value)  # a Series has a shape and a dtype, and an index too
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         return None, type(value).__name__

@@ -54,7 +54,7 @@ class Direct(Transport):
         for eid, values in zip(engines, parcels):
             tid = secrets.token_hex(16)
             header, buffers = parcel.dumps({**values, **shared})
-            self.link.channel(eid).put(tid, header, [b.raw() for b in buffers])
+            self.link.channel(eid).put(tid, header, [parcel.raw(b) for b in buffers])
             notes.append(DirectNote(tid, tuple(shared)))
         return notes
 
@@ -72,7 +72,7 @@ class Direct(Transport):
     @staticmethod
     def deliver(dest: DirectDest, value: Any) -> None:
         header, buffers = parcel.dumps(value)
-        remote.server().offer(dest.tid, header, [b.raw() for b in buffers])
+        remote.server().offer(dest.tid, header, [parcel.raw(b) for b in buffers])
         return None
 
     def fetch(self, engine: int, dest: DirectDest, inline: Any) -> Any:
@@ -83,7 +83,7 @@ class Direct(Transport):
     @staticmethod
     def pack(value: Any, owner: str | None) -> tuple[bytes, list[Any], int]:
         header, buffers = parcel.dumps(value)
-        return header, [b.raw() for b in buffers], 0  # 0: count what the channel sent
+        return header, [parcel.raw(b) for b in buffers], 0  # 0: count what the channel sent
 
     @staticmethod
     def unpack(header: bytes, frames: list[Any]) -> Any:

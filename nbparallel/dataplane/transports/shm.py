@@ -4,7 +4,8 @@ Notebook to engines: every engine's values (and the broadcast ones, written once
 laid out in one segment leased from the notebook's :class:`~nbparallel.dataplane.shm.Arena`;
 the note says where each value lies and the engine builds views on it (``parcel.open_entry``).
 Engines to the notebook: the engine writes its part straight into a segment the notebook leased
-(even into the final joined array). Engine to engine: the sender writes into a segment of its
+(even into the final joined array); a part that is not one array (a DataFrame) goes into the
+engine's own hand-off segment, as between engines. Engine to engine: the sender writes into a segment of its
 :class:`~nbparallel.dataplane.handoff.Outbox` and sends only where it is (``handoff.py``).
 """
 
@@ -17,9 +18,9 @@ import numpy as np
 
 from .. import handoff, parcel, remote
 from ..shm import NoRoom, Segment
-from ..transport import HANDOFF_LIMIT, INLINE_LIMIT, SHM, Full, Hop, Transport
+from ..transport import HANDOFF_LIMIT, INLINE, INLINE_LIMIT, SHM, Full, Hop, Transport
 
-__all__ = ["SharedMemory", "ShmNote", "ShmDest", "outbox_segments"]
+__all__ = ["SharedMemory", "ShmNote", "ShmDest", "OutboxDest", "outbox_segments"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,20 @@ class ShmDest:
     @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class OutboxDest:
+    """Pickle a result that is not one array (a DataFrame, a Table) into the engine's own
+    hand-off segment; the reply says where, and the notebook reads its columns in place."""
+
+    owner: str
+    transport: str = SHM
+
+    @staticmethod
+    def carried(inline: Any) -> str:
+        """What carried the part: this segment, or (no room, or small) the reply itself."""
+        return SHM if isinstance(inline, bytes) and handoff.is_handoff(inline) else INLINE
 
 
 _outbox: handoff.Outbox | None = None  # an engine's own hand-off segments, for the stages
@@ -114,14 +129,24 @@ class SharedMemory(Transport):
 
     # -- engines to the notebook -------------------------------------------------------------
     @staticmethod
-    def deliver(dest: ShmDest, value: Any) -> None:
+    def deliver(dest: ShmDest | OutboxDest, value: Any) -> Any:
+        if isinstance(dest, OutboxDest):
+            try:
+                note, _, _ = SharedMemory.pack(value, dest.owner)
+            except Full:
+                return value  # small, or every segment is still being read: in the reply
+            return note
         final = remote.token(dest.segment, dest.size, dest.offset, dest.nbytes)
         final = final.view(np.dtype(dest.dtype)).reshape(dest.shape)
         index = (slice(None),) * dest.axis + (slice(dest.lo, dest.lo + value.shape[dest.axis]),)
         final[index] = value
         return None
 
-    def fetch(self, engine: int, dest: ShmDest, inline: Any) -> Any:
+    def fetch(self, engine: int, dest: ShmDest | OutboxDest, inline: Any) -> Any:
+        if isinstance(dest, OutboxDest):
+            if isinstance(inline, bytes) and handoff.is_handoff(inline):
+                return handoff.receive(inline)
+            return inline
         seg = self._leased[dest.segment]
         tok = seg.token(dest.offset, dest.nbytes)
         # The segment is free again once the caller drops every view of this part.
@@ -135,7 +160,7 @@ class SharedMemory(Transport):
         if owner is None:
             raise Full("the engines do not share this host's /dev/shm")
         header, buffers = parcel.dumps(value)
-        nbytes = sum(b.raw().nbytes for b in buffers)
+        nbytes = sum(map(parcel.buffer_nbytes, buffers))
         if nbytes < HANDOFF_LIMIT:
             raise Full("too small to be worth a segment")
         if _outbox is None or _outbox.owner != owner:

@@ -1,0 +1,262 @@
+"""Tables and labelled arrays: pandas, Arrow and xarray values split by rows, joined in rank order.
+
+The pure half of scattering the data people have. A pandas ``DataFrame`` or ``Series`` and a
+``pyarrow.Table`` split by rows, positionally, with ``numpy.array_split``'s boundaries (index,
+dtypes and categories kept); an ``xarray.DataArray`` or ``Dataset`` splits along a dimension,
+named or by position. Joining is ``pandas.concat`` / ``pyarrow.concat_tables`` /
+``xarray.concat`` in rank order, so a gathered frame equals the one that was scattered.
+
+``--by COLUMN`` instead hash-partitions the rows (:func:`by_key`): every key lands on exactly one
+engine, so a ``groupby(COLUMN)`` in the cell is complete for the keys it sees. The hash is
+pandas' ``hash_pandas_object`` (SipHash with pandas' fixed key), so the same key goes to the same
+engine in every run, process and pandas release that keeps that function; a categorical key
+hashes by its value, not its code. NaN keys hash alike and land together on one engine.
+
+None of pandas, pyarrow or xarray is imported unless a value is one: the kind is read from the
+type's module, as for CuPy.
+
+>>> import pandas as pd
+>>> [len(p) for p in (take(pd.DataFrame({"a": range(10)}), 0, a, b) for a, b in [(0, 4), (4, 10)])]
+[4, 6]
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import PartitionError, UsageError
+
+__all__ = ["kind", "is_table", "dim", "rows", "take", "take_rows", "join", "reduce", "nbytes",
+           "by_key", "skew_note", "REDUCIBLE"]
+
+#: --reduce operations that mean something for frames (aligned on the index, as pandas does).
+REDUCIBLE = ("sum", "prod", "min", "max")
+
+_KINDS = {
+    ("pandas", "DataFrame"): "DataFrame",
+    ("pandas", "Series"): "Series",
+    ("pyarrow", "Table"): "Table",
+    ("xarray", "DataArray"): "DataArray",
+    ("xarray", "Dataset"): "Dataset",
+}
+
+
+def kind(value: Any) -> str | None:
+    """``"DataFrame"``, ``"Series"``, ``"Table"``, ``"DataArray"``, ``"Dataset"`` or None."""
+    top = type(value).__module__.partition(".")[0]
+    if top not in ("pandas", "pyarrow", "xarray"):
+        return None
+    for cls in type(value).__mro__:
+        found = _KINDS.get((cls.__module__.partition(".")[0], cls.__name__))
+        if found:
+            return found
+    return None
+
+
+def is_table(value: Any) -> bool:
+    return kind(value) is not None
+
+
+def _labelled(value: Any) -> bool:
+    return kind(value) in ("DataArray", "Dataset")
+
+
+def dim(value: Any, axis: int | str, name: str) -> Any:
+    """The row axis of ``value``: a dimension name for xarray, 0 for the others."""
+    if _labelled(value):
+        dims = list(value.dims)
+        if isinstance(axis, str):
+            if axis not in dims:
+                raise PartitionError(
+                    f"`{name}` has no dimension {axis!r}; its dimensions are "
+                    f"{', '.join(map(repr, dims))}. Pass one of them to --axis."
+                )
+            return axis
+        if not -len(dims) <= axis < len(dims):
+            raise PartitionError(
+                f"--axis {axis} is out of range for `{name}`, which has {len(dims)} dimension(s) "
+                f"({', '.join(map(repr, dims))}); pass a dimension name to --axis."
+            )
+        return dims[axis]
+    if isinstance(axis, str) or axis not in (0, -len(value.shape)):
+        what = f"--axis {axis!r}" if isinstance(axis, str) else f"--axis {axis}"
+        raise PartitionError(
+            f"`{name}` is a {kind(value)}, which splits by rows only, not along {what}. "
+            f"Drop --axis, or transpose it in the notebook first."
+        )
+    return 0
+
+
+def rows(value: Any, axis: int | str = 0, name: str = "value") -> int:
+    """The number of rows ``value`` splits into along ``axis``."""
+    d = dim(value, axis, name)
+    if _labelled(value):
+        return int(value.sizes[d])
+    return int(value.shape[0])
+
+
+def take(value: Any, axis: int | str, start: int, stop: int, name: str = "value") -> Any:
+    """Rows ``start:stop`` of ``value`` (views where the library gives them)."""
+    k = kind(value)
+    if k == "Table":
+        return value.slice(start, stop - start)
+    if k in ("DataArray", "Dataset"):
+        return value.isel({dim(value, axis, name): slice(start, stop)})
+    return value.iloc[start:stop]
+
+
+def take_rows(value: Any, index: np.ndarray, axis: int | str = 0, name: str = "value") -> Any:
+    """The rows of ``value`` at positions ``index``, in that order (a copy)."""
+    k = kind(value)
+    if k == "Table":
+        return value.take(index)
+    if k in ("DataArray", "Dataset"):
+        return value.isel({dim(value, axis, name): index})
+    if k is not None:
+        return value.take(index)
+    return np.take(np.asarray(value) if isinstance(value, (list, tuple)) else value, index,
+                   axis=axis if isinstance(axis, int) else 0)
+
+
+def nbytes(value: Any) -> int:
+    """Bytes the value's buffers hold (object columns count their pointers only: cheap)."""
+    k = kind(value)
+    if k == "DataFrame":
+        return int(value.memory_usage(index=True, deep=False).sum())
+    if k == "Series":
+        return int(value.memory_usage(index=True, deep=False))
+    return int(getattr(value, "nbytes", 0) or 0)
+
+
+def join(values: Sequence[Any], axis: int | str, name: str, labels: Sequence[int]) -> Any:
+    """Rank-order concatenation of same-kind tables."""
+    kinds = {kind(v) for v in values}
+    if len(kinds) > 1:
+        got = ", ".join(f"engine {e}: {kind(v) or type(v).__name__}" for e, v in zip(labels, values))
+        raise PartitionError(
+            f"cannot gather `{name}`: engines returned different kinds of value ({got}). "
+            f"Make the cell produce the same type on every engine."
+        )
+    k = kinds.pop()
+    try:
+        if k == "Table":
+            import pyarrow as pa
+            return pa.concat_tables(values)
+        if k in ("DataArray", "Dataset"):
+            import xarray as xr
+            return xr.concat(values, dim=dim(values[0], axis, name))
+        import pandas as pd
+        if k == "DataFrame":
+            # Column sets that differ would come back full of NaN without a word.
+            cols = [tuple(v.columns) for v in values]
+            if len(set(cols)) > 1:
+                got = "; ".join(f"engine {e}: {list(c)}" for e, c in zip(labels, cols))
+                raise PartitionError(
+                    f"cannot gather `{name}`: the engines' frames have different columns ({got}). "
+                    f"Give them the same columns, or --reduce {name}=list to get each one."
+                )
+        return pd.concat(values)
+    except PartitionError:
+        raise
+    except Exception as exc:
+        raise PartitionError(
+            f"cannot gather `{name}` ({k}s from engines {', '.join(map(str, labels))}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from None
+
+
+def reduce(op: str, values: Sequence[Any], name: str, labels: Sequence[int]) -> Any:
+    """Combine per-engine frames or series row by row, aligned on the index.
+
+    Rows with the same index label are combined, from whichever engines have them, as
+    ``pandas.concat(values).groupby(level=...)`` would: per-engine partial aggregates (say
+    ``df.groupby("k").sum()``) sum to the aggregate of the whole. xarray values combine
+    elementwise, aligned on their coordinates.
+    """
+    k = kind(values[0])
+    if k in ("DataArray", "Dataset"):
+        ufunc = {"sum": np.add, "prod": np.multiply, "min": np.minimum, "max": np.maximum}[op]
+        return functools.reduce(ufunc, values)
+    if k == "Table":
+        raise PartitionError(
+            f"cannot reduce `{name}` with {op}: Arrow tables have no elementwise {op}. Use "
+            f"--gather {name} to join them, or return a pandas frame from the cell."
+        )
+    import pandas as pd
+    whole = pd.concat(values)
+    levels = list(range(whole.index.nlevels))
+    try:
+        return getattr(whole.groupby(level=levels, sort=True, dropna=False), op)()
+    except Exception as exc:
+        raise PartitionError(
+            f"cannot reduce `{name}` with {op}: {type(exc).__name__}: {exc}. pandas could not "
+            f"{op} the engines' {k}s row by row."
+        ) from None
+
+
+def by_key(values: dict[str, Any], column: str, n: int) -> tuple[list[np.ndarray], str]:
+    """Row positions per engine so that every value of ``column`` lands on one engine.
+
+    ``values`` are the scattered names; the first frame or table with ``column`` decides, and the
+    others (of the same length) are split the same way. Rows keep their order on each engine.
+    Returns the positions for each engine and the name the key came from.
+    """
+    owner = next((nm for nm, v in values.items() if _columns(v) and column in _columns(v)), None)
+    if owner is None:
+        tables = {nm: _columns(v) for nm, v in values.items() if kind(v) in ("DataFrame", "Table")}
+        if not tables:
+            got = ", ".join(f"`{nm}` is a {kind(v) or type(v).__name__}" for nm, v in values.items())
+            raise UsageError(
+                f"--by {column} hash-partitions the rows of a DataFrame or Arrow table by a "
+                f"column, but {got or 'nothing is scattered'}. Scatter a table, or drop --by to "
+                f"split by position."
+            )
+        has = "; ".join(f"`{nm}` has {', '.join(map(repr, cols[:20]))}"
+                        + (" ..." if len(cols) > 20 else "") for nm, cols in tables.items())
+        raise UsageError(f"--by {column}: no scattered table has a column {column!r} ({has}).")
+    keys = _key_column(values[owner], column)
+    import pandas as pd
+    hashes = pd.util.hash_pandas_object(keys, index=False, categorize=True).to_numpy()
+    part = (hashes % np.uint64(n)).astype(np.int64)
+    order = np.argsort(part, kind="stable")
+    counts = np.bincount(part, minlength=n)
+    return np.split(order, np.cumsum(counts)[:-1]), owner
+
+
+def _columns(value: Any) -> list[str]:
+    k = kind(value)
+    if k == "DataFrame":
+        return [c for c in value.columns]
+    if k == "Table":
+        return list(value.column_names)
+    return []
+
+
+def _key_column(value: Any, column: str) -> Any:
+    if kind(value) == "Table":
+        try:
+            import pandas  # noqa: F401  (the hash is pandas')
+        except ImportError:
+            raise UsageError(
+                "--by on an Arrow table hashes its key column with pandas, which is not "
+                "installed; pip install pandas."
+            ) from None
+        return value.column(column).to_pandas()
+    return value[column]
+
+
+def skew_note(counts: Sequence[int], engines: Sequence[int], column: str) -> str | None:
+    """A line for the user when one engine got far more rows than its share, else None."""
+    total = sum(counts)
+    if total < 1000 or len(counts) < 2:
+        return None
+    fair = total / len(counts)
+    worst = max(range(len(counts)), key=lambda i: counts[i])
+    if counts[worst] < 1.5 * fair:
+        return None
+    return (f"note: --by {column} put {counts[worst]:,} of {total:,} rows "
+            f"({counts[worst] / total:.0%}) on engine {engines[worst]}, where an even share is "
+            f"{fair:,.0f}: a few keys hold most rows, and that engine sets the pace.")
