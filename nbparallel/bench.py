@@ -11,6 +11,8 @@ this machine; nothing printed is a constant. The groups:
   items, against ``%px pass``.
 * ``comm``: collectives between two engines (allreduce of 8 B, 1 MB, 64 MB; a 32 KiB halo
   exchange) beside mpi4py under ``mpiexec -n 2``; see ``benchcomm.py``.
+* ``tables``: pandas DataFrames scattered and gathered, and hash-partitioned with ``by=``,
+  beside ``DataFrame.copy()`` and Dask's ``from_pandas``/``shuffle``; see ``benchtables.py``.
 * ``gpu`` (only with ``--only gpu``): CUDA IPC between GPU engines and a RawKernel stencil over a
   device-resident shard, each against the device's own copy speed; see ``benchgpu.py``.
 * ``pipeline``: two stages on the first two engines. ``activation hop``: the time of a
@@ -46,7 +48,7 @@ import numpy as np
 
 import nbparallel
 
-from . import benchcomm, benchgpu, config
+from . import benchcomm, benchgpu, benchtables, config
 from .benchkit import HOP, HOP_MBS, MB, NB, Setup, Trial
 from .benchkit import check as _check
 from .benchkit import measure as _measure
@@ -63,11 +65,11 @@ if TYPE_CHECKING:
 __all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "Trial", "Setup", "run", "format_table",
            "markdown_table", "machine"]
 
-GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "comm", "gpu")
+GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "comm", "tables", "gpu")
 #: What runs without --only: the GPU group only where asked for (its rows need GPU engines).
-DEFAULT_GROUPS = GROUPS[:5]
+DEFAULT_GROUPS = GROUPS[:6]
 #: Rows that are the memory ceiling of their group: ratios against them are percentages.
-CEILINGS = ("numpy.copyto", "cupy device-to-device copy")
+CEILINGS = ("numpy.copyto", "cupy device-to-device copy", benchtables.COPY)
 TRANSPORTS = transport.OPTIONS  #: what --transport takes (the data plane defines them)
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
@@ -113,6 +115,9 @@ def run(pool: Session | None, *, size_mb: int = 256, items: int = 2000, repeat: 
         cases += _pipeline_group(pool, size_mb, repeat, say)
     if "comm" in only:
         cases += benchcomm.group(pool, repeat, say)
+    if "tables" in only:
+        cases += benchtables.group(pool, size_mb, repeat, say,
+                                   _dask_client if _dask_importable() else None)
     if "gpu" in only:
         cases += benchgpu.group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,

@@ -24,6 +24,7 @@ import numpy as np
 from .dataplane.plane import Job
 from .dataplane.remote import Source
 from .errors import PoolError
+from .tables import TableMeta
 from .format import nbytes, ranges
 
 __all__ = ["Resident"]
@@ -63,13 +64,24 @@ class Resident:
         return tuple(shape)
 
     @property
+    def is_table(self) -> bool:
+        """Shards that are frames or Arrow tables whose rows the engines counted."""
+        return all(isinstance(d, TableMeta) and d.rows is not None for _, d in self.metas)
+
+    @property
+    def length(self) -> int | None:
+        """Rows along ``axis``, all shards together (None when they are not counted)."""
+        rows = [p["rows"] for p in self.placement()]
+        return None if any(r is None for r in rows) else rows[-1][1]
+
+    @property
     def dtype(self) -> np.dtype | None:
         return np.dtype(self.metas[0][1]) if self.is_array else None
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize
-                   for s, d in self.metas if s is not None)
+        return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize if s is not None
+                   else d.nbytes if isinstance(d, TableMeta) else 0 for s, d in self.metas)
 
     def placement(self) -> list[dict[str, Any]]:
         """Where each shard lives: engine, rank, rows along ``axis`` and bytes."""
@@ -77,6 +89,8 @@ class Resident:
         for rank, (eid, (shape, dtype)) in enumerate(zip(self.engines, self.metas)):
             n = shape[self.axis] if shape is not None and len(shape) > self.axis else None
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if shape else 0
+            if isinstance(dtype, TableMeta):
+                n, nbytes = dtype.rows, dtype.nbytes
             rows.append({"engine": eid, "rank": rank, "rows": (lo, lo + n) if n is not None else None,
                          "bytes": nbytes})
             lo += n or 0
@@ -124,6 +138,8 @@ class Resident:
         state = "" if self.alive else ", freed"
         if self.shape is not None:
             what = f"{self.shape} {self.dtype}"
+        elif self.is_table:
+            what = f"{self.length:,} rows of {self.metas[0][1]} in {len(self.metas)} shards"
         else:
             what = f"{len(self.metas)} shards of {self.metas[0][1]}"
         return (f"<Resident {self.name}: {what}, {nbytes(self.nbytes)} on engines "

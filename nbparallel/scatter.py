@@ -138,7 +138,7 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
                 in_place[name] = handle
             else:  # another layout: gather it, then split it again like any array
                 values[name] = handle.gather()
-    lengths = {name: (in_place[name].shape or (0,))[spec.axis] if name in in_place
+    lengths = {name: in_place[name].length if name in in_place
                else partition.length(values[name], spec.axis, name) for name in spec.scatter}
     if len(set(lengths.values())) > 1:
         got = ", ".join(f"`{k}` has {v}" for k, v in lengths.items())
@@ -160,8 +160,10 @@ def _plan(spec: ScatterSpec, values: Mapping[str, Any], engines: list[int],
         for rank, shard in enumerate(partition.split(values[name], n, spec.axis, spec.halo, name)):
             plan.per_rank[rank][name] = shard.value
             plan.halos[rank] = shard.halo
-    if in_place:
+    if in_place and len(in_place) < len(spec.scatter):
         _check_rows(spec, in_place, engines, lengths)
+    elif in_place:  # alone, shards need not split evenly (a --by result), only alike
+        _check_alike(in_place)
     for name in spec.broadcast:
         plan.shared[name] = values[name]
     return plan
@@ -171,15 +173,26 @@ def _plan_by(spec: ScatterSpec, values: dict[str, Any], engines: list[int], plan
     """--by: every scattered name split by the same row positions, the key's hash decides."""
     positions, _ = tables.by_key({nm: values[nm] for nm in spec.scatter}, spec.by, len(engines))
     for name in spec.scatter:
-        for rank, index in enumerate(positions):
-            plan.per_rank[rank][name] = tables.take_rows(values[name], index, spec.axis, name)
+        for rank, part in enumerate(tables.take_each(values[name], positions, spec.axis, name)):
+            plan.per_rank[rank][name] = part
     plan.note = tables.skew_note([len(p) for p in positions], engines, spec.by)
 
 
 def _fits(handle: Resident, spec: ScatterSpec, engines: list[int], plane: Any) -> bool:
     """Whether a resident value's shards can be used where they are."""
     return (handle.alive and handle._plane() is plane and handle.engines == list(engines)
-            and handle.axis == spec.axis and spec.halo == 0 and handle.shape is not None)
+            and handle.axis == spec.axis and spec.halo == 0
+            and (handle.shape is not None or handle.is_table))
+
+
+def _check_alike(in_place: dict[str, Resident]) -> None:
+    rows = {name: [p["rows"][1] - p["rows"][0] for p in h.placement()] for name, h in in_place.items()}
+    if len({tuple(r) for r in rows.values()}) > 1:
+        got = ", ".join(f"`{n}` {r}" for n, r in rows.items())
+        raise UsageError(
+            f"the kept shards hold different rows per engine ({got}), so row i of one would not "
+            f"meet row i of the other. Gather one of them (handle.gather()) to split it afresh."
+        )
 
 
 def _check_rows(spec: ScatterSpec, in_place: dict[str, Resident], engines: list[int],

@@ -23,13 +23,17 @@ type's module, as for CuPy.
 from __future__ import annotations
 
 import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
 from .errors import PartitionError, UsageError
 
-__all__ = ["kind", "is_table", "dim", "rows", "take", "take_rows", "join", "reduce", "nbytes",
+__all__ = ["TableMeta", "meta", "kind", "is_table", "dim", "rows", "take", "take_rows", "take_each",
+           "join", "reduce", "nbytes",
            "by_key", "skew_note", "REDUCIBLE"]
 
 #: --reduce operations that mean something for frames (aligned on the index, as pandas does).
@@ -42,6 +46,25 @@ _KINDS = {
     ("xarray", "DataArray"): "DataArray",
     ("xarray", "Dataset"): "Dataset",
 }
+
+
+@dataclass(frozen=True)
+class TableMeta:
+    """What an engine reports of a table it keeps or returns: its kind, rows and bytes.
+
+    ``rows`` is None for xarray values, whose split dimension the engine does not know."""
+
+    kind: str
+    rows: int | None
+    nbytes: int
+
+    def __str__(self) -> str:
+        return self.kind
+
+
+def meta(value: Any) -> TableMeta:
+    k = kind(value)
+    return TableMeta(k, None if _labelled(value) else rows(value), nbytes(value))
 
 
 def kind(value: Any) -> str | None:
@@ -105,7 +128,29 @@ def take(value: Any, axis: int | str, start: int, stop: int, name: str = "value"
         return value.slice(start, stop - start)
     if k in ("DataArray", "Dataset"):
         return value.isel({dim(value, axis, name): slice(start, stop)})
+    if k == "DataFrame" and value.columns.is_unique and value.shape[1] <= WIDE:
+        return _column_slices(value, start, stop)
     return value.iloc[start:stop]
+
+
+WIDE = 256  # columns; past this, building a frame column by column costs more than it saves
+
+
+def _column_slices(df: Any, start: int, stop: int) -> Any:
+    """``df.iloc[start:stop]`` made of one contiguous slice per column.
+
+    A row slice of a consolidated block is strided, and pandas makes a strided block contiguous
+    (a copy) when it is pickled; one 1-d slice per column is contiguous already, so a shard goes
+    out of band with no copy but the one into shared memory. (pandas before 3.0 consolidates
+    the columns here, which is the same one copy as before.)
+    """
+    import pandas as pd
+
+    cols = {i: df.iloc[:, i].array[start:stop] for i in range(df.shape[1])}
+    out = pd.DataFrame(cols, index=df.index[start:stop], copy=False)
+    out.columns = df.columns
+    out.attrs = dict(df.attrs)
+    return out
 
 
 def take_rows(value: Any, index: np.ndarray, axis: int | str = 0, name: str = "value") -> Any:
@@ -217,13 +262,39 @@ def by_key(values: dict[str, Any], column: str, n: int) -> tuple[list[np.ndarray
         has = "; ".join(f"`{nm}` has {', '.join(map(repr, cols[:20]))}"
                         + (" ..." if len(cols) > 20 else "") for nm, cols in tables.items())
         raise UsageError(f"--by {column}: no scattered table has a column {column!r} ({has}).")
-    keys = _key_column(values[owner], column)
-    import pandas as pd
-    hashes = pd.util.hash_pandas_object(keys, index=False, categorize=True).to_numpy()
-    part = (hashes % np.uint64(n)).astype(np.int64)
+    hashes = _hashes(_key_column(values[owner], column))
+    part = hashes % np.uint64(n)
+    if n <= 16:  # a pass per engine beats a sort of all rows
+        return [np.flatnonzero(part == r) for r in range(n)], owner
     order = np.argsort(part, kind="stable")
-    counts = np.bincount(part, minlength=n)
+    counts = np.bincount(part.astype(np.int64), minlength=n)
     return np.split(order, np.cumsum(counts)[:-1]), owner
+
+
+def take_each(value: Any, positions: Sequence[np.ndarray], axis: int | str = 0,
+              name: str = "value") -> list[Any]:
+    """:func:`take_rows` for each engine's positions, on threads when there are many rows."""
+    if sum(len(p) for p in positions) < 2 * HASH_CHUNK:
+        return [take_rows(value, p, axis, name) for p in positions]
+    with ThreadPoolExecutor(min(len(positions), os.cpu_count() or 1)) as threads:
+        return list(threads.map(lambda p: take_rows(value, p, axis, name), positions))
+
+
+HASH_CHUNK = 1 << 20  # rows per thread's piece: hashing is elementwise, so pieces agree with the whole
+
+
+def _hashes(keys: Any) -> np.ndarray:
+    """pandas' stable hash of every key, in pieces on threads (NumPy and pandas release the GIL)."""
+    import pandas as pd
+
+    def one(piece: Any) -> np.ndarray:
+        return pd.util.hash_pandas_object(piece, index=False, categorize=True).to_numpy()
+
+    if len(keys) < 2 * HASH_CHUNK:
+        return one(keys)
+    pieces = [keys.iloc[i:i + HASH_CHUNK] for i in range(0, len(keys), HASH_CHUNK)]
+    with ThreadPoolExecutor(min(len(pieces), os.cpu_count() or 1)) as threads:
+        return np.concatenate(list(threads.map(one, pieces)))
 
 
 def _columns(value: Any) -> list[str]:

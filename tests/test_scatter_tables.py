@@ -162,3 +162,17 @@ def test_unpicklable_item_named_before_running(ip):
     ip.user_ns["items"] = [1, threading.Lock()]
     with pytest.raises(UsageError, match="item 1"):
         ip.run_cell_magic("pmap", "x in items -> out", "x")
+
+
+def test_a_kept_by_result_is_used_in_place_not_split_again(ip, pool):
+    df = trips(8_000)
+    ip.user_ns["df"] = df
+    ip.run_cell_magic("scatter", "df --by driver --keep parts", "parts = df")
+    handle = ip.user_ns["parts"]
+    assert handle.is_table and handle.length == 8_000 and "8,000 rows of DataFrame" in repr(handle)
+    cursor = pool.transfers.cursor
+    ip.run_cell_magic("scatter", "parts --reduce keys=list", "keys = set(parts.driver.dropna())")
+    keys = ip.user_ns["keys"]
+    assert sum(map(len, keys)) == len(set().union(*keys)) == 3  # still one engine per key
+    moved, _ = pool.transfers.since(cursor)
+    assert sum(t.nbytes for t in moved if t.direction == "out" and t.kind != "names") < 10_000

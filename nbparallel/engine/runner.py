@@ -142,16 +142,16 @@ def _outputs(ns: dict[str, Any], rank: int, outputs: list[str], keep: dict[str, 
             pending[name] = _meta(value)
         elif tables.is_table(value) and tables.nbytes(value) >= parcel.INLINE_LIMIT:
             remote.stash(name, value)  # its columns go by shared memory, not in the reply
-            pending[name] = (None, tables.kind(value))
+            pending[name] = _meta(value)
         else:
             values[name] = value
     return ScatterReply(True, rank, values, pending, kept)
 
 
 def _meta(value: Any) -> tuple[Any, Any]:
-    """(shape, dtype) of an array, or (None, type name) of anything else."""
+    """(shape, dtype) of an array, (None, TableMeta) of a table, or (None, type name)."""
     if tables.is_table(value):
-        return None, tables.kind(value)  # a Series has a shape and a dtype, and an index too
+        return None, tables.meta(value)  # a Series has a shape and a dtype, and an index too
     shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
     if shape is None or dtype is None:
         return None, type(value).__name__
