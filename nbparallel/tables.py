@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import PartitionError, UsageError
 
-__all__ = ["TableMeta", "meta", "kind", "is_table", "dim", "rows", "take", "take_rows", "take_each",
+__all__ = ["TableMeta", "FrameSchema", "meta", "schema", "joined_range", "frame", "kind", "is_table", "dim", "rows", "take", "take_rows", "take_each",
            "join", "reduce", "nbytes",
            "by_key", "skew_note", "REDUCIBLE"]
 
@@ -57,14 +57,76 @@ class TableMeta:
     kind: str
     rows: int | None
     nbytes: int
+    schema: FrameSchema | None = None
 
     def __str__(self) -> str:
         return self.kind
 
 
+@dataclass(frozen=True)
+class FrameSchema:
+    """A DataFrame whose columns and index are plain NumPy arrays, so that its gathered parts can
+    be written by the engines straight into the joined frame's columns (``plane.py``).
+
+    ``index`` is ``(start, stop, step)`` for a RangeIndex, else the index values' dtype."""
+
+    columns: Any  # the pandas Index of column labels
+    dtypes: tuple[np.dtype, ...]
+    index: tuple[int, int, int] | np.dtype
+    index_name: Any
+
+    def fits(self, other: FrameSchema) -> bool:
+        return (self.dtypes == other.dtypes and self.columns.equals(other.columns)
+                and isinstance(self.index, tuple) == isinstance(other.index, tuple)
+                and (isinstance(self.index, tuple) or self.index == other.index)
+                and self.index_name == other.index_name)
+
+
 def meta(value: Any) -> TableMeta:
     k = kind(value)
-    return TableMeta(k, None if _labelled(value) else rows(value), nbytes(value))
+    return TableMeta(k, None if _labelled(value) else rows(value), nbytes(value),
+                     schema(value) if k == "DataFrame" else None)
+
+
+def schema(df: Any) -> FrameSchema | None:
+    """The frame's :class:`FrameSchema`, or None when a column or the index is not plain NumPy."""
+    dtypes = tuple(df.dtypes)
+    if not all(isinstance(d, np.dtype) and not d.hasobject for d in dtypes):
+        return None
+    if not df.columns.is_unique or df.index.nlevels != 1:
+        return None
+    idx = df.index
+    if type(idx).__name__ == "RangeIndex":
+        where: tuple[int, int, int] | np.dtype = (idx.start, idx.stop, idx.step)
+    elif isinstance(idx.dtype, np.dtype) and not idx.dtype.hasobject:
+        where = idx.dtype
+    else:
+        return None
+    return FrameSchema(df.columns, dtypes, where, idx.name)
+
+
+def joined_range(schemas: Sequence[FrameSchema], counts: Sequence[int]) -> tuple[int, int] | None:
+    """``(start, stop)`` when the parts' RangeIndexes follow on from each other in rank order."""
+    if not all(isinstance(s.index, tuple) and s.index[2] == 1 for s in schemas):
+        return None
+    for s, nxt in zip(schemas, schemas[1:]):
+        if s.index[1] != nxt.index[0]:
+            return None
+    return schemas[0].index[0], schemas[0].index[0] + sum(counts)
+
+
+def frame(schema: FrameSchema, columns: Sequence[np.ndarray], index: Any) -> Any:
+    """The joined DataFrame over ``columns`` (no copy); ``index`` is a (start, stop) range or
+    the index values."""
+    import pandas as pd
+
+    if isinstance(index, tuple):
+        index = pd.RangeIndex(*index, name=schema.index_name)
+    else:
+        index = pd.Index(index, name=schema.index_name, copy=False)
+    out = pd.DataFrame(dict(enumerate(columns)), index=index, copy=False)
+    out.columns = schema.columns
+    return out
 
 
 def kind(value: Any) -> str | None:

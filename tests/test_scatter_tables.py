@@ -176,3 +176,26 @@ def test_a_kept_by_result_is_used_in_place_not_split_again(ip, pool):
     assert sum(map(len, keys)) == len(set().union(*keys)) == 3  # still one engine per key
     moved, _ = pool.transfers.since(cursor)
     assert sum(t.nbytes for t in moved if t.direction == "out" and t.kind != "names") < 10_000
+
+
+def test_gathered_numeric_frames_are_written_by_the_engines_into_the_joined_columns(ip, pool):
+    rng = np.random.default_rng(3)
+    df = pd.DataFrame({"a": rng.random(300_000), "b": rng.integers(0, 9, 300_000),
+                       "when": pd.date_range("2020", periods=300_000, freq="s")})
+    ip.user_ns["df"] = df
+    ip.run_cell_magic("scatter", "df --gather whole part --engines 0-1",
+                      "whole = df\npart = df[df.a > 0.5]")
+    whole, part = ip.user_ns["whole"], ip.user_ns["part"]
+    pd.testing.assert_frame_equal(whole, df)
+    pd.testing.assert_frame_equal(part, df[df.a > 0.5])  # an index of values, not a range
+    assert type(whole.index).__name__ == "RangeIndex"
+    # No concat in the notebook: the columns are views of one shared-memory segment.
+    assert not whole["a"].to_numpy().flags.owndata
+    leased = len(pool.plane.arena._entries)
+    del whole, part
+    ip.user_ns.pop("whole"), ip.user_ns.pop("part")
+    import gc
+    gc.collect()
+    pool.plane.arena._reclaim()  # what the next lease does first
+    states = [e.state for e in pool.plane.arena._entries.values()]
+    assert len(states) <= leased and "lent" not in states

@@ -31,7 +31,7 @@ from .transport import (ANY_ENGINE, CUDA_IPC, DIRECT, INLINE, INLINE_LIMIT, SHM,
 from .transport import check as check_transport
 from .transports.direct import DirectDest, new_dest
 from .transports.inline import InReply
-from .transports.shm import OutboxDest, ShmDest
+from .transports.shm import FrameDest, OutboxDest, ShmDest
 
 __all__ = ["DataPlane", "Outbound", "Job", "Here"]
 
@@ -291,12 +291,19 @@ class DataPlane:
         forced = check_transport(transport)
         requests: list[list[remote.Request]] = [[] for _ in ids]
         dests: dict[str, list[Any]] = {}
-        finals: dict[str, tuple[Segment, np.ndarray]] = {}
+        finals: dict[str, tuple[Segment, Any]] = {}  # an array, or a frame's columns
         shm_parts: list[tuple[str, int, int]] = []  # (job, rank, offset in the parts segment)
         part_layout = parcel.Layout()
         how = [choose(self.hop(eid, INLINE_LIMIT, sender="engine", receiver="notebook"), forced,
                        (), eid) for eid in ids]
         for job in jobs:
+            framed = self._final_frame(job, how)
+            if framed is not None:
+                finals[job.name] = framed
+                for r, dest in enumerate(framed[1].dests):
+                    requests[r].append(remote.Request(job.sources[r], dest))
+                dests[job.name] = list(framed[1].dests)
+                continue
             final = self._final(job, how)
             if final is not None:
                 finals[job.name] = final
@@ -382,6 +389,37 @@ class DataPlane:
         tok = seg.token(0, nbytes)
         return seg, tok.view(dtype).reshape(shape)
 
+    def _final_frame(self, job: Job, how: list[str]) -> tuple[Segment, _FrameFinal] | None:
+        """The joined frame's columns in one segment, when every part is a plain-NumPy frame of
+        the same columns that its engine can write straight into them (no concat here)."""
+        if job.op != "join" or any(h != SHM for h in how):
+            return None
+        if any(isinstance(src, Here) for src in job.sources):
+            return None
+        metas = [d for _, d in job.metas]
+        if not all(isinstance(m, tables.TableMeta) and m.schema is not None for m in metas):
+            return None
+        first = metas[0].schema
+        if not all(first.fits(m.schema) for m in metas[1:]):
+            return None  # let partition.join explain the mismatch with the parts in hand
+        counts = [m.rows for m in metas]
+        rows = sum(counts)
+        span = tables.joined_range([m.schema for m in metas], counts)
+        layout = parcel.Layout()
+        offsets = tuple(layout.reserve(rows * d.itemsize) for d in first.dtypes)
+        index_dtype = np.dtype(np.int64) if isinstance(first.index, tuple) else first.index
+        index = None if span is not None else (layout.reserve(rows * index_dtype.itemsize),
+                                                index_dtype)
+        try:
+            seg = self.arena.lease(max(layout.nbytes, 1))
+        except Exception:  # NoRoom: the parts come back one by one instead
+            return None
+        dests, lo = [], 0
+        for n in counts:
+            dests.append(FrameDest(seg.name, seg.size, offsets, first.dtypes, rows, lo, index))
+            lo += n
+        return seg, _FrameFinal(first, tuple(dests), span, seg.token(0, max(layout.nbytes, 1)))
+
     def _run_collect(self, ids: Sequence[int], requests: list[list[remote.Request]]
                      ) -> list[remote.CollectReply]:
         futures = [self.pool.apply(eid, remote.collect, requests[r], self.chores(eid))
@@ -398,6 +436,14 @@ class DataPlane:
         out: dict[str, Any] = {}
         position = [0] * len(ids)
         for job in jobs:
+            if job.name in finals and isinstance(finals[job.name][1], _FrameFinal):
+                seg, ff = finals[job.name]
+                self.arena.lend(seg, ff.token)
+                for r, eid in enumerate(ids):
+                    position[r] += 1
+                    self.transfers.append(transfer(eid, job.kind, "in", SHM, job.metas[r][1].nbytes))
+                out[job.name] = ff.frame()
+                continue
             if job.name in finals:
                 seg, arr = finals[job.name]
                 self.arena.lend(seg, arr.base if arr.base is not None else arr)
@@ -447,6 +493,26 @@ class DataPlane:
         self._at_exit()
         atexit.unregister(self._at_exit)
         self.closed = True
+
+
+@dataclass(frozen=True)
+class _FrameFinal:
+    """A gathered DataFrame's column arrays in one leased segment (``token`` is its base)."""
+
+    schema: Any
+    dests: tuple[FrameDest, ...]
+    span: tuple[int, int] | None  # the joined RangeIndex, or None: the index values are written
+    token: np.ndarray
+
+    def frame(self) -> Any:
+        d = self.dests[0]
+        columns = [d.column(self.token, i) for i in range(len(d.dtypes))]
+        if self.span is not None:
+            index: Any = self.span
+        else:
+            offset, dtype = d.index
+            index = self.token[offset:offset + d.rows * np.dtype(dtype).itemsize].view(dtype)
+        return tables.frame(self.schema, columns, index)
 
 
 def _leave(arena: Arena) -> None:

@@ -4,8 +4,8 @@ Notebook to engines: every engine's values (and the broadcast ones, written once
 laid out in one segment leased from the notebook's :class:`~nbparallel.dataplane.shm.Arena`;
 the note says where each value lies and the engine builds views on it (``parcel.open_entry``).
 Engines to the notebook: the engine writes its part straight into a segment the notebook leased
-(even into the final joined array); a part that is not one array (a DataFrame) goes into the
-engine's own hand-off segment, as between engines. Engine to engine: the sender writes into a segment of its
+(even into the final joined array, or the joined frame's columns); another part that is not one
+array goes into the engine's own hand-off segment, as between engines. Engine to engine: the sender writes into a segment of its
 :class:`~nbparallel.dataplane.handoff.Outbox` and sends only where it is (``handoff.py``).
 """
 
@@ -20,7 +20,7 @@ from .. import handoff, parcel, remote
 from ..shm import NoRoom, Segment
 from ..transport import HANDOFF_LIMIT, INLINE, INLINE_LIMIT, SHM, Full, Hop, Transport
 
-__all__ = ["SharedMemory", "ShmNote", "ShmDest", "OutboxDest", "outbox_segments"]
+__all__ = ["SharedMemory", "ShmNote", "ShmDest", "OutboxDest", "FrameDest", "outbox_segments"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,26 @@ class OutboxDest:
     def carried(inline: Any) -> str:
         """What carried the part: this segment, or (no room, or small) the reply itself."""
         return SHM if isinstance(inline, bytes) and handoff.is_handoff(inline) else INLINE
+
+
+@dataclass(frozen=True)
+class FrameDest:
+    """Write a DataFrame part's columns (and index values, unless ``index`` is None) at row
+    ``lo`` of the joined frame's column arrays, each ``rows`` long, at ``offsets`` of ``segment``."""
+
+    segment: str
+    size: int
+    offsets: tuple[int, ...]
+    dtypes: tuple[Any, ...]
+    rows: int
+    lo: int
+    index: tuple[int, Any] | None  # (offset, dtype) of the index values
+    transport: str = SHM
+
+    def column(self, tok: Any, i: int) -> np.ndarray:
+        """Column ``i`` of the joined frame, as a view of the segment token ``tok``."""
+        dtype = np.dtype(self.dtypes[i])
+        return tok[self.offsets[i]:self.offsets[i] + self.rows * dtype.itemsize].view(dtype)
 
 
 _outbox: handoff.Outbox | None = None  # an engine's own hand-off segments, for the stages
@@ -129,7 +149,17 @@ class SharedMemory(Transport):
 
     # -- engines to the notebook -------------------------------------------------------------
     @staticmethod
-    def deliver(dest: ShmDest | OutboxDest, value: Any) -> Any:
+    def deliver(dest: ShmDest | OutboxDest | FrameDest, value: Any) -> Any:
+        if isinstance(dest, FrameDest):
+            tok = remote.token(dest.segment, dest.size, 0, dest.size)
+            n = len(value)
+            for i in range(value.shape[1]):
+                dest.column(tok, i)[dest.lo:dest.lo + n] = value.iloc[:, i].to_numpy()
+            if dest.index is not None:
+                offset, dtype = dest.index
+                values = tok[offset:offset + dest.rows * np.dtype(dtype).itemsize].view(dtype)
+                values[dest.lo:dest.lo + n] = value.index.to_numpy()
+            return None
         if isinstance(dest, OutboxDest):
             try:
                 note, _, _ = SharedMemory.pack(value, dest.owner)
