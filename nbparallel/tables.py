@@ -32,7 +32,7 @@ import numpy as np
 
 from .errors import PartitionError, UsageError
 
-__all__ = ["TableMeta", "FrameSchema", "meta", "schema", "joined_range", "frame", "kind", "is_table", "dim", "rows", "take", "take_rows", "take_each",
+__all__ = ["TableMeta", "FrameSchema", "meta", "addresses", "schema", "joined_range", "frame", "kind", "is_table", "dim", "rows", "take", "take_rows", "take_each",
            "join", "reduce", "nbytes",
            "by_key", "skew_note", "REDUCIBLE"]
 
@@ -236,6 +236,42 @@ def nbytes(value: Any) -> int:
     if k == "Series":
         return int(value.memory_usage(index=True, deep=False))
     return int(getattr(value, "nbytes", 0) or 0)
+
+
+def addresses(value: Any) -> list[int]:
+    """Where the value's column buffers start in memory (NumPy and Arrow buffers; best effort).
+
+    An engine uses this to tell which shared-memory segments a kept frame still reads."""
+    k = kind(value)
+    arrays: list[Any] = []
+    if k == "DataFrame":
+        arrays = [value.iloc[:, i].array for i in range(value.shape[1])] + [value.index.array]
+    elif k == "Series":
+        arrays = [value.array, value.index.array]
+    elif k == "Table":
+        arrays = list(value.columns)
+    elif k == "DataArray":
+        arrays = [value.variable.data, *(c.data for c in value.coords.values())]
+    elif k == "Dataset":
+        arrays = [v.data for v in value.variables.values()]
+    out: list[int] = []
+    for arr in arrays:
+        out.extend(_addresses(arr))
+    return out
+
+
+def _addresses(arr: Any) -> list[int]:
+    if isinstance(arr, np.ndarray):
+        return [arr.__array_interface__["data"][0]]
+    for attr in ("_ndarray", "codes"):  # NumpyExtensionArray, DatetimeArray; Categorical
+        inner = getattr(arr, attr, None)
+        if isinstance(inner, np.ndarray):
+            return [inner.__array_interface__["data"][0]]
+    chunked = arr.__arrow_array__() if hasattr(arr, "__arrow_array__") else arr
+    chunks = getattr(chunked, "chunks", None)
+    if chunks is None and hasattr(chunked, "buffers"):
+        chunks = [chunked]
+    return [b.address for c in chunks or () for b in c.buffers() if b is not None]
 
 
 def join(values: Sequence[Any], axis: int | str, name: str, labels: Sequence[int]) -> Any:

@@ -187,3 +187,19 @@ def test_comm_group_runs_beside_mpi4py(pool) -> None:
         assert labels and report["ratios"][labels[0]]["value"] > 0
     else:
         assert theirs["error"].startswith("not installed")
+
+
+def test_tables_group_runs_beside_dataframe_copy(pool) -> None:
+    pytest.importorskip("pandas")
+    report = bench.run(pool, size_mb=4, repeat=1, only=["tables"])
+    rows = {(c["name"], c["what"]): c for c in report["cases"]}
+    for what in ("numeric scatter", "numeric gather", "numeric round trip", "mixed round trip",
+                 "shuffle"):
+        mine = rows[("nbparallel", what)]
+        assert mine["error"] is None and mine["gbps"] > 0, mine
+    for what in ("numeric scatter", "numeric gather", "numeric round trip"):
+        assert rows[("DataFrame.copy", what)]["error"] is None
+    ratios = {r["baseline"]: r for r in report["ratios"].values()}
+    assert ratios["tables/DataFrame.copy/numeric gather"]["unit"] == "%"
+    dask = rows[("dask", "shuffle")]
+    assert dask["error"] is None or dask["error"] == "not installed", dask

@@ -87,6 +87,16 @@ CASES = [
          r"\(engine 0: \(1,\), engine 1: \(2,\)", sent=True),
     Case("scatter-gather-scalars", "%%scatter", "a --gather c", "c = float(a.sum())",
          "PartitionError", r"each engine returned a single number.*--reduce c=list", sent=True),
+    Case("scatter-by-column", "%%scatter", "df --by nope --gather c", "c = df", "UsageError",
+         r"--by nope: no scattered table has a column 'nope' \(`df` has 'k', 'v'\)"),
+    Case("scatter-by-array", "%%scatter", "a --by k --gather c", "c = a", "UsageError",
+         r"--by k hash-partitions the rows of a DataFrame or Arrow table.*`a` is a ndarray"),
+    Case("scatter-by-halo", "%%scatter", "df --by k --halo 1 --gather c", "c = df", "UsageError",
+         r"--halo and --by k do not go together"),
+    Case("scatter-frame-axis", "%%scatter", "df --axis 1 --gather c", "c = df", "PartitionError",
+         r"`df` is a DataFrame, which splits by rows only, not along --axis 1"),
+    Case("scatter-dimension", "%%scatter", "xa --axis depth --gather c", "c = xa",
+         "PartitionError", r"`xa` has no dimension 'depth'; its dimensions are 'time', 'site'"),
     Case("scatter-syntax", "%%scatter", "a --gather c", "c = (a", "UsageError",
          r"the %%scatter cell has a syntax error on line 1.*Nothing was sent"),
     Case("scatter-engines-syntax", "%%scatter", "a --gather c --engines 0-", "c = a",
@@ -369,6 +379,16 @@ def documented():
     return doc_rows()
 
 
+def _frame():
+    import pandas as pd
+    return pd.DataFrame({"k": list("abcdef"), "v": np.arange(6.0)})
+
+
+def _dataarray():
+    import xarray as xr
+    return xr.DataArray(np.zeros((4, 3)), dims=("time", "site"))
+
+
 @pytest.mark.parametrize("case", list(_params()))
 def test_bad_input_is_refused_as_documented_and_changes_nothing(ip, pool, no_new_cluster,
                                                                 documented, case):
@@ -378,7 +398,7 @@ def test_bad_input_is_refused_as_documented_and_changes_nothing(ip, pool, no_new
     ip.user_ns.update(a=np.arange(12), short=np.arange(5), tiny=np.arange(2), empty=np.zeros(0),
                       d={"k": 1}, bigv=np.zeros(2_000_000), lock=threading.Lock(),
                       x=np.zeros((8, 2)), t=np.zeros((6, 2)), c="before", r="before",
-                      y="before")
+                      y="before", df=_frame(), xa=_dataarray())
     before = dict(ip.user_ns)
     stages = dict(pool.pipeline.stages)
     sent = len(pool.pool.client.history)

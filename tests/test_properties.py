@@ -186,7 +186,7 @@ def test_shards_pickled_out_of_band_and_loaded_again_join_to_the_array(case):
     for shard in partition.split(arr, n, axis=axis):
         header, buffers = parcel.dumps({"x": shard.value})
         # The receiving engine gets the frames as bytes and makes them writable (store.py).
-        parts.append(parcel.loads(header, [bytearray(b.raw()) for b in buffers])["x"])
+        parts.append(parcel.loads(header, [bytearray(parcel.raw(b)) for b in buffers])["x"])
     same(partition.join(parts, axis % arr.ndim), arr)
 
 

@@ -199,3 +199,18 @@ def test_gathered_numeric_frames_are_written_by_the_engines_into_the_joined_colu
     pool.plane.arena._reclaim()  # what the next lease does first
     states = [e.state for e in pool.plane.arena._entries.values()]
     assert len(states) <= leased and "lent" not in states
+
+
+def test_a_kept_frame_explains_the_segments_it_reads(ip, pool):
+    """So the engine does not run the cycle collector (tens of ms) after every later cell."""
+    rng = np.random.default_rng(4)
+    df = pd.DataFrame({"a": rng.random(200_000), "s": pd.array(rng.choice(["x", "y"], 200_000),
+                                                                   dtype="str")})
+    ip.user_ns["df"] = df
+    ip.run_cell_magic("scatter", "df --keep kept --engines 0-1", "kept = df")
+    ip.run_cell_magic("scatter", "--engines 0-1 --reduce alive=list unexplained=list",
+                      "from nbparallel.dataplane import remote\n"
+                      "alive = remote._alive()\n"
+                      "unexplained = sorted(set(alive) - remote._explained())")
+    assert all(ip.user_ns["alive"]) and ip.user_ns["unexplained"] == [[], []]
+    pd.testing.assert_frame_equal(ip.user_ns["kept"].gather(), df)

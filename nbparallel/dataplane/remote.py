@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import gpu
+from .. import gpu, tables
 from . import transport
 from .addresses import check_reachable
 from .direct import Channel
@@ -120,8 +120,12 @@ def _explained() -> set[str]:
     names = set()
     for value in (*_stash.values(), *_resident.values()):
         if isinstance(value, np.ndarray):
-            addr = value.__array_interface__["data"][0]
-            names.update(name for name, lo, size in spans if lo <= addr < lo + size)
+            addrs = [value.__array_interface__["data"][0]]
+        elif tables.is_table(value):  # a kept frame reads its columns where they were sent
+            addrs = tables.addresses(value)
+        else:
+            continue
+        names.update(name for name, lo, size in spans for addr in addrs if lo <= addr < lo + size)
     return names
 
 
