@@ -144,7 +144,8 @@ def _axis(text: str) -> int | str:
     except ValueError:
         if text.isidentifier():
             return text
-        raise ValueError(text) from None
+        raise argparse.ArgumentTypeError(
+            f"takes a number, or the name of an xarray value's dimension; not {text!r}") from None
 
 
 @magics_class

@@ -74,7 +74,9 @@ def test_transport_choices_come_from_the_transport_names():
 BAD = [
     ("scatter", "a --gather c --bogus", "c = a", r"%%scatter: unrecognized arguments: --bogus"),
     ("scatter", "a --transport carrier", "c = a", "argument --transport: invalid choice: 'carrier'"),
-    ("scatter", "a --axis one", "c = a", "%%scatter: argument --axis: invalid int value: 'one'"),
+    ("scatter", "a --axis 1.5", "c = a",
+     "%%scatter: argument --axis: takes a number, or the name of an xarray value's dimension; "
+     "not '1.5'"),
     ("scatter", 'a "b', "c = a", "%%scatter: cannot read 'a \"b': No closing quotation"),
     ("pmap", "x in range(3) -> r --bogus", "x", "%%pmap: unrecognized arguments: --bogus"),
     ("pmap", "x in range(3) -> r --transport direct", "x",
