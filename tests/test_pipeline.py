@@ -294,3 +294,36 @@ def test_a_stage_keeping_its_input_holds_the_segment_until_it_lets_go(pool):
     for k, value in enumerate(kept):
         half = x[:4] if k % 2 == 0 else x[4:]
         np.testing.assert_array_equal(value, np.repeat(half, 20_000, axis=1))
+
+
+def test_what_stages_print_shows_while_the_run_goes_on(pool, monkeypatch):
+    import sys
+    import time
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append((time.monotonic(), text))
+            return len(text)
+
+        def flush(self):
+            pass
+
+    pool.pipeline.clear()
+    pipeline.stage("loud", "import time\ndef forward(x, ctx):\n    print('mb', int(x[0, 0]), flush=True)\n"
+                   "    time.sleep(0.75)\n    return x", engine=0, pool=pool)
+    pipeline.stage("quiet", "def forward(x, ctx):\n    return x", engine=1, pool=pool)
+    recorder = Recorder()
+    monkeypatch.setattr(sys, "stdout", recorder)
+    t0 = time.monotonic()
+    y = pipeline.run(np.arange(4.0).reshape(4, 1), 4, pool=pool, dashboard=False)
+    took = time.monotonic() - t0
+    monkeypatch.undo()
+    np.testing.assert_array_equal(y, np.arange(4.0).reshape(4, 1))
+    first = [t for t, text in recorder.writes if "[engine 0] mb 0" in text]
+    assert first and first[0] - t0 < 1.5 < took  # long before the run ended
+    text = "".join(t for _, t in recorder.writes)
+    assert [text.count(f"[engine 0] mb {i}\n") for i in range(4)] == [1, 1, 1, 1]
+    pool.pipeline.clear()
