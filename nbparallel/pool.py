@@ -393,15 +393,22 @@ class Pool:
                  retries: int = 0) -> Any:
         """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
         self.check_controller()
-        alive = self.alive(engines)
-        if not alive:
-            raise PoolError(
-                f"every engine this work was sent to ({ranges(engines)}) has stopped. "
-                f"`%nbp status` shows the engines left; `%nbp start` starts a fresh pool."
-            )
-        view = self.client.load_balanced_view(alive)
-        with view.temp_flags(retries=retries):
-            return view.apply_async(fn, *args)
+        gone: set[Any] = set()
+        while alive := [e for e in self.alive(engines) if e not in gone]:
+            view = self.client.load_balanced_view(alive)
+            try:
+                with view.temp_flags(retries=retries):
+                    return view.apply_async(fn, *args)
+            except KeyError as exc:
+                # An engine that just died was still in client.ids but no longer in the table
+                # ipyparallel addresses engines by (the two are updated one after the other).
+                if not exc.args or exc.args[0] in gone:
+                    raise
+                gone.add(exc.args[0])
+        raise PoolError(
+            f"every engine this work was sent to ({ranges(engines)}) has stopped. "
+            f"`%nbp status` shows the engines left; `%nbp start` starts a fresh pool."
+        )
 
     def interrupt(self, futures: Sequence[Any], engines: Sequence[int]) -> None:
         """Stop work after Ctrl-C: drop what is queued, interrupt what runs (SIGINT on engines)."""
