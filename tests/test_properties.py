@@ -305,3 +305,32 @@ def test_scatter_then_gather_is_the_identity_on_real_engines(pool, transport, dt
                               transport=transport, pool=pool)["k"]
     assert native(kept.dtype) == native(dtype)
     same(np.asarray(kept), arr)
+
+
+@pytest.mark.parametrize("make", [
+    lambda rng: rng.random(48 << 17),                       # 48 MiB, contiguous: cut flat
+    lambda rng: rng.random((4, 3 << 20))[:, 1000:-1000],    # a strided block of a frame
+    lambda rng: {"b": rng.integers(0, 9, 5 << 20), "s": rng.random((9, 1 << 19))[::2]},
+])
+def test_large_writes_copied_on_threads_land_where_the_entries_say(make):
+    from nbparallel.dataplane.shm import Segment
+
+    value = make(np.random.default_rng(5))
+    layout = parcel.Layout()
+    entry = layout.add(value)
+    assert layout.nbytes >= parcel.PARALLEL_COPY  # the threaded path, not the one-loop one
+    seg = Segment.create(layout.nbytes, "test-threads")
+    try:
+        layout.write(seg)
+        got = parcel.open_entry(entry(seg), lambda name, size, off, n:
+                                np.frombuffer(seg.mm, np.uint8, n, off))
+        if isinstance(value, dict):
+            assert value.keys() == got.keys()
+            for k in value:
+                np.testing.assert_array_equal(got[k], value[k])
+        else:
+            np.testing.assert_array_equal(got, value)
+        del got
+    finally:
+        seg.unlink()
+        seg.close()
