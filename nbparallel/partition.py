@@ -164,26 +164,31 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _one_kind(values: Sequence[Any], labels: Sequence[int], doing: str) -> str:
+    """The one kind every engine's value has; two kinds are a PartitionError naming them."""
+    kinds = {_kind(v) for v in values}
+    if len(kinds) > 1:
+        got = ", ".join(f"engine {e}: {_kind(v)}" for e, v in zip(labels, values))
+        raise PartitionError(
+            f"cannot {doing}: engines returned different kinds of value ({got}). "
+            f"Make the cell produce the same type on every engine."
+        )
+    return kinds.pop()
+
+
 def join(values: Sequence[Any], axis: int | str = 0, name: str = "value",
          labels: Sequence[int] | None = None) -> Any:
     """Join per-engine values in rank order: concatenate arrays along ``axis``, lists end to end,
     tables with their library's concat."""
     labels = list(labels) if labels is not None else list(range(len(values)))
-    if any(tables.is_table(v) for v in values):
+    kind = _one_kind(values, labels, f"gather `{name}`")
+    if tables.is_table(values[0]):
         return tables.join(values, axis, name, labels)
     if isinstance(axis, str):
         raise PartitionError(
             f"cannot gather `{name}` along {axis!r}: a dimension name needs xarray values, and "
-            f"the engines returned {', '.join(sorted({_kind(v) for v in values}))}."
+            f"the engines returned {kind} values."
         )
-    kinds = {_kind(v) for v in values}
-    if len(kinds) > 1:
-        got = ", ".join(f"engine {e}: {_kind(v)}" for e, v in zip(labels, values))
-        raise PartitionError(
-            f"cannot gather `{name}`: engines returned different kinds of value ({got}). "
-            f"Make the cell produce the same type on every engine."
-        )
-    kind = kinds.pop()
     if kind == "number" or (kind == "array" and np.ndim(values[0]) == 0):
         raise PartitionError(
             f"cannot gather `{name}`: each engine returned a single number, which has no axis "
@@ -254,13 +259,7 @@ def reduce(op: str, values: Sequence[Any], axis: int | str = 0, name: str = "val
     labels = list(labels) if labels is not None else list(range(len(values)))
     values = list(values)
     if op in tables.REDUCIBLE and any(tables.is_table(v) for v in values):
-        kinds = {_kind(v) for v in values}
-        if len(kinds) > 1:
-            got = ", ".join(f"engine {e}: {_kind(v)}" for e, v in zip(labels, values))
-            raise PartitionError(
-                f"cannot reduce `{name}` with {op}: engines returned different kinds of value "
-                f"({got}). Make the cell produce the same type on every engine."
-            )
+        _one_kind(values, labels, f"reduce `{name}` with {op}")
         return tables.reduce(op, values, name, labels)
     return REDUCE_OPS[op](values, axis, name, labels, op)
 

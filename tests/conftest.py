@@ -41,6 +41,38 @@ def ip(shell):
     return shell
 
 
+class StdoutRecorder:
+    """A stand-in for sys.stdout that notes when each write came."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        import time
+
+        self.writes.append((time.monotonic(), text))
+        return len(text)
+
+    def flush(self):
+        pass
+
+    def text(self):
+        return "".join(t for _, t in self.writes)
+
+
+@pytest.fixture
+def record_stdout(monkeypatch):
+    """Call it in the test (pytest's capture resets sys.stdout between setup and call): it puts
+    a :class:`StdoutRecorder` in place of sys.stdout; ``monkeypatch.undo()`` puts it back."""
+    import sys
+
+    def start() -> StdoutRecorder:
+        recorder = StdoutRecorder()
+        monkeypatch.setattr(sys, "stdout", recorder)
+        return recorder
+    return start
+
+
 @pytest.fixture(scope="session")
 def cuda():
     """CuPy with at least one device, or a skip (for tests marked ``gpu``)."""

@@ -296,27 +296,14 @@ def test_a_stage_keeping_its_input_holds_the_segment_until_it_lets_go(pool):
         np.testing.assert_array_equal(value, np.repeat(half, 20_000, axis=1))
 
 
-def test_what_stages_print_shows_while_the_run_goes_on(pool, monkeypatch):
-    import sys
+def test_what_stages_print_shows_while_the_run_goes_on(pool, monkeypatch, record_stdout):
     import time
-
-    class Recorder:
-        def __init__(self):
-            self.writes = []
-
-        def write(self, text):
-            self.writes.append((time.monotonic(), text))
-            return len(text)
-
-        def flush(self):
-            pass
 
     pool.pipeline.clear()
     pipeline.stage("loud", "import time\ndef forward(x, ctx):\n    print('mb', int(x[0, 0]), flush=True)\n"
                    "    time.sleep(0.75)\n    return x", engine=0, pool=pool)
     pipeline.stage("quiet", "def forward(x, ctx):\n    return x", engine=1, pool=pool)
-    recorder = Recorder()
-    monkeypatch.setattr(sys, "stdout", recorder)
+    recorder = record_stdout()
     t0 = time.monotonic()
     y = pipeline.run(np.arange(4.0).reshape(4, 1), 4, pool=pool, dashboard=False)
     took = time.monotonic() - t0

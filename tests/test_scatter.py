@@ -171,28 +171,10 @@ def test_an_engine_dying_mid_cell_is_named_and_nothing_is_bound(ip):
         pool.stop()
 
 
-class _Recorder:
-    """A stand-in for sys.stdout that notes when each write came."""
-
-    def __init__(self):
-        self.writes = []
-
-    def write(self, text):
-        import time
-
-        self.writes.append((time.monotonic(), text))
-        return len(text)
-
-    def flush(self):
-        pass
-
-
-def test_what_a_cell_prints_shows_while_it_runs(ip, monkeypatch):
-    import sys
+def test_what_a_cell_prints_shows_while_it_runs(ip, monkeypatch, record_stdout):
     import time
 
-    recorder = _Recorder()
-    monkeypatch.setattr(sys, "stdout", recorder)
+    recorder = record_stdout()
     t0 = time.monotonic()
     ip.run_cell_magic("scatter", "--engines 0-1 --no-dashboard",
                       "import time\nprint('hello from', rank, flush=True)\ntime.sleep(3)\n"
