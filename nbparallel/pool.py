@@ -35,7 +35,7 @@ from .controller import ControllerWatch, connection_file, controller_pids, flags
 from .relay import Relay
 from . import reaper
 from .cores import thread_limits, usable_cores
-from .engine.runner import bind_gpu, probe_gpus
+from .engine.runner import bind_gpu, limit_threads, probe_gpus
 from .errors import ControllerLost, PoolError, RemoteError, RemoteFailure, UsageError
 from .format import ranges
 from .partition import parse_engines
@@ -280,6 +280,18 @@ class Pool:
         infos = self.answers(futures, missing, what="its GPU binding and host facts", strict=True)
         for e in missing:
             self._info[e] = {**infos[e], "visible": visible.get(e, [])}
+        if self.how == "connected":
+            self._share_cores([self._info[e].get("host") for e in missing])
+
+    def _share_cores(self, hosts: Sequence[Any]) -> None:
+        """The BLAS-thread rule of :meth:`start`, for engines that were already running: each
+        host's cores shared among its engines (again when more of them join)."""
+        count: dict[Any, int] = {}
+        for info in self._info.values():
+            count[info.get("host")] = count.get(info.get("host"), 0) + 1
+        engines = [e for e, info in self._info.items() if info.get("host") in set(hosts)]
+        futures = [self.apply(e, limit_threads, count[self._info[e].get("host")]) for e in engines]
+        self.answers(futures, engines, what="its BLAS thread limit")  # best effort: not strict
 
     def _nvml_reader(self) -> gpu.Nvml:
         if self._nvml is None:

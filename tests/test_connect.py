@@ -72,6 +72,27 @@ def test_first_magic_without_a_pool_connects_to_the_running_default_cluster(ipcl
     assert "RESULT True" in out
 
 
+def test_connected_engines_share_the_cores_among_their_blas_threads(ipcluster, tmp_path):
+    """Engines ipcluster started get the rule too, at connect: narrowed where they run."""
+    from nbparallel.cores import usable_cores
+
+    out = _ipython("""
+        ip.run_line_magic("load_ext", "nbparallel")
+        ip.run_line_magic("nbp", "connect")
+        ip.run_cell("%%scatter --reduce pools=list\\n"
+                    "import threadpoolctl\\n"
+                    "pools = sorted((p['internal_api'], p['num_threads']) "
+                    "for p in threadpoolctl.threadpool_info())")
+        print("POOLS", pools)
+        ip.run_line_magic("nbp", "stop")
+    """, tmp_path)
+    line = next(x for x in out.splitlines() if x.startswith("POOLS"))
+    pools = eval(line[len("POOLS "):])  # our own print of a list of (str, int) pairs
+    want = int(os.environ.get("OPENBLAS_NUM_THREADS") or max(1, usable_cores() // 2))
+    assert len(pools) == 2 and all(pools), pools  # NumPy's OpenBLAS seen on both engines
+    assert {n for engine in pools for _, n in engine} == {want}, pools
+
+
 def test_started_engines_share_the_cores_among_their_blas_threads(pool) -> None:
     import os
 

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import cloudpickle
 
 from .. import gpu, tables
+from ..cores import THREAD_VARS, usable_cores
 from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
 from ..comm import Comm, CommSpec
 from ..comm.mpi import mpi_rank
@@ -30,7 +31,7 @@ from ..errors import NbparallelError, RemoteFailure
 from .replies import ChunkReply, ScatterReply
 
 __all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "cluster_address", "probe_gpus",
-           "bind_gpu", "register_source", "failure"]
+           "bind_gpu", "limit_threads", "register_source", "failure"]
 
 
 def register_source(cell: CellCode) -> None:
@@ -210,6 +211,26 @@ def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
             continue
         out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
     return out
+
+
+def limit_threads(engines_on_host: int) -> int | None:
+    """Share this host's cores among its engines' BLAS and OpenMP pools, in a running engine.
+
+    For engines nbparallel did not start (it sets the variables when it does): the pools
+    already loaded are narrowed with threadpoolctl, the variables cover those loaded later.
+    An engine whose launcher set any of the variables keeps what it was given. Returns the
+    threads per pool, or None when left alone.
+    """
+    if any(var in os.environ for var in THREAD_VARS):
+        return None
+    n = max(1, usable_cores() // max(1, engines_on_host))
+    os.environ.update({var: str(n) for var in THREAD_VARS})
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an engine's own environment on another host may lack it
+        return n
+    threadpool_limits(n)  # called, not entered: the limit stays after the call
+    return n
 
 
 def engine_info() -> dict[str, Any]:
