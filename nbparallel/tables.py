@@ -23,6 +23,7 @@ type's module, as for CuPy.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -399,13 +400,11 @@ def _columns(value: Any) -> list[str]:
 
 def _key_column(value: Any, column: str) -> Any:
     if kind(value) == "Table":
-        try:
-            import pandas  # noqa: F401  (the hash is pandas')
-        except ImportError:
+        if importlib.util.find_spec("pandas") is None:  # the hash is pandas'
             raise UsageError(
                 "--by on an Arrow table hashes its key column with pandas, which is not "
                 "installed; pip install pandas."
-            ) from None
+            )
         return value.column(column).to_pandas()
     return value[column]
 

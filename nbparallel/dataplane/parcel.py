@@ -72,8 +72,8 @@ def dumps(value: Any) -> tuple[bytes, list[Any]]:
 
     The buffers are ``PickleBuffer`` objects, or ndarrays where the value holds a large array
     that is not contiguous (a row slice of a pandas block, a strided view) or holds datetimes:
-    pickle would copy those into the stream, so they are taken out of band as they are and the writer lays them
-    out contiguously (:meth:`Layout.write`, :func:`raw`) on the way to where they go.
+    pickle would copy those into the stream, so they leave it as they are, and the writer lays
+    them out contiguously (:meth:`Layout.write`, :func:`raw`) on the way to where they go.
     """
     buffers: list[Any] = []
     strided: dict[int, np.ndarray] = {}
@@ -100,16 +100,17 @@ class _Pickler(cloudpickle.Pickler):
     def __init__(self, file: Any, strided: dict[int, np.ndarray], **kw: Any):
         super().__init__(file, **kw)
         self._strided = strided
+        self._markers: list[pickle.PickleBuffer] = []  # alive until the dump ends: ids stay unique
 
     def reducer_override(self, obj: Any) -> Any:
         # NumPy pickles these in band; datetimes too, however laid out (pandas' datetime columns).
         if (type(obj) is np.ndarray and obj.nbytes >= INLINE_LIMIT and not obj.dtype.hasobject
                 and (obj.dtype.kind in "mM"
                      or not (obj.flags.c_contiguous or obj.flags.f_contiguous))):
-            marker = pickle.PickleBuffer(bytearray())  # writable: so is the array received  # stands in for the array in the buffer stream
+            # Stands in for the array in the buffer stream; writable, so the array received is.
+            marker = pickle.PickleBuffer(bytearray())
             self._strided[id(marker)] = obj
-            self._keep = getattr(self, "_keep", [])
-            self._keep.append(marker)  # alive until the dump ends, so ids stay unique
+            self._markers.append(marker)
             return _from_buffer, (marker, obj.shape, obj.dtype)
         return super().reducer_override(obj)
 
@@ -165,7 +166,6 @@ class Layout:
             return lambda seg: Inline(value)
         sizes = [buffer_nbytes(buf) for buf in buffers]
         offsets = [self.reserve(n) for n in sizes]
-        # A strided array is written flat: it is read back as one C-ordered buffer.
         self._writes.extend(zip(offsets, buffers))
         return lambda seg: Pickled(header, tuple(BufferSlot(seg.name, seg.size, o, n)
                                                  for o, n in zip(offsets, sizes)), readonly)

@@ -367,11 +367,15 @@ class DataPlane:
             if parts is not None:
                 self.transports[SHM].release([ShmDest(parts.name, parts.size, 0, (0,), "u1")])
 
+    @staticmethod
+    def _written_in_place(job: Job, how: list[str]) -> bool:
+        """Whether every engine can write its part of ``job`` into the notebook's memory."""
+        return (job.op == "join" and all(h == SHM for h in how)
+                and not any(isinstance(src, Here) for src in job.sources))
+
     def _final(self, job: Job, how: list[str]) -> tuple[Segment, np.ndarray] | None:
         """A segment for the joined array, when every engine can write its part straight into it."""
-        if job.op != "join" or any(h != SHM for h in how):
-            return None
-        if any(isinstance(src, Here) for src in job.sources) or any(s is None for s, _ in job.metas):
+        if not self._written_in_place(job, how) or any(s is None for s, _ in job.metas):
             return None
         shapes = [tuple(s) for s, _ in job.metas]
         dtypes = {d for _, d in job.metas}
@@ -392,9 +396,7 @@ class DataPlane:
     def _final_frame(self, job: Job, how: list[str]) -> tuple[Segment, _FrameFinal] | None:
         """The joined frame's columns in one segment, when every part is a plain-NumPy frame of
         the same columns that its engine can write straight into them (no concat here)."""
-        if job.op != "join" or any(h != SHM for h in how):
-            return None
-        if any(isinstance(src, Here) for src in job.sources):
+        if not self._written_in_place(job, how):
             return None
         metas = [d for _, d in job.metas]
         if not all(isinstance(m, tables.TableMeta) and m.schema is not None for m in metas):
@@ -507,11 +509,7 @@ class _FrameFinal:
     def frame(self) -> Any:
         d = self.dests[0]
         columns = [d.column(self.token, i) for i in range(len(d.dtypes))]
-        if self.span is not None:
-            index: Any = self.span
-        else:
-            offset, dtype = d.index
-            index = self.token[offset:offset + d.rows * np.dtype(dtype).itemsize].view(dtype)
+        index = self.span if self.span is not None else d.index_values(self.token)
         return tables.frame(self.schema, columns, index)
 
 

@@ -5,8 +5,9 @@ laid out in one segment leased from the notebook's :class:`~nbparallel.dataplane
 the note says where each value lies and the engine builds views on it (``parcel.open_entry``).
 Engines to the notebook: the engine writes its part straight into a segment the notebook leased
 (even into the final joined array, or the joined frame's columns); another part that is not one
-array goes into the engine's own hand-off segment, as between engines. Engine to engine: the sender writes into a segment of its
-:class:`~nbparallel.dataplane.handoff.Outbox` and sends only where it is (``handoff.py``).
+array goes into the engine's own hand-off segment, as between engines. Engine to engine: the
+sender writes into a segment of its :class:`~nbparallel.dataplane.handoff.Outbox` and sends only
+where it is (``handoff.py``).
 """
 
 from __future__ import annotations
@@ -81,8 +82,17 @@ class FrameDest:
 
     def column(self, tok: Any, i: int) -> np.ndarray:
         """Column ``i`` of the joined frame, as a view of the segment token ``tok``."""
-        dtype = np.dtype(self.dtypes[i])
-        return tok[self.offsets[i]:self.offsets[i] + self.rows * dtype.itemsize].view(dtype)
+        return _view(tok, self.offsets[i], self.rows, self.dtypes[i])
+
+    def index_values(self, tok: Any) -> np.ndarray:
+        """The joined frame's index values (when ``index`` is not None), a view of ``tok``."""
+        offset, dtype = self.index
+        return _view(tok, offset, self.rows, dtype)
+
+
+def _view(tok: Any, offset: int, rows: int, dtype: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    return tok[offset:offset + rows * dtype.itemsize].view(dtype)
 
 
 _outbox: handoff.Outbox | None = None  # an engine's own hand-off segments, for the stages
@@ -156,9 +166,7 @@ class SharedMemory(Transport):
             for i in range(value.shape[1]):
                 dest.column(tok, i)[dest.lo:dest.lo + n] = value.iloc[:, i].to_numpy()
             if dest.index is not None:
-                offset, dtype = dest.index
-                values = tok[offset:offset + dest.rows * np.dtype(dtype).itemsize].view(dtype)
-                values[dest.lo:dest.lo + n] = value.index.to_numpy()
+                dest.index_values(tok)[dest.lo:dest.lo + n] = value.index.to_numpy()
             return None
         if isinstance(dest, OutboxDest):
             try:
@@ -174,9 +182,7 @@ class SharedMemory(Transport):
 
     def fetch(self, engine: int, dest: ShmDest | OutboxDest, inline: Any) -> Any:
         if isinstance(dest, OutboxDest):
-            if isinstance(inline, bytes) and handoff.is_handoff(inline):
-                return handoff.receive(inline)
-            return inline
+            return handoff.receive(inline) if dest.carried(inline) == SHM else inline
         seg = self._leased[dest.segment]
         tok = seg.token(dest.offset, dest.nbytes)
         # The segment is free again once the caller drops every view of this part.
