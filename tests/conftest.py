@@ -84,3 +84,51 @@ def cuda():
     if count < 1:
         pytest.skip("CuPy finds no CUDA device")
     return cupy
+
+
+class Stranger:
+    """TCP connections to a data-plane address, opened as a peer without the key can: a ZeroMQ
+    greeting for the PLAIN mechanism, then a login frame that announces ``claim`` bytes, of
+    which ``send`` are sent."""
+
+    def __init__(self) -> None:
+        self.opened: list = []
+
+    def connect(self, address: str, claim: int, send: int):
+        import socket
+
+        host, port = address.removeprefix("tcp://").rsplit(":", 1)
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        self.opened.append(sock)
+        greeting = b"\xff" + bytes(8) + b"\x7f" + b"\x03\x00" + b"PLAIN".ljust(20, b"\0") + bytes(32)
+        try:
+            sock.sendall(greeting + b"\x06" + claim.to_bytes(8, "big") + bytes(send))
+        except OSError:
+            pass  # dropped while sending: what a server that refuses the frame does
+        return sock
+
+    @staticmethod
+    def dropped(sock, within: float) -> bool:
+        """Whether the peer closed ``sock`` within ``within`` seconds (what it sent is read away)."""
+        import time
+
+        deadline = time.monotonic() + within
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            try:
+                if not sock.recv(1 << 16):
+                    return True
+            except (ConnectionResetError, BrokenPipeError):
+                return True
+            except TimeoutError:
+                return False
+        return False
+
+
+@pytest.fixture
+def stranger():
+    """A :class:`Stranger`; its connections are closed at the end of the test."""
+    s = Stranger()
+    yield s
+    for sock in s.opened:
+        sock.close()

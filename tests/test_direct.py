@@ -1,6 +1,6 @@
 """The direct data plane channel: round trips, authentication, replays, timeouts, cleanup.
 
-No cluster: a Server and its clients run in this process, over loopback TCP.
+No cluster: a Server and its clients run in this process, over its Unix socket and loopback TCP.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import pytest
 import zmq
 
 from nbparallel.dataplane.addresses import check_reachable, route_address
-from nbparallel.dataplane.direct import Channel, ChannelError, sign, split_endpoint
+from nbparallel.dataplane import direct
+from nbparallel.dataplane.direct import FRAME_LIMIT, Channel, ChannelError, choose, sign, split_endpoint
 from nbparallel.dataplane.server import Server
 
 KEY = b"k" * 32
@@ -48,15 +49,28 @@ def channel(server):
 
 @pytest.fixture
 def raw(server):
-    """A bare DEALER socket connected to the server, to send hand-made messages."""
+    """A bare DEALER socket connected to the server's Unix socket, to send hand-made messages
+    (as a process of the same user can, key or not)."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, 3000)
-    sock.connect(split_endpoint(server.endpoint)[0])
+    sock.connect(choose(server.endpoint))
     yield sock
     sock.close()
     ctx.term()
+
+
+def logged_in(server, password: bytes | None = None) -> zmq.Socket:
+    """A bare DEALER socket on the server's TCP address, logged in with ``password`` (by default
+    the right one: a peer with the key)."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 3000)
+    sock.plain_username = direct.USER
+    sock.plain_password = password or direct.password(KEY, server.id)
+    sock.connect(direct.addresses_of(server.endpoint)[-1])
+    return sock
 
 
 _sessions = itertools.count(1)
@@ -73,7 +87,7 @@ def signed(to: bytes, op: bytes, tid: bytes, header: bytes, *buffers: bytes, key
     front (``stamped``, or a fresh one), as a Channel's does."""
     if op == b"put":
         header = (stamped or stamp()) + header
-    return [b"nbp2", op, tid, sign(key, [b"nbp2", op, tid, to, header, *buffers]), header, *buffers]
+    return [b"nbp3", op, tid, sign(key, [b"nbp3", op, tid, to, b"", header, *buffers]), b"", header, *buffers]
 
 
 def test_sign_frames_lengths_and_accepts_buffers():
@@ -148,9 +162,9 @@ def _refused(server, raw, frames, caplog, tid: bytes = b"evil"):
     with caplog.at_level(logging.DEBUG, logger="nbparallel.dataplane"):
         raw.send_multipart(frames)
         reply = raw.recv_multipart()
-    assert reply[:3] == [b"nbp2", b"err", tid]
+    assert reply[:3] == [b"nbp3", b"err", tid]
     # The refusal itself is signed, so a client with the right key can trust it.
-    assert reply[3] == sign(KEY, [b"nbp2", b"err", tid, server.id, *reply[4:]])
+    assert reply[3] == sign(KEY, [b"nbp3", b"err", tid, server.id, *reply[4:]])
     assert server.refused == before + 1
     # Logged for whoever debugs, but never as a warning: a warning inside an engine lands in the
     # running cell's output, where anyone able to connect could then write lines.
@@ -160,7 +174,8 @@ def _refused(server, raw, frames, caplog, tid: bytes = b"evil"):
         server.take(tid.decode(), timeout=0.1)
     assert server.pending() == 0
     caplog.clear()
-    return reply[4].decode()
+    assert reply[4] == b""  # short: not in pieces
+    return reply[5].decode()
 
 
 def test_refuses_wrong_signature(server, raw, caplog):
@@ -171,7 +186,7 @@ def test_refuses_wrong_signature(server, raw, caplog):
 
 def test_refuses_altered_payload(server, raw, caplog):
     frames = signed(server.id, b"put", b"evil", b"h", b"data")
-    frames[5] = b"DATA"
+    frames[6] = b"DATA"
     assert "signature" in _refused(server, raw, frames, caplog)
 
 
@@ -182,7 +197,7 @@ def test_refuses_empty_signature(server, raw, caplog):
 
 
 def test_refuses_missing_signature(server, raw, caplog):
-    assert "malformed" in _refused(server, raw, [b"nbp2", b"put", b"evil"], caplog)
+    assert "malformed" in _refused(server, raw, [b"nbp3", b"put", b"evil"], caplog)
 
 
 def test_refuses_wrong_key(server, raw, caplog):
@@ -204,7 +219,7 @@ def test_refuses_reflected_answer(server, raw, caplog):
 
 
 def test_refuses_malformed_get(server, raw, caplog):
-    frames = signed(server.id, b"get", b"evil", struct.pack(">d", float("nan")) + stamp())
+    frames = signed(server.id, b"get", b"evil", struct.pack(">d", float("nan")) + stamp() + bytes(4))
     assert "malformed" in _refused(server, raw, frames, caplog)
 
 
@@ -231,9 +246,14 @@ def test_client_refuses_forged_answer():
     ctx = zmq.Context()
     fake = ctx.socket(zmq.ROUTER)
     fake.setsockopt(zmq.LINGER, 0)
+    zap = ctx.socket(zmq.REP)  # lets any login in
+    zap.bind("inproc://zeromq.zap.01")
+    fake.plain_server = True
     port = fake.bind_to_random_port("tcp://127.0.0.1")
 
     def answer():
+        version, request_id, *_ = zap.recv_multipart()
+        zap.send_multipart([version, request_id, b"200", b"OK", b"", b""])
         ident, *_ = fake.recv_multipart()
         fake.send_multipart([ident, *signed(b"\0" * 8, b"ok", b"f", b"evil-header", b"evil", key=OTHER_KEY)])
 
@@ -246,6 +266,7 @@ def test_client_refuses_forged_answer():
     finally:
         t.join()
         fake.close()
+        zap.close()
         ctx.term()
 
 
@@ -256,9 +277,15 @@ def test_duplicate_put_is_refused(server, channel):
     assert server.take("dup", timeout=1)[0] == b"h1"
 
 
+def tcp_only(endpoint: str) -> str:
+    """``endpoint`` without its Unix socket: what a client that cannot see the file uses."""
+    return direct.endpoint_of(direct.addresses_of(endpoint)[-1:], split_endpoint(endpoint)[1])
+
+
 def test_binds_loopback_by_default(server):
-    assert server.endpoint.startswith("tcp://127.0.0.1:")
-    port = int(server.endpoint.partition("#")[0].rsplit(":", 1)[1])
+    ipc, tcp = direct.addresses_of(server.endpoint)
+    assert ipc.startswith("ipc://") and tcp.startswith("tcp://127.0.0.1:")
+    port = int(tcp.rsplit(":", 1)[1])
     listening = [
         c for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
     ]
@@ -359,7 +386,7 @@ def test_throughput_256mb(server, channel):
 
 def test_offer_kept_when_client_left(server, raw, channel):
     # A GET whose client disconnected before the offer must not swallow the transfer.
-    raw.send_multipart(signed(server.id, b"get", b"gone", struct.pack(">d", 2.0) + stamp()))
+    raw.send_multipart(signed(server.id, b"get", b"gone", struct.pack(">d", 2.0) + stamp() + bytes(4)))
     time.sleep(0.1)
     raw.close()
     time.sleep(0.2)
@@ -387,18 +414,20 @@ def test_concurrent_channels(server):
     assert server.pending() == 0 and server.refused == 0
 
 
-def test_refusal_log_names_peer_not_payload(server, raw, caplog):
+def test_refusal_log_names_peer_not_payload(server, caplog):
+    sock = logged_in(server)
     with caplog.at_level(logging.DEBUG, logger="nbparallel.dataplane"):
-        raw.send_multipart(signed(server.id, b"put", b"evil", b"h", b"secret-payload", key=OTHER_KEY))
-        raw.recv_multipart()
+        sock.send_multipart(signed(server.id, b"put", b"evil", b"h", b"secret-payload", key=OTHER_KEY))
+        sock.recv_multipart()
+    sock.close()
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "127.0.0.1" in text and "'evil'" in text and "secret-payload" not in text
 
 
 def test_listen_adds_an_address_sharing_the_transfers(server):
     # Loopback is 127.0.0.0/8 on Linux: a second address of this machine without a network.
-    other = server.listen("127.0.0.2")
-    assert other.startswith("tcp://127.0.0.2:") and other != server.endpoint
+    other = tcp_only(server.listen("127.0.0.2"))
+    assert other.startswith("tcp://127.0.0.2:") and other != tcp_only(server.endpoint)
     with Channel(other, KEY, timeout=3) as c2, Channel(server.endpoint, KEY, timeout=3) as c1:
         c2.put("via-second", b"h2", [b"two"])
         c1.put("via-first", b"h1", [b"one"])
@@ -459,3 +488,93 @@ def test_a_replay_is_refused_however_many_messages_came_after(server, raw, caplo
     raw.send_multipart(newer)
     assert raw.recv_multipart()[1] == b"ok"
     assert server.take("newer", timeout=1)[0] == b"h"
+
+
+# -- who may connect -------------------------------------------------------------------------------
+def test_the_unix_socket_is_in_a_private_folder_removed_on_close():
+    s = Server(KEY)
+    path = Path(choose(s.endpoint).removeprefix("ipc://"))
+    folder = path.parent
+    st = folder.stat()
+    assert st.st_mode & 0o777 == 0o700 and st.st_uid == os.getuid()
+    assert len(folder.name) > len("nbp-ch-1-") + 6  # a random part nobody can guess
+    s.close()
+    assert not folder.exists()
+
+
+def test_a_folder_left_by_a_killed_process_is_removed_by_the_next_server(tmp_path):
+    code = ("import os, sys\nfrom nbparallel.dataplane.server import Server\n"
+            "s = Server(b'k' * 32)\nprint(s.endpoint, flush=True)\nos._exit(0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    left = Path(direct.addresses_of(out.stdout.strip())[0].removeprefix("ipc://")).parent
+    assert left.exists()  # os._exit: nothing could clean up
+    Server(KEY).close()
+    assert not left.exists()
+
+
+def test_a_client_that_cannot_see_the_socket_uses_tcp(server):
+    gone = direct.endpoint_of(["ipc:///nonexistent/nbp/s", direct.addresses_of(server.endpoint)[-1]],
+                              server.id)
+    assert choose(gone).startswith("tcp://127.0.0.1:")
+    with Channel(gone, KEY, timeout=3) as c:
+        c.put("t", b"h", [b"over tcp"])
+    assert bytes(server.take("t")[1][0]) == b"over tcp"
+
+
+def test_tcp_needs_the_login_that_only_the_key_gives(server):
+    before = server.refused
+    wrong = logged_in(server, password=direct.password(OTHER_KEY, server.id))
+    wrong.send_multipart(signed(server.id, b"put", b"w", b"h", b"x"))
+    anonymous = zmq.Context.instance().socket(zmq.DEALER)
+    anonymous.setsockopt(zmq.LINGER, 0)
+    anonymous.connect(direct.addresses_of(server.endpoint)[-1])
+    anonymous.send_multipart(signed(server.id, b"put", b"a", b"h", b"x"))
+    assert not wrong.poll(1000) and not anonymous.poll(100)
+    assert server.pending() == 0
+    assert server.refused > before  # the wrong password (a peer without a login is not asked)
+    wrong.close()
+    anonymous.close()
+    right = logged_in(server)
+    right.send_multipart(signed(server.id, b"put", b"r", b"h", b"x"))
+    assert right.recv_multipart()[1] == b"ok"
+    right.close()
+
+
+def test_a_peer_that_has_not_logged_in_holds_one_small_frame_for_a_few_seconds(monkeypatch, stranger):
+    from nbparallel.dataplane import server as server_mod
+
+    monkeypatch.setattr(server_mod, "HANDSHAKE_S", 1)
+    s = Server(KEY)
+    try:
+        tcp = direct.addresses_of(s.endpoint)[-1]
+        big = stranger.connect(tcp, claim=800 * MB, send=0)
+        assert stranger.dropped(big, within=1.0)  # announced more than FRAME_LIMIT: at once
+        slow = stranger.connect(tcp, claim=FRAME_LIMIT, send=FRAME_LIMIT - 1)
+        assert not stranger.dropped(slow, within=0.3)
+        assert stranger.dropped(slow, within=2.0)  # never finished logging in
+        with Channel(s.endpoint, KEY, timeout=3) as c:
+            c.put("after", b"h", [b"fine"])
+        assert bytes(s.take("after")[1][0]) == b"fine"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, FRAME_LIMIT - 1, FRAME_LIMIT, FRAME_LIMIT + 1, 3 * FRAME_LIMIT + 5])
+def test_transfers_over_tcp_travel_in_pieces_and_arrive_whole(server, size):
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8)
+    with Channel(tcp_only(server.endpoint), KEY, timeout=3) as c:
+        c.put("p", b"h" * size, [data, b"tail"])
+        header, (got, tail) = server.take("p")
+        assert header == b"h" * size and bytes(got) == data.tobytes() and bytes(tail) == b"tail"
+        server.offer("g", b"m", [data])
+        header, (back,) = c.get("g")
+        assert header == b"m" and bytes(back) == data.tobytes()
+
+
+def test_cut_and_join_are_inverse_and_join_refuses_what_cut_cannot_make():
+    parts = [b"", b"abc", b"abcd", b"abcdefghij"]
+    frames = direct.cut(parts, 4)
+    assert max(len(f) for f in frames) <= 4
+    assert [bytes(p) for p in direct.join([memoryview(f) for f in frames], 4)] == parts
+    assert direct.join([memoryview(b"abcde")], 4) is None  # a frame over the piece size
+    assert direct.join([memoryview(b"abcd")], 4) is None  # a part that never ends

@@ -74,8 +74,9 @@ def test_no_process_of_a_local_pool_listens_beyond_loopback(pool):
     # The check sees what it must: the controller's sockets and each engine's direct channel.
     assert found["controller"]
     for e, endpoint in endpoints.items():
-        port = int(endpoint.partition("#")[0].rsplit(":", 1)[1])
-        assert endpoint.startswith("tcp://127.0.0.1:")
+        tcp = direct.addresses_of(endpoint)[-1]
+        port = int(tcp.rsplit(":", 1)[1])
+        assert tcp.startswith("tcp://127.0.0.1:")
         assert port in {s[3] for s in found[f"engine {e}"]}, (e, endpoint, found[f"engine {e}"])
     offenders = {name: exposed(sockets) for name, sockets in found.items() if exposed(sockets)}
     assert offenders == {}, offenders
@@ -85,7 +86,7 @@ def test_the_check_sees_a_wildcard_listener():
     """The check above can fail: a server bound to every interface is reported."""
     key = os.urandom(32)
     with Server(key, "0.0.0.0") as server:
-        port = int(server.endpoint.partition("#")[0].rsplit(":", 1)[1])
+        port = int(direct.addresses_of(server.endpoint)[-1].rsplit(":", 1)[1])
         hits = exposed(listening(os.getpid(), recursive=False))
         assert ("0.0.0.0", port) in {(s[2], s[3]) for s in hits}
     assert port not in {s[3] for s in listening(os.getpid(), recursive=False)}
@@ -177,14 +178,14 @@ def test_a_forged_message_is_refused_before_anything_is_unpickled(pool, tmp_path
     try:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.connect(endpoint.partition("#")[0])
+        sock.connect(direct.choose(endpoint))  # a process of this user may open the socket
         # Signed with a key of our own: what someone without the cluster's key can do.
         tid = b"run:a:1:0"
-        sig = direct.sign(os.urandom(32), [direct.MAGIC, direct.PUT, tid, header, evil])
-        sock.send_multipart([direct.MAGIC, direct.PUT, tid, sig, header, evil])
+        sig = direct.sign(os.urandom(32), [direct.MAGIC, direct.PUT, tid, b"", header, evil])
+        sock.send_multipart([direct.MAGIC, direct.PUT, tid, sig, b"", header, evil])
         assert sock.poll(5000)
         reply = sock.recv_multipart()
-        assert reply[1] == direct.ERR and b"signature" in reply[4]
+        assert reply[1] == direct.ERR and b"signature" in reply[5]
     finally:
         ctx.destroy(linger=0)
     after = pool.pool.apply(1, channel_stats).get()
@@ -194,8 +195,8 @@ def test_a_forged_message_is_refused_before_anything_is_unpickled(pool, tmp_path
 
 
 def test_forged_messages_are_counted_not_written_into_the_running_cell(ip, pool, capfd):
-    """A key-less local user flooding an engine's channel cannot write into the notebook: the
-    refusals are counted (the `refused` column of `%nbp status`), and none reaches the output of
+    """A process without the key flooding an engine's channel (one of this user: no other can
+    open the socket) cannot write into the notebook: the refusals are counted (the `refused` column of `%nbp status`), and none reaches the output of
     the cell running on that engine."""
     import threading
     import time
@@ -209,7 +210,7 @@ def test_forged_messages_are_counted_not_written_into_the_running_cell(ip, pool,
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint.partition("#")[0])
+    sock.connect(direct.choose(endpoint))
 
     def forge() -> None:
         time.sleep(0.3)  # while the cell runs
@@ -231,3 +232,39 @@ def test_forged_messages_are_counted_not_written_into_the_running_cell(ip, pool,
     table = _status_table(pool, pool.plane.channel_stats())
     assert table.splitlines()[1].split()[-1] == "refused"
     assert table.splitlines()[3].split()[-1] == str(before + 200)
+
+
+@pytest.mark.cluster
+def test_a_stranger_cannot_make_an_engine_hold_memory(pool, stranger):
+    """A peer without the key may reach an engine's TCP port (a user of another host, or of this
+    one), but cannot log in: what it sends before that is one frame of at most FRAME_LIMIT bytes
+    per connection, for at most HANDSHAKE_S seconds."""
+    from nbparallel.dataplane.remote import channel_stats
+
+    tcp = direct.addresses_of(pool.plane.endpoint(0))[-1]
+    engine = psutil.Process(pool.info(0)["pid"])
+    before = engine.memory_info().rss
+    slow = [stranger.connect(tcp, claim=direct.FRAME_LIMIT, send=direct.FRAME_LIMIT - 1) for _ in range(32)]
+    big = [stranger.connect(tcp, claim=800 << 20, send=8 << 20) for _ in range(8)]
+    assert all(stranger.dropped(s, within=2.0) for s in big)
+    held = engine.memory_info().rss - before
+    print(f"\nengine RSS while 40 strangers are connected: {held / 2**20:+.1f} MiB")
+    assert held < 16 << 20, f"the engine holds {held / 2**20:.0f} MiB more for strangers"
+    assert all(stranger.dropped(s, within=direct.HANDSHAKE_S + 3.0) for s in slow)
+    assert pool.pool.apply(0, channel_stats).get(timeout=10)["pending"] == 0  # still serving
+
+
+@pytest.mark.cluster
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to become another user")
+def test_another_user_cannot_open_an_engines_unix_socket(pool):
+    import subprocess
+    import sys
+
+    path = direct.addresses_of(pool.plane.endpoint(0))[0].removeprefix("ipc://")
+    code = (
+        "import os, socket\nos.setgid(65534); os.setuid(65534)\n"
+        f"s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({path!r})\n"
+        "except PermissionError:\n    print('refused')\nelse:\n    print('connected')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "refused", out.stderr

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 
-from .direct import ChannelError
+from .direct import ChannelError, choose
 
 __all__ = ["route_address", "check_reachable"]
 
@@ -28,16 +28,18 @@ def route_address(host: str) -> str:
 
 
 def check_reachable(endpoint: str, what: str, timeout: float = 10.0) -> None:
-    """Raise :class:`ChannelError` unless a TCP connection to ``endpoint`` can be opened.
+    """Raise :class:`ChannelError` unless a connection to ``endpoint`` can be opened.
 
     ZeroMQ connects in the background and would only time out on the first answer; this says
     at once, and why, when a server cannot be reached from here (a firewall, a loopback address
     of another machine).
     """
-    host, _, port = endpoint.partition("#")[0].removeprefix("tcp://").rpartition(":")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except (OSError, ValueError) as exc:
+        address = choose(endpoint)
+        if address.startswith("tcp://"):  # choose() tried a Unix socket itself
+            host, _, port = address.removeprefix("tcp://").rpartition(":")
+            socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except (OSError, ValueError, ChannelError) as exc:
         raise ChannelError(
             f"{what} at {endpoint} cannot be reached from {socket.gethostname()} ({exc}). Engines "
             f"that exchange data must reach each other: open the port range between their hosts, "

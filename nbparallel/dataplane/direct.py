@@ -1,18 +1,31 @@
-"""An authenticated point-to-point byte channel over ZeroMQ TCP.
+"""An authenticated point-to-point byte channel over ZeroMQ.
 
 Array buffers move between the notebook and the engines (and engine to engine) over this channel
 instead of through ipyparallel's controller, which would copy and re-route every byte. A
 :class:`~nbparallel.dataplane.server.Server` (``server.py``) lives in the receiving (or serving)
 process; a :class:`Channel` (here) connects to it. This module holds the wire format, the
-signature and the client.
+signature, the connection rules and the client.
 
-Endpoints are ``tcp://host:port#<server id>``: the server id (64 random bits, new each time a
-server starts) is part of every signature, so a message signed for one server is refused by
-every other, including the same engine's server after a restart.
+Endpoints are ``<address>[,<address>...]#<server id>``, tried in order: a server on this host's
+loopback offers ``ipc://<private dir>/s`` first (a Unix socket in a 0700 directory, so other
+users cannot even connect, and a third faster than TCP) and its ``tcp://127.0.0.1:port``
+after it, for a client that cannot see the socket file; a server listening for other hosts
+offers ``tcp://host:port``. The server id (64 random bits, new each time a server starts) is
+part of every signature, so a message signed for one server is refused by every other,
+including the same engine's server after a restart.
+
+Connections. Over TCP a peer must log in before ZeroMQ accepts a single message from it: ZeroMQ's
+PLAIN mechanism with the password :func:`password` (an HMAC of the server id under the
+cluster's key), checked by the server's ZAP handler. Until then a connection can make the
+server hold at most :data:`FRAME_LIMIT` bytes (ZeroMQ drops a peer that announces a bigger
+frame) for at most :data:`HANDSHAKE_S` seconds. Since that limit holds for every frame of the
+connection, messages over TCP travel in pieces (see ``pieced`` below). The password crosses the
+network in the clear: someone who can read the cluster's traffic can log in, but still cannot
+forge, alter or replay a message, which the signature guards.
 
 Wire format. Every message, in both directions, is one ZeroMQ multipart message::
 
-    [b"nbp2", op, tid, sig, header, *buffers]
+    [b"nbp3", op, tid, sig, pieced, header, *buffers]
 
 ``op``
     ``b"put"`` (client stores a transfer in the server), ``b"get"`` (client asks for an offered
@@ -20,21 +33,25 @@ Wire format. Every message, in both directions, is one ZeroMQ multipart message:
 ``tid``
     The transfer id, UTF-8.
 ``sig``
-    ``sign(key, [b"nbp2", op, tid, server id, header, *buffers])``: HMAC-SHA256 over every other
+    ``sign(key, [b"nbp3", op, tid, server id, pieced, *frames])``: HMAC-SHA256 over every other
     frame and the id of the server the message is for, each preceded by its length, so frames
     can be neither altered nor re-split nor sent to another server.
+``pieced``
+    Empty when header and buffers are one frame each. Otherwise a piece size ``L`` (4 bytes,
+    big-endian): each of header and buffers is sent as its whole ``L``-byte pieces followed by
+    the rest (possibly empty), so a frame shorter than ``L`` ends a part.
 ``header``
     For ``put``: a stamp, then the caller's opaque metadata (e.g. a pickled dtype and shape).
     For ``get``: the time the server should wait for the transfer to be offered, as a
-    big-endian float64 of seconds, then a stamp. The stamp is the channel's session (16 random
-    bytes) and a counter (8 bytes, big-endian) that grows with every request of that session:
-    the server accepts a session's request only when its counter is above every one it
-    accepted before, so a replay is refused however long after (no window). For the ``ok``
-    answer to a ``put`` it is the put's signature, which ties the acknowledgement to that one
-    request; for the ``ok`` answer to a ``get`` the offered metadata. For ``err`` it is the
-    reason, UTF-8.
+    big-endian float64 of seconds, then a stamp, then the piece size the answer must use
+    (4 bytes, 0 for whole frames). The stamp is the channel's session (16 random bytes) and a
+    counter (8 bytes, big-endian) that grows with every request of that session: the server
+    accepts a session's request only when its counter is above every one it accepted before,
+    so a replay is refused however long after (no window). For the ``ok`` answer to a ``put``
+    it is the put's signature, which ties the acknowledgement to that one request; for the
+    ``ok`` answer to a ``get`` the offered metadata. For ``err`` it is the reason, UTF-8.
 ``buffers``
-    Raw bytes, sent and received without copying.
+    Raw bytes, sent and received without copying (pieces are joined on arrival, one copy).
 
 The server checks the signature (with :func:`hmac.compare_digest`) before it does anything else
 with a message. The client checks the signature of every answer. Nothing here ever unpickles
@@ -60,15 +77,23 @@ import zmq
 from ..errors import TransferError
 
 __all__ = ["ChannelError", "sign", "raw", "tid_bytes", "check_key", "advertised_host", "peer_address",
-           "shown", "split_endpoint", "endpoint_of", "Channel"]
+           "shown", "split_endpoint", "endpoint_of", "addresses_of", "choose", "password", "cut", "join", "Channel"]
 
-MAGIC = b"nbp2"
+MAGIC = b"nbp3"
 PUT, GET, OK, ERR = b"put", b"get", b"ok", b"err"
 #: Bytes of a request's stamp: its channel's session (16) and counter (8).
 STAMP = 24
 # Longest a parked GET may wait: bounds what one request can hold in the server.
 MAX_GET_WAIT = 24 * 3600.0
 LOOK = 0.5  # seconds between looks at whether the server's process is still there
+#: The largest frame a TCP connection carries, in either direction: all that a peer which has
+#: not logged in can make the other side hold per connection.
+FRAME_LIMIT = 64 << 10
+#: A TCP peer that has not logged in within this many seconds is dropped.
+HANDSHAKE_S = 10
+ZAP_DOMAIN = b"nbparallel"
+USER = b"nbparallel"
+_PIECE = struct.Struct(">I")
 
 
 class ChannelError(TransferError):
@@ -103,7 +128,8 @@ def raw(buf: Any) -> memoryview:
 
 
 def split_endpoint(endpoint: str) -> tuple[str, bytes]:
-    """``("tcp://host:port", server id)`` of ``tcp://host:port#<hex id>``."""
+    """``(addresses, server id)`` of ``<address>[,<address>...]#<hex id>``; the addresses are
+    comma-separated, best first."""
     address, _, ident = endpoint.partition("#")
     try:
         return address, bytes.fromhex(ident)
@@ -112,8 +138,89 @@ def split_endpoint(endpoint: str) -> tuple[str, bytes]:
                            "ask the server for its endpoint.") from None
 
 
-def endpoint_of(address: str, ident: bytes) -> str:
-    return f"{address}#{ident.hex()}"
+def endpoint_of(addresses: Sequence[str], ident: bytes) -> str:
+    return f"{','.join(addresses)}#{ident.hex()}"
+
+
+def addresses_of(endpoint: str) -> list[str]:
+    """The addresses of ``endpoint``, best first: its Unix socket (if any), then TCP."""
+    return split_endpoint(endpoint)[0].split(",")
+
+
+def choose(endpoint: str) -> str:
+    """The address of ``endpoint`` to connect to from here: its Unix socket when this process
+    can connect to it (same host and file system, same user), else its TCP address."""
+    for address in addresses_of(endpoint):
+        if not address.startswith("ipc://"):
+            return address
+        # A test connection, because ZeroMQ would retry a dead or foreign socket silently.
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            probe.settimeout(1.0)
+            try:
+                probe.connect(address.removeprefix("ipc://"))
+            except OSError:
+                continue
+        return address
+    raise ChannelError(f"none of the addresses of {endpoint!r} can be reached from "
+                       f"{socket.gethostname()}: ask the server for its endpoint.")
+
+
+def password(key: bytes, server: bytes) -> bytes:
+    """The PLAIN password for TCP connections to the server whose id is ``server``."""
+    return hmac.new(key, b"nbparallel-login:" + server, hashlib.sha256).hexdigest().encode()
+
+
+def cut(parts: Sequence[Any], limit: int) -> list[memoryview]:
+    """``parts`` as frames of at most ``limit`` bytes: each part's whole pieces, then its rest
+    (possibly empty), so that a frame shorter than ``limit`` ends a part. No copies."""
+    frames = []
+    for part in parts:
+        view = raw(part)
+        whole = view.nbytes - view.nbytes % limit
+        frames.extend(view[i:i + limit] for i in range(0, whole, limit))
+        frames.append(view[whole:])
+    return frames
+
+
+def join(frames: Sequence[memoryview], limit: int) -> list[memoryview] | None:
+    """The parts :func:`cut` made, or None when ``frames`` are not such a sequence. A part of
+    several pieces is copied into one buffer; a part of one frame is that frame."""
+    parts: list[memoryview] = []
+    run: list[memoryview] = []
+    for frame in frames:
+        if frame.nbytes > limit:
+            return None
+        run.append(frame)
+        if frame.nbytes < limit:
+            parts.append(run[0] if len(run) == 1 else _glued(run))
+            run = []
+    return None if run else parts
+
+
+def _glued(pieces: list[memoryview]) -> memoryview:
+    whole = bytearray(sum(p.nbytes for p in pieces))
+    out, at = memoryview(whole), 0
+    for p in pieces:
+        out[at:at + p.nbytes] = p
+        at += p.nbytes
+    return out
+
+
+def frames_of(parts: Sequence[Any], limit: int) -> tuple[bytes, list[Any]]:
+    """``(pieced, frames)`` for sending ``parts`` where frames may hold at most ``limit`` bytes
+    (0: no limit). Parts that all fit go whole."""
+    if not limit or all(raw(p).nbytes < limit for p in parts):
+        return b"", list(parts)
+    return _PIECE.pack(limit), cut(parts, limit)
+
+
+def parts_of(pieced: bytes, frames: list[memoryview]) -> list[memoryview] | None:
+    """The parts a message carried (see :func:`frames_of`), or None when it is malformed."""
+    if not pieced:
+        return frames
+    if len(pieced) != _PIECE.size or not (limit := _PIECE.unpack(pieced)[0]):
+        return None
+    return join(frames, limit)
 
 
 def tid_bytes(tid: str) -> bytes:
@@ -170,7 +277,10 @@ class Channel:
         #: once instead of after the whole timeout.
         self.gone = gone
         self._key = check_key(key)
-        self._address, self._server = split_endpoint(endpoint)
+        self._server = split_endpoint(endpoint)[1]
+        self._address = choose(endpoint)
+        #: Frames over TCP are at most FRAME_LIMIT bytes; a Unix socket takes them whole.
+        self._limit = 0 if self._address.startswith("ipc://") else FRAME_LIMIT
         self._session = os.urandom(16)
         self._counter = 0
         self._ctx = zmq.Context()
@@ -197,10 +307,10 @@ class Channel:
         key = tid_bytes(tid)
         header = bytes(header)
         views = [raw(b) for b in buffers]
-        stamped = self._stamp() + header
-        sig = sign(self._key, [MAGIC, PUT, key, self._server, stamped, *views])
+        pieced, frames = frames_of([self._stamp() + header, *views], self._limit)
+        sig = sign(self._key, [MAGIC, PUT, key, self._server, pieced, *frames])
         what = f"put of transfer {tid!r}"
-        self._send([MAGIC, PUT, key, sig, stamped, *views], what)
+        self._send([MAGIC, PUT, key, sig, pieced, *frames], what)
         op, answer, _ = self._answer(key, self.timeout, what)
         if op == ERR:
             raise ChannelError(f"{self.endpoint} refused the {what}: {answer.decode('utf-8', 'replace')}.")
@@ -220,10 +330,10 @@ class Channel:
         wait = self.timeout if timeout is None else float(timeout)
         if not 0 <= wait <= MAX_GET_WAIT:
             raise ValueError(f"timeout must be between 0 and {MAX_GET_WAIT:g} seconds, not {timeout!r}.")
-        request = struct.pack(">d", wait) + self._stamp()
-        sig = sign(self._key, [MAGIC, GET, key, self._server, request])
+        request = struct.pack(">d", wait) + self._stamp() + _PIECE.pack(self._limit)
+        sig = sign(self._key, [MAGIC, GET, key, self._server, b"", request])
         what = f"get of transfer {tid!r}"
-        self._send([MAGIC, GET, key, sig, request], what)
+        self._send([MAGIC, GET, key, sig, b"", request], what)
         op, header, buffers = self._answer(key, wait + self.timeout, what)
         if op == ERR:
             raise ChannelError(
@@ -247,6 +357,11 @@ class Channel:
     def _connect(self) -> None:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._limit:
+            sock.plain_username = USER
+            sock.plain_password = password(self._key, self._server)
+            # A stranger listening on the port (the engine has gone) can make us hold no more.
+            sock.setsockopt(zmq.MAXMSGSIZE, self._limit)
         try:
             sock.connect(self._address)
         except zmq.ZMQError as e:
@@ -289,20 +404,21 @@ class Channel:
                         "server is running and reachable from here, or allow a longer timeout."
                     )
                 frames = sock.recv_multipart(copy=False)
-                if len(frames) < 5:
+                if len(frames) < 6:
                     raise ChannelError(f"the answer from {self.endpoint} to the {what} is malformed.")
-                magic, op, tid, sig, header, *buffers = frames
-                if not hmac.compare_digest(sign(self._key, [magic, op, tid, self._server, header, *buffers]),
+                magic, op, tid, sig, pieced, *rest = frames
+                if not hmac.compare_digest(sign(self._key, [magic, op, tid, self._server, pieced, *rest]),
                                            sig.bytes):
                     raise ChannelError(
                         f"the signature of the answer from {self.endpoint} to the {what} did not match: "
                         "give the Channel the same key as the Server."
                     )
-                if magic.bytes != MAGIC or op.bytes not in (OK, ERR):
+                parts = parts_of(pieced.bytes, [f.buffer for f in rest])
+                if magic.bytes != MAGIC or op.bytes not in (OK, ERR) or not parts:
                     raise ChannelError(f"the answer from {self.endpoint} to the {what} is malformed.")
                 if tid.bytes != key:
                     continue  # answer to an earlier, abandoned request
-                return op.bytes, header.bytes, [f.buffer for f in buffers]
+                return op.bytes, bytes(parts[0]), parts[1:]
         except BaseException:
             # Whatever went wrong (timeout, bad answer, Ctrl-C), start afresh so a late answer
             # to this request cannot be read as the answer to the next one.

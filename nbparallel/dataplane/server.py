@@ -13,7 +13,9 @@ import hmac
 import logging
 import math
 import os
+import shutil
 import struct
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -23,13 +25,50 @@ from typing import Any
 
 import zmq
 
-from .direct import (ERR, GET, MAGIC, MAX_GET_WAIT, OK, PUT, STAMP, ChannelError, endpoint_of,
-                     advertised_host, check_key, peer_address, raw, shown, sign, tid_bytes)
+from .direct import (_PIECE, ERR, FRAME_LIMIT, GET, HANDSHAKE_S, MAGIC, MAX_GET_WAIT, OK, PUT, STAMP,
+                     USER, ZAP_DOMAIN, ChannelError, advertised_host, check_key, endpoint_of, frames_of,
+                     parts_of, password, peer_address, raw, shown, sign, tid_bytes)
 
 __all__ = ["Server"]
 
 _log = logging.getLogger("nbparallel.dataplane")
 MAX_SESSIONS = 100_000
+#: Private directories of the servers' Unix sockets: ``<tmp>/nbp-ch-<pid>-<random>``.
+FOLDER_PREFIX = "nbp-ch-"
+MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the final NUL
+
+
+def is_loopback(host: str) -> bool:
+    return host.startswith("127.") or host in ("::1", "localhost")
+
+
+def _remove_stale_folders() -> None:
+    """Remove this user's socket directories whose process has gone (killed, so it could not)."""
+    root = tempfile.gettempdir()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(FOLDER_PREFIX):
+            continue
+        pid = name[len(FOLDER_PREFIX):].partition("-")[0]
+        path = os.path.join(root, name)
+        try:
+            if pid.isdigit() and os.stat(path).st_uid == os.getuid() and not _running(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 @dataclass
@@ -40,22 +79,25 @@ class _Parked:
     tid: bytes
     wait: float
     deadline: float
+    limit: int  # the piece size the client takes frames in (0: whole)
 
 
 class Server:
     """Receives PUTs and serves GETs; lives in an engine (or any process).
 
     A ROUTER socket bound to ``tcp://host:<free port>``, owned by one background daemon thread;
-    the other methods may be called from any thread. ``host`` defaults to loopback; to accept
+    the other methods may be called from any thread. ``host`` defaults to loopback, where the
+    server also listens on a Unix socket in a private directory (see ``direct.py``); to accept
     other machines pass an address of this machine (an engine uses :func:`~nbparallel.dataplane.addresses.route_address`), or
     ``"0.0.0.0"`` to listen on every interface, in which case :attr:`endpoint` advertises the
     address the hostname resolves to (or ``"0.0.0.0"`` when it does not resolve).
-    :meth:`listen` adds another address later.
+    :meth:`listen` adds another address later. TCP peers log in first (ZeroMQ PLAIN, checked
+    here by a ZAP handler) and send frames of at most ``FRAME_LIMIT`` bytes.
 
     Attributes:
-        endpoint: where Channels connect, e.g. ``"tcp://127.0.0.1:53211"``.
-        refused: how many messages were refused (bad or missing signature, replay, malformed,
-            a put for a transfer id already waiting to be taken).
+        endpoint: where Channels connect, e.g. ``"ipc:///tmp/nbp-ch-41-x1y2/s,tcp://127.0.0.1:53211#<id>"``.
+        refused: how many messages and TCP logins were refused (bad or missing signature or
+            password, replay, malformed, a put for a transfer id already waiting to be taken).
     """
 
     def __init__(self, key: bytes, host: str = "127.0.0.1"):
@@ -75,12 +117,24 @@ class Server:
         self._binds: list[tuple[str, Future[str]]] = []
 
         self._ctx = zmq.Context()
+        self._folder: str | None = None
         try:
+            # The context's ZAP handler: ZeroMQ asks it about every TCP login (see _login).
+            self._zap = self._ctx.socket(zmq.REP)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            self._zap.bind("inproc://zeromq.zap.01")
             self._router = self._ctx.socket(zmq.ROUTER)
             self._router.setsockopt(zmq.LINGER, 0)
             # Fail loudly (instead of dropping) when answering a client that has gone away, so
             # an offered transfer is kept for the next GET.
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # Options are fixed per listener when it binds: the Unix socket takes whole frames
+            # from anyone who may open it, every TCP listener after it demands a login.
+            local = self._bind_unix() if is_loopback(host) else []
+            self._router.plain_server = True
+            self._router.zap_domain = ZAP_DOMAIN
+            self._router.setsockopt(zmq.MAXMSGSIZE, FRAME_LIMIT)
+            self._router.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             port = self._router.bind_to_random_port(f"tcp://{host}")
             wake_addr = f"inproc://nbparallel-dataplane-{id(self):x}-{port}"
             self._wake_in = self._ctx.socket(zmq.PULL)
@@ -92,11 +146,13 @@ class Server:
             self._wake_out.connect(wake_addr)
         except zmq.ZMQError as e:
             self._ctx.destroy(linger=0)
+            self._remove_folder()
             raise ChannelError(
                 f"could not listen on {host!r} ({e}): pass an address of this machine, "
                 "e.g. 127.0.0.1 or 0.0.0.0."
             ) from None
-        self.endpoint = endpoint_of(f"tcp://{advertised_host(host)}:{port}", self.id)
+        self._local = local
+        self.endpoint = endpoint_of([*local, f"tcp://{advertised_host(host)}:{port}"], self.id)
         # Starting the thread is a memory barrier, so handing it the sockets made here is safe;
         # from now on only that thread touches the router and wake_in.
         self._thread = threading.Thread(target=self._run, name=f"nbparallel-dataplane-{port}", daemon=True)
@@ -221,6 +277,26 @@ class Server:
             self._binds.clear()
             self._wake_out.close(linger=0)
         self._ctx.term()
+        self._remove_folder()
+
+    # -- the Unix socket ------------------------------------------------------------------
+
+    def _bind_unix(self) -> list[str]:
+        """Listen on a Unix socket in a new private directory; returns its address, or nothing
+        where a socket path would be too long (the TCP listener serves alone then)."""
+        _remove_stale_folders()
+        self._folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")  # mode 0700
+        path = os.path.join(self._folder, "s")
+        if len(path.encode()) > MAX_UNIX_PATH:
+            self._remove_folder()
+            return []
+        self._router.bind(f"ipc://{path}")
+        return [f"ipc://{path}"]
+
+    def _remove_folder(self) -> None:
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
 
     # -- the server thread ---------------------------------------------------------------
 
@@ -235,6 +311,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self._router, zmq.POLLIN)
         poller.register(self._wake_in, zmq.POLLIN)
+        poller.register(self._zap, zmq.POLLIN)
         parked: list[_Parked] = []
         try:
             while not self._stop:
@@ -244,6 +321,8 @@ class Server:
                     if self._wake_in in ready:
                         self._drain_wakes()
                         self._bind_requested()
+                    if self._zap in ready:
+                        self._login()
                     if self._router in ready:
                         self._drain_router(parked)
                     self._answer_parked(parked)
@@ -259,6 +338,7 @@ class Server:
         finally:
             self._router.close(linger=0)
             self._wake_in.close(linger=0)
+            self._zap.close(linger=0)
 
     @staticmethod
     def _poll_ms(parked: list[_Parked]) -> int | None:
@@ -284,7 +364,8 @@ class Server:
                 done.set_exception(ChannelError(
                     f"could not listen on {host!r} ({e}): pass an address of this machine."))
             else:
-                done.set_result(endpoint_of(f"tcp://{advertised_host(host)}:{port}", self.id))
+                local = self._local if is_loopback(host) else []
+                done.set_result(endpoint_of([*local, f"tcp://{advertised_host(host)}:{port}"], self.id))
 
     def _drain_router(self, parked: list[_Parked]) -> None:
         # Bounded, so parked GETs and close() still get a turn under a flood.
@@ -299,24 +380,27 @@ class Server:
                 _log.exception("nbparallel data plane server %s: failed to handle a message", self.endpoint)
 
     def _handle(self, frames: list[zmq.Frame], parked: list[_Parked]) -> None:
-        ident, parts = frames[0].bytes, frames[1:]
-        if len(parts) < 5:
-            tid = parts[2].bytes if len(parts) > 2 else b""
-            reason = f"malformed message ({len(parts)} frames, at least 5 expected)"
+        ident, rest = frames[0].bytes, frames[1:]
+        if len(rest) < 6:
+            tid = rest[2].bytes if len(rest) > 2 else b""
+            reason = f"malformed message ({len(rest)} frames, at least 6 expected)"
             return self._refuse(ident, tid, frames, reason)
-        magic, op, tid_frame, sig_frame, header, *buffers = parts
+        magic, op, tid_frame, sig_frame, pieced, *body = rest
         tid, sig = tid_frame.bytes, sig_frame.bytes
-        if not hmac.compare_digest(sign(self._key, [magic, op, tid_frame, self.id, header, *buffers]),
-                                   sig):
+        if not hmac.compare_digest(sign(self._key, [magic, op, tid_frame, self.id, pieced, *body]), sig):
             reason = ("signature did not match (wrong key, an altered message, or one meant for "
                       "another server)")
             return self._refuse(ident, tid, frames, reason)
         if magic.bytes != MAGIC:
-            return self._refuse(ident, tid, frames, f"unknown protocol {shown(magic.bytes)}, expected 'nbp2'")
+            return self._refuse(ident, tid, frames, f"unknown protocol {shown(magic.bytes)}, expected 'nbp3'")
         kind = op.bytes
         if kind not in (PUT, GET):
             return self._refuse(ident, tid, frames, f"unexpected op {shown(kind)}")
-        stamp = header.bytes[:STAMP] if kind == PUT else header.bytes[8:8 + STAMP]
+        parts = parts_of(pieced.bytes, [f.buffer for f in body])
+        if not parts:
+            return self._refuse(ident, tid, frames, "malformed pieces")
+        header, buffers = bytes(parts[0]), parts[1:]
+        stamp = header[:STAMP] if kind == PUT else header[8:8 + STAMP]
         if len(stamp) != STAMP:
             return self._refuse(ident, tid, frames, "malformed request (no stamp)")
         if not self._fresh(stamp):
@@ -325,28 +409,46 @@ class Server:
             with self._arrived:
                 duplicate = tid in self._inbox
                 if not duplicate:
-                    self._inbox[tid] = (header.bytes[STAMP:], [f.buffer for f in buffers])
+                    self._inbox[tid] = (header[STAMP:], buffers)
                     self._arrived.notify_all()
             if duplicate:
                 reason = "a transfer with this id is already waiting to be taken"
                 return self._refuse(ident, tid, frames, reason)
             self._send(ident, OK, tid, sig)
-        elif kind == GET:
-            wait = self._get_wait(header.bytes)
-            if wait is None:
-                return self._refuse(ident, tid, frames, "malformed get request")
-            parked.append(_Parked(ident, tid, wait, time.monotonic() + wait))
         else:
-            self._refuse(ident, tid, frames, f"unexpected op {shown(kind)}")
+            request = self._get_request(header)
+            if request is None:
+                return self._refuse(ident, tid, frames, "malformed get request")
+            wait, limit = request
+            parked.append(_Parked(ident, tid, wait, time.monotonic() + wait, limit))
 
     @staticmethod
-    def _get_wait(header: bytes) -> float | None:
-        if len(header) < 8:
+    def _get_request(header: bytes) -> tuple[float, int] | None:
+        """``(wait, piece size)`` of a get's header: wait, stamp, piece size."""
+        if len(header) != 8 + STAMP + _PIECE.size:
             return None
         (wait,) = struct.unpack(">d", header[:8])
         if not 0 <= wait <= MAX_GET_WAIT:  # also rejects NaN
             return None
-        return wait
+        return wait, _PIECE.unpack(header[8 + STAMP:])[0]
+
+    def _login(self) -> None:
+        """Answer ZeroMQ's questions about TCP logins (the ZAP protocol, RFC 27): only a peer
+        that knows this server's password (which takes the cluster's key) gets in."""
+        while True:
+            try:
+                request = self._zap.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            version, request_id, *fields = request
+            ok = (len(fields) == 6 and fields[3] == b"PLAIN" and fields[4] == USER
+                  and hmac.compare_digest(fields[5], password(self._key, self.id)))
+            if not ok:
+                self.refused += 1
+                peer = fields[1].decode("ascii", "replace") if len(fields) > 1 else "an unknown peer"
+                _log.debug("nbparallel data plane server %s refused a login from %s", self.endpoint, peer)
+            self._zap.send_multipart([version, request_id, b"200" if ok else b"400",
+                                      b"OK" if ok else b"wrong password", b"", b""])
 
     def _fresh(self, stamp: bytes) -> bool:
         """Whether ``stamp`` is newer than anything its session sent before (then remember it).
@@ -384,7 +486,7 @@ class Server:
                 item = self._offered.pop(p.tid, None)
             if item is not None:
                 header, buffers = item
-                if not self._send(p.ident, OK, p.tid, header, buffers):
+                if not self._send(p.ident, OK, p.tid, header, buffers, p.limit):
                     # The client has gone: keep the transfer for the next GET, unless it was
                     # offered again meanwhile.
                     with self._lock:
@@ -396,11 +498,14 @@ class Server:
                 waiting.append(p)
         parked[:] = waiting
 
-    def _send(self, ident: bytes, op: bytes, tid: bytes, header: bytes, buffers: Sequence[Any] = ()) -> bool:
-        sig = sign(self._key, [MAGIC, op, tid, self.id, header, *buffers])
+    def _send(self, ident: bytes, op: bytes, tid: bytes, header: bytes, buffers: Sequence[Any] = (),
+              limit: int = FRAME_LIMIT) -> bool:
+        # Answers other than an offered transfer are short; pieces of FRAME_LIMIT suit any client.
+        pieced, frames = frames_of([header, *buffers], limit)
+        sig = sign(self._key, [MAGIC, op, tid, self.id, pieced, *frames])
         try:
-            frames = [ident, MAGIC, op, tid, sig, header, *buffers]
-            self._router.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._router.send_multipart([ident, MAGIC, op, tid, sig, pieced, *frames],
+                                        flags=zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as e:
             _log.warning(
                 "nbparallel data plane server %s could not answer a client for transfer %s: %s",
