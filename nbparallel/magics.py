@@ -148,6 +148,20 @@ def _axis(text: str) -> int | str:
             f"takes a number, or the name of an xarray value's dimension; not {text!r}") from None
 
 
+WAIT_DEFAULT = 600.0  # seconds %nbp connect --wait waits when given no time
+
+
+def _seconds(text: str) -> float:
+    """--wait: a number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"takes a number of seconds, 0 or more; not {text!r}")
+    return value
+
+
 @magics_class
 class NbparallelMagics(Magics):
     """The nbparallel magics; registered by ``%load_ext nbparallel``."""
@@ -377,6 +391,12 @@ class NbparallelMagics(Magics):
     @_command("connect", "connect to a cluster started with ipcluster",
               argument("--profile", default=None, metavar="P", help="its IPython profile"),
               argument("--cluster-id", default=None, metavar="ID", help="its cluster id"),
+              argument("--wait", nargs="?", const=WAIT_DEFAULT, default=None, type=_seconds,
+                       metavar="SECONDS", help=f"wait for the engines to come (a queued batch "
+                       f"job), at most SECONDS (default {WAIT_DEFAULT:g})"),
+              argument("-n", type=int, default=None, metavar="N",
+                       help="engines to have (with --wait: default, as many as ipcluster "
+                       "launched; without: 1)"),
               _gpus_option)
     @_command("status", "the engines: host, pid, device, state (and GPU memory)")
     @_command("stop", "stop a started cluster, or disconnect from a connected one")
@@ -400,8 +420,9 @@ class NbparallelMagics(Magics):
             print(f"nbparallel: started a local cluster of {len(pool.ids)} engines"
                   f"{_gpu_summary(pool)}.")
         elif args.command == "connect":
-            pool = session_mod.connect(args.profile, args.cluster_id, gpus=args.gpus)
-            print(f"nbparallel: connected to {len(pool.ids)} engines{_gpu_summary(pool)}.")
+            pool = session_mod.connect(args.profile, args.cluster_id, gpus=args.gpus,
+                                       wait=args.wait, n=args.n)
+            print(f"nbparallel: connected to {session_mod.connected(pool)}{_gpu_summary(pool)}.")
         elif args.command == "status":
             pool = session_mod.current()
             if pool is None:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from . import gpu
+from . import gpu, ipcluster
 from .controller import ControllerWatch, connection_file, controller_pids, flags
 from .relay import Relay
 from . import reaper
@@ -44,6 +44,9 @@ __all__ = ["EngineInfo", "Pool", "Waited"]
 
 CONNECT_TIMEOUT = 5.0
 ENGINE_TIMEOUT = 120.0
+#: How long connecting waits for an engine's first answer before calling it busy.
+PROBE_TIMEOUT = 5.0
+WAIT_SAY_EVERY = 10.0  # seconds between progress lines while --wait waits for nothing new
 TICK = 0.1  # seconds between looks while engines work: the dashboard, the controller, Ctrl-C
 STOP_GRACE = 10.0  # seconds interrupted engines get to answer before their futures are left
 
@@ -91,6 +94,11 @@ class Pool:
         self.connected_with: dict[str, Any] = {}
         self._nvml: gpu.Nvml | None = None
         self._info: dict[int, dict[str, Any]] = {}
+        #: Engines of a connected cluster whose first answer has not come (busy with another
+        #: client's work, or stuck): not in :attr:`ids` until it does.
+        self._late: dict[int, Any] = {}
+        #: What connecting found worth telling (fewer engines than launched), or None.
+        self.connect_note: str | None = None
         self._reaper: subprocess.Popen | None = None
         #: The controller and its scheduler processes, when nbparallel started them: a controller
         #: killed alone leaves its schedulers behind, and stop() must not.
@@ -149,21 +157,40 @@ class Pool:
 
     @classmethod
     def connect(cls, profile: str | None = None, cluster_id: str | None = None,
-                timeout: float = CONNECT_TIMEOUT, gpus: str | Sequence[int] | None = None) -> "Pool":
+                timeout: float = CONNECT_TIMEOUT, gpus: str | Sequence[int] | None = None,
+                wait: float | None = None, n: int | None = None,
+                say: Callable[[str], None] = print) -> "Pool":
         """Attach to a cluster started with ``ipcluster start`` (its engines are never stopped here).
 
-        Its engines are bound to GPUs as :meth:`start` does, the local rank of an engine being
-        its index among the engines of its host.
+        Without ``wait``, the cluster must have ``n`` engines (default 1) within ``timeout``
+        seconds; otherwise a :class:`PoolError` says what was found (the controller, the engines
+        so far, a batch job still queued). With ``wait`` (seconds), it waits that long for ``n``
+        engines (default: as many as ``ipcluster`` launched), telling ``say`` how many have
+        come, and connects to those that came in time. Engines busy with other work (they do
+        not answer within :data:`PROBE_TIMEOUT`) are reported and join once they answer.
+        Engines are bound to GPUs as :meth:`start` does, the local rank of an engine being its
+        index among the engines of its host.
+
+        >>> pool = Pool.connect(cluster_id="slurm", wait=600, n=16)   # %nbp connect --wait -n 16
         """
         import ipyparallel as ipp
 
         gpu.parse_gpus(gpus)
+        if wait is not None and not 0 <= wait < float("inf"):
+            raise UsageError(f"--wait takes a number of seconds, 0 or more, not {wait:g}.")
+        if n is not None and n < 1:
+            raise UsageError(f"-n takes a number of engines, 1 or more, not {n}.")
         url_file = connection_file(profile, cluster_id)
+        named = flags(profile, cluster_id)
         if not url_file.exists():
+            raise PoolError(f"no cluster to connect to: {url_file} does not exist. "
+                            + ipcluster.no_cluster_advice(profile, named))
+        down = ipcluster.controller_down(url_file)
+        if down is not None:
             raise PoolError(
-                f"no cluster to connect to: {url_file} does not exist. Start one in a terminal with "
-                f"`ipcluster start -n 4{flags(profile, cluster_id)}`, or use `%nbp start` for a "
-                f"local one."
+                f"the cluster described by {url_file} is not running: {down}. The file is left "
+                f"from a cluster that stopped: `ipcluster stop{named}` removes it, and "
+                f"`ipcluster start -n 4{named}` starts a new one."
             )
         try:
             client = ipp.Client(str(url_file), timeout=timeout)
@@ -171,23 +198,17 @@ class Pool:
             raise PoolError(
                 f"could not reach the cluster described by {url_file} within {timeout:.0f} s "
                 f"({type(exc).__name__}: {exc}). It may have stopped: start it again with "
-                f"`ipcluster start -n 4{flags(profile, cluster_id)}`, or use `%nbp start`."
+                f"`ipcluster start -n 4{named}`, or use `%nbp start`."
             ) from None
         try:
-            client.wait_for_engines(1, timeout=timeout, interactive=False)
-        except Exception:
-            client.close()
-            raise PoolError(
-                f"the cluster at {url_file} answered but has no engines after {timeout:.0f} s. "
-                f"Start some with `ipcluster engines -n 4{flags(profile, cluster_id)}`."
-            ) from None
-        try:
+            found = _await_engines(client, profile, cluster_id, timeout, wait, n, say)
             pool = cls(client, None, how="connected", gpus=gpus)
         except BaseException:
             client.close()
             raise
         pool._spawn_reaper(engines=False)
         pool.connected_with = {"profile": profile, "cluster_id": cluster_id}
+        pool.connect_note = found
         return pool
 
     def info(self, engine: int) -> dict[str, Any]:
@@ -245,7 +266,31 @@ class Pool:
     # -- engines -------------------------------------------------------------------------------
     @property
     def ids(self) -> list[int]:
-        return sorted(self.client.ids)
+        """The engines work can go to: those registered, less the :attr:`late` ones."""
+        ids = sorted(self.client.ids)
+        if self._late:
+            for e in [e for e, probe in self._late.items() if probe.done() or e not in ids]:
+                del self._late[e]  # it answered (it is learnt on first use) or it has gone
+            ids = [e for e in ids if e not in self._late]
+        return ids
+
+    @property
+    def late(self) -> list[int]:
+        """Engines of a connected cluster that have not answered yet, e.g. busy with another
+        client's work; they join :attr:`ids` when they answer."""
+        self.ids  # noqa: B018 - forgets the late engines that have answered
+        return sorted(self._late)
+
+    def _answering(self, engines: list[int]) -> list[int]:
+        """Those of ``engines`` (of a connected cluster, not learnt yet) that answer a trivial
+        request within :data:`PROBE_TIMEOUT`; the others are :attr:`late`, their request left
+        queued, so that the next look finds them answered without waiting again."""
+        fresh = [e for e in engines if e not in self._late]
+        probes = {e: self.apply(e, os.getpid) for e in fresh}
+        # Not the wait loop: its Ctrl-C would interrupt the other client's work on them.
+        concurrent.futures.wait(list(probes.values()), timeout=PROBE_TIMEOUT)
+        self._late.update({e: f for e, f in probes.items() if not f.done()})
+        return [e for e in engines if e not in self._late]
 
     def _refresh_info(self, strict: bool = False) -> None:
         """Learn the engines not seen yet, binding each to its GPU (see :func:`gpu.plan`).
@@ -254,6 +299,8 @@ class Pool:
         UsageError; an engine that joins later without them runs on the CPU instead.
         """
         missing = [i for i in self.ids if i not in self._info]
+        if self.how == "connected" and missing:
+            missing = self._answering(missing)
         if not missing:
             return
         visible: dict[int, list[int]] = {}
@@ -584,3 +631,42 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"<nbparallel.Pool {self.how}, engines {ranges(self.ids) or 'none'}>"
+
+
+def _await_engines(client: Any, profile: str | None, cluster_id: str | None, timeout: float,
+                   wait: float | None, n: int | None, say: Callable[[str], None]) -> str | None:
+    """Wait for the engines :meth:`Pool.connect` needs; returns a note worth telling the user
+    (fewer engines than launched or asked for), or raises :class:`PoolError` when none came."""
+    launched = ipcluster.launched(profile, cluster_id)
+    named = flags(profile, cluster_id)
+    url_file = connection_file(profile, cluster_id)
+    want = n or (launched.engines if wait is not None else None) or 1
+    limit = timeout if wait is None else wait
+    deadline = time.monotonic() + limit
+    said, shown = 0.0, -1
+    try:
+        while (count := len(client.ids)) < want and (left := deadline - time.monotonic()) > 0:
+            if wait is not None and (count != shown or time.monotonic() - said >= WAIT_SAY_EVERY):
+                jobs = ipcluster.job_states(launched.jobs)
+                say(f"nbparallel: waiting for engines: {count} of {want} registered"
+                    + (f" ({jobs})" if jobs else "") + f", {left:.0f} s left (Ctrl-C stops waiting).")
+                said, shown = time.monotonic(), count
+            time.sleep(min(0.2, left))
+    except KeyboardInterrupt:
+        raise PoolError(f"stopped waiting (Ctrl-C) with {len(client.ids)} of {want} engines "
+                        f"registered; `%nbp connect{named}` connects to those there are.") from None
+    if count == 0:
+        jobs = ipcluster.job_states(launched.jobs)
+        raise PoolError(
+            f"the cluster described by {url_file} is running (its controller answers) but no "
+            f"engine registered within {limit:g} s"
+            + (f" ({jobs})" if jobs else "") + ". " + ipcluster.no_engines_advice(launched, named)
+        )
+    if count < want:
+        return (f"only {count} of the {want} engines asked for registered within {limit:g} s; "
+                f"the others join the pool when they register.")
+    if launched.engines and count < launched.engines:
+        return (f"{count} of the {launched.engines} engines ipcluster launched have registered so "
+                f"far; the others join the pool when they register (`%nbp connect --wait{named}` "
+                f"waits for them).")
+    return None

@@ -25,11 +25,12 @@ from .errors import PoolError, UsageError
 from .format import ranges
 from .monitor import Monitor
 from .pipeline.runtime import Pipeline
+from . import ipcluster
 from .controller import connection_file
-from .pool import EngineInfo, Pool
+from .pool import PROBE_TIMEOUT, EngineInfo, Pool
 from .telemetry.records import Ring, Transfer
 
-__all__ = ["Session", "start", "connect", "restart", "stop", "current", "ensure", "resolve"]
+__all__ = ["Session", "start", "connect", "restart", "stop", "current", "ensure", "resolve", "connected"]
 
 
 class Session:
@@ -118,11 +119,12 @@ def start(n: int | None = None, *, say: Callable[[str], None] = print, **kwargs:
 
 def connect(profile: str | None = None, cluster_id: str | None = None, *,
             say: Callable[[str], None] = print, **kwargs: Any) -> Session:
-    """Connect to a running ``ipcluster`` and make it current (``gpus=`` as for :func:`start`).
+    """Connect to a running ``ipcluster`` and make it current (``gpus=``, ``wait=``, ``n=`` as
+    for :meth:`Pool.connect`).
 
-    >>> session = nbparallel.connect(cluster_id="mpi")
+    >>> session = nbparallel.connect(cluster_id="slurm", wait=600)
     """
-    return _make_current(Pool.connect(profile, cluster_id, **kwargs), say)
+    return _make_current(Pool.connect(profile, cluster_id, say=say, **kwargs), say)
 
 
 def restart(say: Callable[[str], None] = print) -> Session:
@@ -154,23 +156,46 @@ def stop() -> None:
 
 
 def ensure(say: Callable[[str], None] = print) -> Session:
-    """The current session; without one, connect to a running default cluster or start a local one."""
+    """The current session; without one, connect to a running default cluster or start a local one.
+
+    A default cluster whose controller runs is never replaced by a local one, even without
+    engines yet (a batch job still queued): that is an error saying how to wait for it.
+    """
     global _current
     if _current is not None and _current.ids:
         return _current
-    if connection_file(None, None).exists():
-        try:
-            _current = Session(Pool.connect(timeout=2.0))
-            say(f"nbparallel: connected to the running default cluster ({len(_current.ids)} "
-                f"engines).")
+    url_file = connection_file(None, None)
+    if url_file.exists():
+        down = ipcluster.controller_down(url_file)
+        if down is None:
+            try:
+                pool = Pool.connect(timeout=2.0, say=say)
+            except PoolError as exc:
+                raise PoolError(f"{exc} nbparallel does not start a local cluster while the "
+                                f"default one runs; `%nbp start` starts one anyway.") from None
+            _current = Session(pool)
+            say(f"nbparallel: connected to the running default cluster ({connected(_current)}).")
             return _current
-        except PoolError:
-            pass  # a stale file from a cluster that has gone: start our own instead
+        say(f"nbparallel: the default cluster's connection file is stale ({down}); starting a "
+            f"local cluster instead.")
     t0 = time.perf_counter()
     _current = Session(Pool.start())
     say(f"nbparallel: started a local cluster of {len(_current.ids)} engines in "
         f"{time.perf_counter() - t0:.1f} s (`%nbp stop` stops it).")
     return _current
+
+
+def connected(session: Session) -> str:
+    """``"2 engines"``, with the engines still busy and what connecting noticed."""
+    count = len(session.ids)
+    text = f"{count} engine{'' if count == 1 else 's'}"
+    late = session.pool.late
+    if late:
+        text += (f"; engine(s) {ranges(late)} did not answer within {PROBE_TIMEOUT:g} s (busy with "
+                 f"another client's work, or stuck) and join when they do")
+    if session.pool.connect_note:
+        text += f"; {session.pool.connect_note}"
+    return text
 
 
 def resolve(session: Session | None, say: Callable[[str], None] = print) -> Session:

@@ -286,10 +286,14 @@ CASES = [
          r"-n must be at least 1, not 0"),
     Case("connect-profile", "%nbp", "connect --profile nothere", None, "PoolError",
          r"no cluster to connect to: .*profile_nothere.* does not exist.*"
-         r"ipcluster start -n 4 --profile=nothere"),
+         r"There is no IPython profile 'nothere'; the profiles here are: .*default"),
     Case("connect-cluster-id", "%nbp", "connect --cluster-id nope", None, "PoolError",
          r"no cluster to connect to: .*ipcontroller-nope-client\.json does not exist.*"
          r"--cluster-id=nope"),
+    Case("connect-wait-negative", "%nbp", "connect --wait -5", None, "UsageError",
+         r"argument --wait: takes a number of seconds, 0 or more; not '-5'"),
+    Case("connect-n-zero", "%nbp", "connect -n 0", None, "UsageError",
+         r"-n takes a number of engines, 1 or more, not 0"),
     Case("trace-no-file", "%nbp", "trace", None, "UsageError",
          r"%nbp trace: the following arguments are required: action, file"),
     Case("trace-action", "%nbp", "trace load t.json", None, "UsageError",

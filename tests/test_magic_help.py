@@ -147,7 +147,7 @@ def test_good_lines_parse_to_the_same_defaults_as_before(magics):
     assert vars(_parse(magics.nbp, "start -n -1 --gpus 0,1")) == dict(command="start", n=-1,
                                                                       gpus="0,1")
     assert vars(_parse(magics.nbp, "connect --profile p --cluster-id c")) == dict(
-        command="connect", profile="p", cluster_id="c", gpus=None)
+        command="connect", profile="p", cluster_id="c", gpus=None, wait=None, n=None)
     assert vars(_parse(magics.nbp, "dashboard off")) == dict(command="dashboard", state="off")
     # words split as a shell does: quotes group and are removed
     assert _parse(magics.nbp, 'trace save "my trace.json"').file == "my trace.json"

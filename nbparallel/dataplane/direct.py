@@ -77,7 +77,8 @@ import zmq
 from ..errors import TransferError
 
 __all__ = ["ChannelError", "sign", "raw", "tid_bytes", "check_key", "advertised_host", "peer_address",
-           "shown", "split_endpoint", "endpoint_of", "addresses_of", "choose", "password", "cut", "join", "Channel"]
+           "shown", "split_endpoint", "endpoint_of", "addresses_of", "choose", "password", "cut", "join",
+           "frames_of", "parts_of", "Channel"]
 
 MAGIC = b"nbp3"
 PUT, GET, OK, ERR = b"put", b"get", b"ok", b"err"

@@ -38,7 +38,7 @@ FOLDER_PREFIX = "nbp-ch-"
 MAX_UNIX_PATH = 107  # sun_path holds 108 bytes with the final NUL
 
 
-def is_loopback(host: str) -> bool:
+def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host in ("::1", "localhost")
 
 
@@ -130,7 +130,7 @@ class Server:
             self._router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             # Options are fixed per listener when it binds: the Unix socket takes whole frames
             # from anyone who may open it, every TCP listener after it demands a login.
-            local = self._bind_unix() if is_loopback(host) else []
+            local = self._bind_unix() if _is_loopback(host) else []
             self._router.plain_server = True
             self._router.zap_domain = ZAP_DOMAIN
             self._router.setsockopt(zmq.MAXMSGSIZE, FRAME_LIMIT)
@@ -364,7 +364,7 @@ class Server:
                 done.set_exception(ChannelError(
                     f"could not listen on {host!r} ({e}): pass an address of this machine."))
             else:
-                local = self._local if is_loopback(host) else []
+                local = self._local if _is_loopback(host) else []
                 done.set_result(endpoint_of([*local, f"tcp://{advertised_host(host)}:{port}"], self.id))
 
     def _drain_router(self, parked: list[_Parked]) -> None:

@@ -1,0 +1,127 @@
+"""What a cluster started with ``ipcluster`` says about itself, read from its files.
+
+``ipcluster start`` writes two files into its profile's ``security`` folder: the client
+connection file (``ipcontroller[-<id>]-client.json``: where the controller listens) and the
+cluster file (``cluster-<id>.json``: its launchers, how many engines each set was asked for,
+and a batch job's id). Connecting reads them to tell a user what it found when engines are
+missing: a controller that is not running, engines still to come, a job still in its
+scheduler's queue. Nothing here talks to the cluster beyond one TCP probe of its controller.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .controller import PROBE_TIMEOUT, _address, connection_file
+
+__all__ = ["Launched", "launched", "controller_down", "profiles", "job_states", "no_engines_advice",
+           "no_cluster_advice"]
+
+#: Batch systems whose job state we can ask for, by ipyparallel's launcher class name.
+_QUERIES = {"slurm": ["squeue", "--noheader", "--format=%T", "--jobs"]}
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What the cluster file says was launched: ``engines`` asked for (None when unknown) and
+    the batch jobs that run them as ``(scheduler, job id)``."""
+
+    engines: int | None = None
+    jobs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+
+def launched(profile: str | None, cluster_id: str | None) -> Launched:
+    """What ``ipcluster`` launched for the cluster so named (nothing known: empty)."""
+    path = connection_file(profile, cluster_id).with_name(f"cluster-{cluster_id or ''}.json")
+    try:
+        engines = json.loads(path.read_text()).get("engines") or {}
+    except (OSError, ValueError, AttributeError):
+        return Launched()
+    kind = str(engines.get("class", "")).lower()
+    scheduler = next((name for name in _QUERIES if name in kind), "")
+    total, jobs = 0, []
+    for spec in (engines.get("sets") or {}).values():
+        if not isinstance(spec, dict):
+            continue
+        total += int(spec.get("n") or 0)
+        if spec.get("job_id"):
+            jobs.append((scheduler or kind or "batch", str(spec["job_id"])))
+    return Launched(total or None, tuple(jobs))
+
+
+def job_states(jobs: tuple[tuple[str, str], ...]) -> str:
+    """``"Slurm job 12: PENDING"`` for each job whose scheduler we can ask (at most 5 s); the
+    job id alone for the others; empty for none."""
+    said = []
+    for scheduler, job in jobs:
+        query = _QUERIES.get(scheduler)
+        state = ""
+        if query and shutil.which(query[0]):
+            try:
+                out = subprocess.run([*query, job], capture_output=True, text=True, timeout=5)
+                state = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "no longer queued"
+            except (OSError, subprocess.SubprocessError):
+                state = ""
+        name = scheduler.capitalize() if scheduler in _QUERIES else scheduler
+        said.append(f"{name} job {job}" + (f": {state}" if state else ""))
+    return "; ".join(said)
+
+
+def controller_down(url_file: Path) -> str | None:
+    """Why the controller in ``url_file`` cannot be running (nothing listens at its
+    registration address), or None when it answers or cannot be probed from here."""
+    try:
+        info = json.loads(url_file.read_text())
+    except (OSError, ValueError):
+        return f"{url_file} cannot be read"
+    interface = str(info.get("interface", ""))
+    port = info.get("registration")
+    if info.get("ssh") or not port:
+        return None
+    url = f"{interface}:{port}"
+    address = _address(url)
+    if address is None:
+        return None
+    try:
+        socket.create_connection(address, timeout=PROBE_TIMEOUT).close()
+    except ConnectionRefusedError:
+        return f"nothing listens at {url}, where {url_file.name} says its controller is"
+    except OSError:
+        return None  # slow or filtered: let the client try
+    return None
+
+
+def profiles() -> list[str]:
+    """The IPython profiles that exist, by name."""
+    from IPython.paths import get_ipython_dir
+
+    return sorted(p.name.removeprefix("profile_") for p in Path(get_ipython_dir()).glob("profile_*")
+                  if p.is_dir())
+
+
+def no_engines_advice(launched: Launched, named: str) -> str:
+    """What to do about a running cluster without engines, given what was launched: wait for a
+    queued job, read the logs of launched engines, or launch some (only when none were)."""
+    wait = f"`%nbp connect --wait{named}` waits for them (10 minutes; `--wait 3600` for an hour)"
+    if launched.jobs:
+        return f"Its engines start when the job runs: {wait}."
+    if launched.engines:
+        return (f"ipcluster launched {launched.engines}; if none comes, their logs (ipengine-*.log "
+                f"in the profile's log folder) say why. {wait[0].upper() + wait[1:]}.")
+    return f"Start some with `ipcluster engines -n 4{named}`, then {wait}."
+
+
+def no_cluster_advice(profile: str | None, named: str) -> str:
+    """What to do when there is no connection file: name the profiles that exist when the one
+    asked for does not, else say how to start a cluster."""
+    known = profiles()
+    if profile and profile not in known:
+        return (f"There is no IPython profile {profile!r}; the profiles here are: "
+                f"{', '.join(known) or 'none'}.")
+    return (f"Start one in a terminal with `ipcluster start -n 4{named}`, or use `%nbp start` "
+            f"for a local one.")
