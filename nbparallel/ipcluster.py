@@ -121,7 +121,8 @@ def no_cluster_advice(profile: str | None, named: str) -> str:
     asked for does not, else say how to start a cluster."""
     known = profiles()
     if profile and profile not in known:
-        return (f"There is no IPython profile {profile!r}; the profiles here are: "
-                f"{', '.join(known) or 'none'}.")
+        return (f"There is no IPython profile {profile!r} (the profiles here are: "
+                f"{', '.join(known) or 'none'}); `ipcluster start -n 4{named}` makes it and starts "
+                f"a cluster there.")
     return (f"Start one in a terminal with `ipcluster start -n 4{named}`, or use `%nbp start` "
             f"for a local one.")

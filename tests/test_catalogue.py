@@ -286,7 +286,7 @@ CASES = [
          r"-n must be at least 1, not 0"),
     Case("connect-profile", "%nbp", "connect --profile nothere", None, "PoolError",
          r"no cluster to connect to: .*profile_nothere.* does not exist.*"
-         r"There is no IPython profile 'nothere'; the profiles here are: .*default"),
+         r"There is no IPython profile 'nothere' \(the profiles here are: .*default\)"),
     Case("connect-cluster-id", "%nbp", "connect --cluster-id nope", None, "PoolError",
          r"no cluster to connect to: .*ipcontroller-nope-client\.json does not exist.*"
          r"--cluster-id=nope"),

@@ -263,8 +263,8 @@ def test_connect_to_a_stopped_controller_or_a_missing_profile_says_so(tmp_path):
             Pool.connect(cluster_id="stale")
         assert time.monotonic() - start < 3
         stale.unlink()
-    with pytest.raises(PoolError, match=r"There is no IPython profile 'nope'; the profiles here "
-                       r"are: .*default"):
+    with pytest.raises(PoolError, match=r"There is no IPython profile 'nope' \(the profiles here "
+                       r"are: .*default\); `ipcluster start -n 4 --profile=nope` makes it"):
         Pool.connect(profile="nope")
 
 
