@@ -343,7 +343,8 @@ class NbparallelMagics(Magics):
               argument("--schedule", default="1f1b", metavar="S",
                        help=f"{', '.join(SCHEDULES)} (default 1f1b)"),
               argument("--virtual", type=int, default=1, metavar="V",
-                       help="virtual stages per engine, for interleaved (default 1)"))
+                       help="virtual stages per engine, for interleaved and interleaved-zb "
+                       "(default 1; zb-v always has 2)"))
     @_command("show", "list the stages: name, engine, hooks, array bytes")
     @_command("clear", "forget every stage")
     @line_magic

@@ -138,6 +138,41 @@ def test_four_stages_on_two_engines_train_interleaved(pool, pool4):
     assert_like_one_process(pool, params, x, t, losses, 2)
 
 
+@pytest.mark.parametrize("schedule, engines, m", [
+    ("interleaved-zb", [0, 1, 0, 1], 4),
+    ("zb-v", [0, 1, 1, 0], 4),
+    ("zb-v", [0, 1, 1, 0], 2),  # fewer micro-batches than the 2p - 1 ZB-V is built for
+    ("interleaved", [0, 1, 0, 1], 3),  # not a multiple of p: one round of 3, as PyTorch runs it
+])
+def test_zero_bubble_and_v_schedules_train_like_one_process(pool, schedule, engines, m):
+    params = model()
+    x, t = data()
+    define(pool, params, engines)
+    losses = pipeline.train(x, t, m, schedule=schedule, steps=2, pool=pool)
+    assert_like_one_process(pool, params, x, t, losses, 2)
+    result = pool.pipeline.last[-1]
+    assert result.schedule.name == schedule and {sp[0] for sp in result.spans} == {0, 1}
+    if schedule == "zb-v":  # the V runs forward too: stage 3 on engine 0, after stage 2 on 1
+        trained = weights(pool)
+        h = x
+        for k, (W, b) in enumerate(trained):
+            h = h @ W + b
+            h = np.tanh(h) if k < len(trained) - 1 else h
+        np.testing.assert_allclose(pipeline.run(x, 3, pool=pool), h, rtol=1e-9)
+
+
+def test_zb_v_needs_its_stages_in_a_v_and_the_interleaved_ones_round_robin(pool):
+    params = model()
+    x, t = data()
+    define(pool, params, [0, 1, 0, 1])
+    with pytest.raises(UsageError, match=r"--schedule zb-v needs them in a V: stage s on engine "
+                       r"\[0, 1, 1, 0\]\[s\]"):
+        pipeline.train(x, t, 4, schedule="zb-v", pool=pool)
+    define(pool, params, [0, 1, 1, 0])
+    with pytest.raises(UsageError, match="form a V, which only --schedule zb-v runs"):
+        pipeline.train(x, t, 4, schedule="interleaved", pool=pool)
+
+
 @pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
 def test_two_stages_train_and_run(pool, schedule):
     params = model()

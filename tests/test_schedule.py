@@ -52,6 +52,13 @@ def deps(op: Op, n_stages: int, split: bool) -> list[Op]:
     return [Op("F", op.stage, op.mb)] + ([Op(back, op.stage + 1, op.mb)] if op.stage < n_stages - 1 else [])
 
 
+def home(s: Schedule, stage: int) -> int:
+    """The rank a stage lives on: round-robin, or a V for zb-v (rank r holds r and 2p-1-r)."""
+    if s.name == "zb-v":
+        return stage if stage < s.p else 2 * s.p - 1 - stage
+    return stage % s.p
+
+
 def critical_path(s: Schedule, costs: Costs) -> float:
     """Longest dependency chain, ignoring that a rank runs one op at a time: a lower bound on makespan."""
     split = any(op.kind in "IW" for ops in s.ranks for op in ops)
@@ -59,7 +66,7 @@ def critical_path(s: Schedule, costs: Costs) -> float:
 
     @functools.lru_cache(maxsize=None)
     def finish(op: Op) -> float:
-        ready = max((finish(d) + (costs.comm if d.stage % s.p != op.stage % s.p else 0.0)
+        ready = max((finish(d) + (costs.comm if home(s, d.stage) != home(s, op.stage) else 0.0)
                      for d in deps(op, n, split)), default=0.0)
         return ready + costs.of(op, s.v)
 
@@ -67,8 +74,8 @@ def critical_path(s: Schedule, costs: Costs) -> float:
 
 
 def expected_ops(s: Schedule) -> set[tuple[int, Op]]:
-    kinds = "F" if not s.train else "FIW" if s.name == "zb-h1" else "FB"
-    return {(st_ % s.p, Op(k, st_, j)) for st_ in range(s.p * s.v) for j in range(s.m) for k in kinds}
+    kinds = "F" if not s.train else "FIW" if s.name in ("zb-h1", "interleaved-zb", "zb-v") else "FB"
+    return {(home(s, st_), Op(k, st_, j)) for st_ in range(s.p * s.v) for j in range(s.m) for k in kinds}
 
 
 def run_with_comms(s: Schedule) -> None:
@@ -172,13 +179,48 @@ def test_zb_h1_bubble_matches_qi_et_al_table_2(p, m, costs):
     assert zb.bubble == pytest.approx(theoretical_bubble("zb-h1", p, m, costs=costs))
 
 
+@pytest.mark.parametrize("p,m,zbv,zbh1", [(4, 8, 0.059, 0.111), (8, 16, 0.068, 0.127)])
+def test_zero_bubble_v_about_halves_zb_h1s_bubble(p, m, zbv, zbh1):
+    """The figures the issue computed from PyTorch's own orders, unit F, I and W."""
+    unit = Costs(f=1, b=2, i=1, w=1)
+    v, h = simulate(build("zb-v", p, m), unit), simulate(zb_h1(p, m), unit)
+    assert round(v.bubble, 3) == zbv and round(h.bubble, 3) == zbh1
+    assert round(simulate(build("interleaved-zb", p, m, 2), unit).bubble, 3) == zbv
+    # Activations in half-rank stages: ZB-V holds 2p of them on every rank, 1F1B's p whole ones.
+    assert max(v.peak_stash) == 2 * max(h.peak_stash)
+
+
+def test_zb_v_is_pytorchs_order_for_p2_m4():
+    """ScheduleZBVZeroBubble._calculate_single_rank_operations for 2 ranks, 4 micro-batches (its
+    padding Nones dropped), transcribed by hand."""
+    s = build("zb-v", 2, 4)
+    assert s.v == 2 and [home(s, st_) for st_ in range(4)] == [0, 1, 1, 0]
+    assert [" ".join(op.label(True) for op in ops) for ops in s.ranks] == [
+        "F0@s0 F1@s0 F2@s0 F0@s3 I0@s3 W0@s3 F1@s3 I1@s3 W1@s3 F3@s0 I0@s0 W0@s0 F2@s3 I2@s3 W2@s3 "
+        "I1@s0 W1@s0 F3@s3 I3@s3 W3@s3 I2@s0 W2@s0 I3@s0 W3@s0",
+        "F0@s1 F0@s2 F1@s1 F1@s2 I0@s2 W0@s2 F2@s1 I0@s1 W0@s1 F2@s2 I1@s2 W1@s2 F3@s1 I1@s1 W1@s1 "
+        "F3@s2 I2@s2 W2@s2 I2@s1 I3@s2 I3@s1 W2@s1 W3@s2 W3@s1",
+    ]
+
+
+def test_interleaved_takes_micro_batch_counts_that_are_not_a_multiple_of_p():
+    # One round of 6 on 4 ranks: what PyTorch's ScheduleInterleaved1F1B runs for m=6.
+    s = build("interleaved", 4, 6, 2)
+    validate(s)
+    assert [op.label(True) for op in s.ranks[3][:7]] == [
+        "F0@s3", "F1@s3", "F2@s3", "F3@s3", "F4@s3", "F5@s3", "F0@s7"]
+    assert simulate(s, FREE).bubble < simulate(one_f_one_b(4, 6), FREE).bubble
+
+
 def test_theoretical_bubble_is_none_outside_the_closed_forms():
     assert theoretical_bubble("1f1b", 4, 8, costs=Costs(comm=0.1)) is None
     assert theoretical_bubble("zb-h1", 4, 2) is None  # Qi et al.'s formula assumes m >= p
     assert theoretical_bubble("zb-h1", 4, 8, costs=Costs(w=3, b=4)) is None
     assert theoretical_bubble("zb-h1", 4, 8) == pytest.approx(3 / 27)
+    assert theoretical_bubble("interleaved", 4, 6, 2) is None  # no whole rounds of p
+    assert theoretical_bubble("zb-v", 4, 8) is None and theoretical_bubble("interleaved-zb", 4, 8, 2) is None
     with pytest.raises(ScheduleError):
-        theoretical_bubble("interleaved", 4, 6, 2)
+        theoretical_bubble("interleaved", 4, 9, 2)
 
 
 def test_communication_cost_delays_cross_rank_dependencies_only():
@@ -191,8 +233,18 @@ def test_communication_cost_delays_cross_rank_dependencies_only():
 # -- validity ------------------------------------------------------------------------------------------
 
 
+def buildable(name: str, p: int, m: int, v: int) -> bool:
+    """What the module should accept, restated: v > 1 only for the interleaved schedules (whose
+    m must split into max(1, m // p) equal rounds, PyTorch's rule) and exactly v=2 for zb-v."""
+    if name == "zb-v":
+        return v == 2
+    if name in ("interleaved", "interleaved-zb"):
+        return m % max(1, m // p) == 0
+    return v == 1
+
+
 GRID = [(n, p, m, v) for n in NAMES for p in (1, 2, 3, 4) for m in (1, 2, 4, 5, 8) for v in (1, 2, 3)
-        if (v == 1 or n == "interleaved") and (n != "interleaved" or m % p == 0)]
+        if buildable(n, p, m, v)]
 
 
 @pytest.mark.parametrize("name,p,m,v", GRID)
@@ -208,7 +260,9 @@ def test_every_built_schedule_validates(name, p, m, v):
        f=st.sampled_from([0.5, 1.0, 2.0]), i=st.sampled_from([0.5, 1.0]), w=st.sampled_from([0.25, 1.0]),
        comm=st.sampled_from([0.0, 0.1, 1.0]))
 def test_property_every_schedule_is_a_valid_order(name, p, m, v, f, i, w, comm):
-    if (v > 1 and name != "interleaved") or (name == "interleaved" and m % p):
+    if name == "zb-v" and v == 1:
+        v = 2  # what build() makes of the default v
+    if not buildable(name, p, m, v):
         with pytest.raises(ScheduleError):
             build(name, p, m, v)
         return
@@ -222,7 +276,7 @@ def test_property_every_schedule_is_a_valid_order(name, p, m, v, f, i, w, comm):
     assert sim.makespan >= max(sim.busy) - 1e-9 and 0.0 <= sim.bubble < 1.0
     assert len(sim.spans) == len(got)
     for sp in sim.spans:  # each op after its dependencies, ranks never run two ops at once
-        for d in deps(sp.op, s.p * s.v, name == "zb-h1"):
+        for d in deps(sp.op, s.p * s.v, name in ("zb-h1", "interleaved-zb", "zb-v")):
             end = next(x.end for x in sim.spans if x.op == d)
             assert sp.start >= end - 1e-9
     for r in range(p):
@@ -283,7 +337,7 @@ def test_validate_rejects_missing_misplaced_and_duplicated_ops():
 
 
 @pytest.mark.parametrize("args,kwargs,needle", [
-    (("pipedream-2bw", 4, 8), {}, "choose one of gpipe, 1f1b, interleaved, zb-h1"),
+    (("pipedream-2bw", 4, 8), {}, "choose one of gpipe, 1f1b, interleaved, zb-h1, interleaved-zb, zb-v"),
     (("1f1b", 0, 8), {}, "p must be a whole number >= 1, got 0"),
     (("1f1b", 4, -1), {}, "m must be a whole number >= 1"),
     (("1f1b", 4, 2.5), {}, "m must be a whole number"),
@@ -291,8 +345,9 @@ def test_validate_rejects_missing_misplaced_and_duplicated_ops():
     (("interleaved", 4, 8, 0), {}, "v must be a whole number >= 1"),
     (("1f1b", 4, 8, 2), {}, "needs schedule 'interleaved'"),
     (("zb-h1", 4, 8), {"train": False}, "use 'gpipe' for inference"),
-    (("interleaved", 4, 10, 2), {}, "m % p == 0), got m=10 with p=4: use m=8 or m=12"),
-    (("interleaved", 4, 3, 2), {}, "use m=4."),
+    (("interleaved", 4, 9, 2), {}, "m=9 with p=4 does not divide into 2 rounds: use m=8 or m=10"),
+    (("interleaved-zb", 4, 11, 2), {}, "does not divide into 2 rounds: use m=10 or m=12"),
+    (("zb-v", 4, 8, 3), {}, "zb-v puts exactly 2 stages on each rank (a V), not v=3; use v=2"),
 ])
 def test_bad_names_and_values_raise_one_helpful_sentence(args, kwargs, needle):
     with pytest.raises(ScheduleError) as e:

@@ -128,8 +128,10 @@ class Pipeline:
         self.stages[name] = info  # re-running a stage keeps its place in the order
         return info
 
-    def placement(self) -> tuple[list[int], int]:
-        """The engines (ranks) in stage order and the number of virtual stages per rank."""
+    def placement(self) -> tuple[list[int], int, bool]:
+        """The engines (ranks) in stage order, the number of virtual stages per rank, and
+        whether the stages form a V (rank r holds stages r and 2p-1-r, for zb-v) rather than
+        going round-robin (stage s on rank s mod p)."""
         if not self.stages:
             raise UsageError("no stages yet: define them with %%stage NAME cells, first to last.")
         engines = [info.engine for info in self.stages.values()]
@@ -144,32 +146,43 @@ class Pipeline:
             )
         ranks = list(dict.fromkeys(engines))
         p = len(ranks)
-        if len(engines) % p or any(engines[s] != ranks[s % p] for s in range(len(engines))):
+        vee = len(engines) == 2 * p and engines == ranks + ranks[::-1]
+        if not vee and (len(engines) % p or any(engines[s] != ranks[s % p]
+                                                for s in range(len(engines)))):
             raise UsageError(
                 f"stages sit on engines {engines}; with more stages than engines they must go "
-                f"round-robin (stage s on engine s mod {p}) for the interleaved schedule. Drop "
-                f"--engine from the %%stage lines to get that placement."
+                f"round-robin (stage s on engine s mod {p}, for the interleaved schedules) or, "
+                f"two per engine, in a V ({ranks + ranks[::-1]}, for zb-v). Drop --engine from the "
+                f"%%stage lines to get round-robin, or give each stage its --engine."
             )
-        return ranks, len(engines) // p
+        return ranks, len(engines) // p, vee and p > 1
 
     # -- running -------------------------------------------------------------------------------
     def run(self, x: Any, microbatches: int, dashboard: bool | None = None) -> Any:
-        ranks, v = self.placement()
-        s = _forward_only(len(ranks), microbatches, v)
+        ranks, v, vee = self.placement()
+        s = _forward_only(len(ranks), microbatches, v, vee)
         result = self._execute(s, ranks, _split(x, microbatches, "--input"), {}, False, dashboard)
         return _join(result["outputs"], microbatches)
 
     def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int,
               dashboard: bool | None = None) -> list[float]:
-        ranks, v = self.placement()
-        name = schedule
-        if v > 1 and name != "interleaved":
+        ranks, v, vee = self.placement()
+        if v > 1 and sched.canonical(schedule) not in sched.VIRTUAL:
             raise UsageError(
                 f"{len(self.stages)} stages on {len(ranks)} engines are virtual stages; train them "
-                f"with --schedule interleaved, or give each stage its own engine."
+                f"with --schedule interleaved or interleaved-zb (zb-v for stages in a V), or give "
+                f"each stage its own engine."
             )
-        s = sched.build(name, len(ranks), microbatches, v)
-        self._check_hooks(name)
+        s = sched.build(schedule, len(ranks), microbatches, v)
+        if v > 1 and (s.name == "zb-v") != vee:
+            raise UsageError(
+                f"{len(self.stages)} stages on engines {[i.engine for i in self.stages.values()]} "
+                + ("form a V, which only --schedule zb-v runs; place them round-robin (no --engine "
+                   "on the %%stage lines) for the interleaved schedules." if vee else
+                   f"go round-robin; --schedule zb-v needs them in a V: stage s on engine "
+                   f"{ranks + ranks[::-1]}[s] (`%%stage NAME --engine K`).")
+            )
+        self._check_hooks(s.name)
         xs, ts = _split(x, microbatches, "--input"), _split(target, microbatches, "--target")
         # Split alike, rows of different counts would pair each input with the wrong targets.
         if len(np.asarray(x)) != len(np.asarray(target)):
@@ -189,12 +202,12 @@ class Pipeline:
 
     def _check_hooks(self, schedule: str) -> None:
         infos = list(self.stages.values())
-        split = schedule == "zb-h1"
+        split = schedule in sched.SPLIT
         need = ("backward_input", "backward_weight") if split else ("backward",)
         for info in infos:
             missing = [h for h in need if h not in info.hooks]
             if missing:
-                extra = (" zb-h1 splits the backward pass: define backward_input(grad, ctx) "
+                extra = (f" {schedule} splits the backward pass: define backward_input(grad, ctx) "
                          "returning the input gradient and backward_weight(ctx) accumulating "
                          "the weight gradient." if split else "")
                 raise UsageError(f"stage `{info.name}` lacks {', '.join(missing)}, which "
@@ -224,7 +237,7 @@ class Pipeline:
         with self.monitor.watch("%pipeline", ranks, dashboard) as watch:
             watch.queued({eid: 1 for eid in ranks})
             for r, eid in enumerate(ranks):
-                mine = {i: n for i, n in enumerate(names) if i % len(ranks) == r}
+                mine = {i: n for i, n in enumerate(names) if s.rank_of(i) == r}
                 ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
                 inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
                 targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
@@ -323,14 +336,17 @@ def _failed(future: Any) -> bool:
     return not future.result().ok
 
 
-def _forward_only(p: int, m: int, v: int) -> sched.Schedule:
-    """Inference order: each rank runs its stages first to last, each over every micro-batch."""
+def _forward_only(p: int, m: int, v: int, vee: bool = False) -> sched.Schedule:
+    """Inference order: each rank runs its stages first to last, each over every micro-batch
+    (stages round-robin, or in a V: rank r holds r and 2p-1-r)."""
     sched.check_size(p, m, v)
     if v == 1:
         return sched.build("gpipe", p, m, train=False)
-    ranks = tuple(tuple(sched.Op("F", st, j) for st in range(r, p * v, p) for j in range(m))
-                  for r in range(p))
-    return sched.Schedule("gpipe", p, m, v, ranks, False)
+    placement = tuple(st if st < p else 2 * p - 1 - st for st in range(2 * p)) if vee else ()
+    mine = ([(r, 2 * p - 1 - r) for r in range(p)] if vee else
+            [tuple(range(r, p * v, p)) for r in range(p)])
+    ranks = tuple(tuple(sched.Op("F", st, j) for st in mine[r] for j in range(m)) for r in range(p))
+    return sched.Schedule("gpipe", p, m, v, ranks, False, placement)
 
 
 def _split(x: Any, m: int, what: str) -> list[Any]:

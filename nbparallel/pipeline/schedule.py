@@ -8,7 +8,8 @@ dependencies; :func:`comms` spells them out for a runtime.
 
 Placement: the model is cut into ``S = p * v`` stages; stage ``s`` lives on rank ``s % p``, so rank
 ``r`` holds stages ``r, r + p, r + 2p, ...`` (Megatron-LM's interleaved placement; ``v = 1`` except
-for the interleaved schedule). Dependencies: ``F(s, j)`` needs ``F(s-1, j)``; ``B/I(s, j)`` needs
+for the interleaved schedules), except for ``zb-v``, whose ``v = 2`` stages per rank form a V: rank
+``r`` holds stages ``r`` and ``2p - 1 - r`` (:attr:`Schedule.placement`). Dependencies: ``F(s, j)`` needs ``F(s-1, j)``; ``B/I(s, j)`` needs
 ``F(s, j)`` and ``B/I(s+1, j)`` (the last stage computes the loss inside its first backward);
 ``W(s, j)`` needs ``I(s, j)``.
 
@@ -16,7 +17,11 @@ Schedules (see :func:`build`): ``gpipe`` (Huang et al., 2019: all forwards, then
 ``train=False`` gives the forward-only inference schedule), ``1f1b`` (PipeDream-flush) and
 ``interleaved`` (Narayanan et al., "Efficient Large-Scale Language Model Training on GPU Clusters
 Using Megatron-LM", SC21), ``zb-h1`` (Qi et al., "Zero Bubble (Almost) Pipeline Parallelism",
-ICLR 2024). In a notebook, without running anything::
+ICLR 2024), and the orders PyTorch builds on them: ``interleaved-zb`` (interleaved with the
+zero-bubble split, PyTorch's ScheduleInterleavedZeroBubble) and ``zb-v`` (Qi et al.'s ZB-V,
+PyTorch's ScheduleZBVZeroBubble). The interleaved schedules take any micro-batch count PyTorch
+takes: micro-batches go in rounds of ``m // max(1, m // p)``, so ``m`` must divide into
+``max(1, m // p)`` rounds. In a notebook, without running anything::
 
     %pipeline schedule --stages 4 --microbatches 8 --schedule 1f1b
 
@@ -39,12 +44,16 @@ from ..errors import UsageError
 __all__ = [
     "NAMES", "KINDS", "ScheduleError", "Op", "Send", "Recv", "Action", "Schedule", "Costs", "Span",
     "Simulation",
-    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "build", "check_size", "MAX_SIZE", "validate",
+    "gpipe", "one_f_one_b", "interleaved", "zb_h1", "interleaved_zb", "zb_v", "build", "canonical", "check_size", "MAX_SIZE", "validate",
     "comms", "simulate",
     "bubble", "theoretical_bubble", "render",
 ]
 
-NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+NAMES = ("gpipe", "1f1b", "interleaved", "zb-h1", "interleaved-zb", "zb-v")
+#: The schedules that split each backward into I and W.
+SPLIT = ("zb-h1", "interleaved-zb", "zb-v")
+#: The schedules that run v > 1 stages per rank.
+VIRTUAL = ("interleaved", "interleaved-zb", "zb-v")
 KINDS = ("F", "B", "I", "W")
 
 
@@ -98,7 +107,10 @@ Action = Union[Op, Send, Recv]
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-rank compute op lists: ``ranks[r]`` is what rank ``r`` runs, in order."""
+    """Per-rank compute op lists: ``ranks[r]`` is what rank ``r`` runs, in order.
+
+    ``placement[s]`` is the rank stage ``s`` lives on; empty means round-robin (``s % p``).
+    """
 
     name: str
     p: int
@@ -106,10 +118,15 @@ class Schedule:
     v: int
     ranks: tuple[tuple[Op, ...], ...]
     train: bool
+    placement: tuple[int, ...] = ()
 
     @property
     def stages(self) -> int:
         return self.p * self.v
+
+    def rank_of(self, stage: int) -> int:
+        """The rank that holds ``stage``."""
+        return self.placement[stage] if self.placement else stage % self.p
 
 
 @dataclass(frozen=True)
@@ -178,10 +195,16 @@ def check_size(p: int, m: int, v: int = 1) -> None:
             f"ones) or fewer stages.")
 
 
+def canonical(name: str) -> str:
+    """``name`` as :data:`NAMES` spells it (aliases and case folded); unknown names unchanged."""
+    key = str(name).strip().lower().replace("_", "-")
+    return {"zbh1": "zb-h1", "pipedream-flush": "1f1b", "zbv": "zb-v",
+            "interleaved-zero-bubble": "interleaved-zb"}.get(key, key)
+
+
 def _check(name: str, p: int, m: int, v: int = 1, train: bool = True) -> str:
     """Normalise ``name`` and reject what no schedule can do, with one sentence saying how to fix it."""
-    key = str(name).strip().lower().replace("_", "-")
-    key = {"zbh1": "zb-h1", "pipedream-flush": "1f1b"}.get(key, key)
+    key = canonical(name)
     if key not in NAMES:
         raise ScheduleError(f"Unknown pipeline schedule {name!r}: choose one of {', '.join(NAMES)}.")
     for what, val, meaning in (("p", p, "ranks (stages)"), ("m", m, "micro-batches"),
@@ -189,19 +212,26 @@ def _check(name: str, p: int, m: int, v: int = 1, train: bool = True) -> str:
         if isinstance(val, bool) or not isinstance(val, int) or val < 1:
             raise ScheduleError(f"The number of {meaning} {what} must be a whole number >= 1, got {val!r}.")
     check_size(p, m, v)
-    if v > 1 and key != "interleaved":
-        raise ScheduleError(f"v={v} virtual stages per rank needs schedule 'interleaved'; "
-                            f"{key!r} puts one stage on each rank, so use v=1.")
+    if key == "zb-v" and v != 2:
+        raise ScheduleError(f"zb-v puts exactly 2 stages on each rank (a V), not v={v}; use v=2.")
+    if v > 1 and key not in VIRTUAL:
+        raise ScheduleError(f"v={v} virtual stages per rank needs schedule 'interleaved', "
+                            f"'interleaved-zb' or (v=2) 'zb-v'; {key!r} puts one stage on each rank, "
+                            f"so use v=1.")
     if not train and key != "gpipe":
         raise ScheduleError(f"Forward-only (train=False) is the 'gpipe' schedule; {key!r} orders "
                             f"backward passes, so use 'gpipe' for inference.")
-    if key == "interleaved" and m % p:
-        low, high = m // p * p, (m // p + 1) * p
-        hint = f"m={low} or m={high}" if low else f"m={high}"
-        raise ScheduleError(f"The interleaved schedule needs the number of micro-batches to be a multiple "
-                            f"of the number of ranks (Megatron-LM requires m % p == 0), got m={m} with "
-                            f"p={p}: use {hint}.")
+    if key in ("interleaved", "interleaved-zb") and m % _rounds(p, m):
+        low = next(k for k in range(m - 1, 0, -1) if not k % _rounds(p, k))
+        high = next(k for k in range(m + 1, 2 * m + p + 1) if not k % _rounds(p, k))
+        raise ScheduleError(f"The {key} schedule runs micro-batches in max(1, m // p) rounds of equal "
+                            f"size (as PyTorch does), and m={m} with p={p} does not divide into "
+                            f"{_rounds(p, m)} rounds: use m={low} or m={high}.")
     return key
+
+
+def _rounds(p: int, m: int) -> int:
+    return max(1, m // p)
 
 
 def _one_f_one_b(fwd: list[Op], bwd: list[Op], warmup: int) -> tuple[Op, ...]:
@@ -233,27 +263,105 @@ def one_f_one_b(p: int, m: int) -> Schedule:
 
 
 def interleaved(p: int, m: int, v: int) -> Schedule:
-    """Megatron-LM's interleaved 1F1B (Narayanan et al. SC21) with ``v`` model chunks per rank.
+    """Megatron-LM's interleaved 1F1B (Narayanan et al. SC21) with ``v`` model chunks per rank, in
+    PyTorch's form (ScheduleInterleaved1F1B), which also takes micro-batch counts that are not a
+    multiple of ``p``.
 
-    Requires ``m % p == 0`` (as Megatron-LM does; ScheduleError otherwise). Each rank walks micro-batches
-    in groups of p: forwards run chunk 0 of the group, then chunk 1, ...; backwards run the chunks in
-    reverse. Warm-up is Megatron's ``2 * (p - r - 1) + (v - 1) * p`` forwards (capped at m * v). With
-    v == 1 this is plain 1F1B (Megatron-LM falls back to its non-interleaved schedule too).
+    Micro-batches go in ``max(1, m // p)`` rounds of ``k = m // rounds`` (ScheduleError when they do
+    not divide evenly): forwards run chunk 0 of a round's k micro-batches, then chunk 1, ...;
+    backwards run the chunks in reverse. Warm-up is ``(v - 1) * k + 2 * (p - r - 1)`` forwards
+    (capped at m * v); with ``m % p == 0`` that is Megatron's ``2 * (p - r - 1) + (v - 1) * p``.
+    With v == 1 this is plain 1F1B (Megatron-LM falls back to its non-interleaved schedule too).
     """
     _check("interleaved", p, m, v)
     if v == 1:
         return Schedule("interleaved", p, m, 1, one_f_one_b(p, m).ranks, True)
-
-    def order(r: int, kind: str) -> list[Op]:
-        # The k-th op of a kind is micro-batch (k // pv) * p + k % p on chunk (k % pv) // p, counted
-        # from the last chunk for backwards: groups of p micro-batches sweep the chunks.
-        chunks = [(k % (p * v)) // p for k in range(m * v)]
-        return [Op(kind, (c if kind == "F" else v - 1 - c) * p + r, (k // (p * v)) * p + k % p)
-                for k, c in enumerate(chunks)]
-
-    ranks = tuple(_one_f_one_b(order(r, "F"), order(r, "B"), 2 * (p - r - 1) + (v - 1) * p)
+    k = m // _rounds(p, m)
+    ranks = tuple(_interleaved_rank(p, m, v, r, min((v - 1) * k + 2 * (p - r - 1), m * v), k, False)
                   for r in range(p))
     return Schedule("interleaved", p, m, v, ranks, True)
+
+
+def interleaved_zb(p: int, m: int, v: int = 2) -> Schedule:
+    """Interleaved 1F1B with each B split into I and W (PyTorch's ScheduleInterleavedZeroBubble,
+    the ZB1P schedule of Qi et al.): warm-up ``(v - 1) * k + (p - r - 1)`` forwards, and rank r
+    defers each W by r backwards, filling the cool-down with them."""
+    _check("interleaved-zb", p, m, v)
+    k = m // _rounds(p, m)
+    ranks = tuple(_interleaved_rank(p, m, v, r, min((v - 1) * k + (p - r - 1), m * v), k, True)
+                  for r in range(p))
+    return Schedule("interleaved-zb", p, m, v, ranks, True)
+
+
+def _interleaved_rank(p: int, m: int, v: int, r: int, warmup: int, k: int, split: bool) -> tuple[Op, ...]:
+    """One rank of the interleaved schedules (PyTorch's ``_get_1f1b_rank_ops``): ``warmup``
+    forwards, then F/B pairs, then the remaining Bs; the n-th forward is on chunk ``(n // k) % v``,
+    the n-th backward on chunk ``v - 1 - (n // k) % v``, each chunk's micro-batches in order. With
+    ``split``, each B is an I, and the W of the n-th backward follows the (n + r)-th (the rest
+    at the end)."""
+    def fwd_stage(n: int) -> int:
+        return (n // k) % v * p + r
+
+    def bwd_stage(n: int) -> int:
+        return (v - 1 - (n // k) % v) * p + r
+
+    nxt = {"F": [0] * (p * v), "B": [0] * (p * v), "W": [0] * (p * v)}
+
+    def take(kind: str, stage: int) -> Op:
+        mb = nxt[kind][stage]
+        nxt[kind][stage] += 1
+        return Op("I" if kind == "B" and split else kind, stage, mb)
+
+    ops: list[Op] = []
+    backs: list[int] = []  # the n of each backward, in order, for their Ws
+    total = m * v
+    for n in range(warmup + total):
+        if n < total:
+            ops.append(take("F", fwd_stage(n)))
+        if n >= warmup:
+            b = n - warmup
+            ops.append(take("B", bwd_stage(b)))
+            backs.append(b)
+            if split and b >= r:
+                ops.append(take("W", bwd_stage(backs[b - r])))
+    if split:
+        ops += [take("W", bwd_stage(b)) for b in backs[max(0, len(backs) - r):]]
+    return tuple(ops)
+
+
+def zb_v(p: int, m: int) -> Schedule:
+    """ZB-V (Qi et al., ICLR 2024, section 6; PyTorch's ScheduleZBVZeroBubble): two stages per
+    rank in a V (rank r holds stages r and 2p - 1 - r, so the last stage is on rank 0 and the
+    loss needs no hop), each backward split into I and W. About half ZB-H1's bubble for the
+    same activation memory when F, I and W cost the same. Built for ``max(m, 2p - 1)``
+    micro-batches, as PyTorch does, then trimmed to ``m``."""
+    _check("zb-v", p, m, 2)
+    n = max(2 * p - 1, m)
+    ranks = []
+    for r in range(p):
+        c0, c1 = r, 2 * p - 1 - r
+        f0 = f1 = b0 = b1 = 0
+        ops: list[Op] = []
+        for _ in range(2 * (p - r) - 1):
+            ops.append(Op("F", c0, f0)); f0 += 1
+        for _ in range(r):
+            ops += [Op("F", c1, f1), Op("F", c0, f0)]; f1 += 1; f0 += 1
+        for _ in range(p - r):
+            ops += [Op("F", c1, f1), Op("I", c1, b1), Op("W", c1, b1)]; f1 += 1; b1 += 1
+        while f1 < f0 or f0 < n:
+            if f0 < n:
+                ops.append(Op("F", c0, f0)); f0 += 1
+            ops += [Op("I", c0, b0), Op("W", c0, b0)]; b0 += 1
+            ops += [Op("F", c1, f1), Op("I", c1, b1), Op("W", c1, b1)]; f1 += 1; b1 += 1
+        w0, w1 = b0, b1
+        for _ in range(r):
+            ops += [Op("I", c0, b0), Op("I", c1, b1)]; b0 += 1; b1 += 1
+        for _ in range(p - r):
+            ops += [Op("I", c0, b0), Op("W", c0, w0)]; b0 += 1; w0 += 1
+        ops += [Op("W", c1, j) for j in range(w1, b1)] + [Op("W", c0, j) for j in range(w0, b0)]
+        ranks.append(tuple(op for op in ops if op.mb < m))
+    placement = tuple(s if s < p else 2 * p - 1 - s for s in range(2 * p))
+    return Schedule("zb-v", p, m, 2, tuple(ranks), True, placement)
 
 
 def zb_h1(p: int, m: int) -> Schedule:
@@ -279,13 +387,20 @@ def zb_h1(p: int, m: int) -> Schedule:
 
 
 def build(name: str, p: int, m: int, v: int = 1, train: bool = True) -> Schedule:
-    """The schedule ``name`` (one of :data:`NAMES`) for p ranks, m micro-batches, v virtual stages."""
+    """The schedule ``name`` (one of :data:`NAMES`) for p ranks, m micro-batches, v virtual stages
+    (``zb-v`` always has 2: v=1 means that)."""
+    if canonical(name) == "zb-v" and v == 1:
+        v = 2  # the only placement it has: v defaults to 1 for every other schedule
     key = _check(name, p, m, v, train)
     if key == "gpipe":
         return gpipe(p, m, train)
     if key == "1f1b":
         return one_f_one_b(p, m)
-    return interleaved(p, m, v) if key == "interleaved" else zb_h1(p, m)
+    if key == "interleaved":
+        return interleaved(p, m, v)
+    if key == "interleaved-zb":
+        return interleaved_zb(p, m, v)
+    return zb_v(p, m) if key == "zb-v" else zb_h1(p, m)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -325,9 +440,10 @@ def _check_ops(s: Schedule) -> None:
             if op.kind not in KINDS or not 0 <= op.stage < s.stages or not 0 <= op.mb < s.m:
                 raise ScheduleError(f"Rank {r} has op {op!r}, which is not an F, B, I or W of a stage in "
                                     f"0..{s.stages - 1} and a micro-batch in 0..{s.m - 1}.")
-            if op.stage % s.p != r:
+            if s.rank_of(op.stage) != r:
+                where = "its placement says" if s.placement else "stage s is on rank s % p"
                 raise ScheduleError(f"{op.label(True)} is listed on rank {r} but stage {op.stage} lives "
-                                    f"on rank {op.stage % s.p} (stage s is on rank s % p); move it there.")
+                                    f"on rank {s.rank_of(op.stage)} ({where}); move it there.")
             if op in seen:
                 raise ScheduleError(f"{op.label(True)} appears twice; each op must run exactly once.")
             seen.add(op)
@@ -362,7 +478,7 @@ def _execute(s: Schedule, costs: Costs) -> list[Span]:
                 deps = _deps(op, n, split)
                 if any(d not in ends for d in deps):
                     break
-                start = max([free[r]] + [ends[d] + (costs.comm if d.stage % s.p != r else 0.0)
+                start = max([free[r]] + [ends[d] + (costs.comm if s.rank_of(d.stage) != r else 0.0)
                                          for d in deps])
                 free[r] = ends[op] = start + costs.of(op, s.v)
                 spans.append(Span(r, op, start, free[r]))
@@ -421,11 +537,11 @@ def comms(s: Schedule) -> tuple[tuple[Action, ...], ...]:
             # F reads an activation from stage s-1 and writes one to s+1; B/I move gradients the other way.
             what, back = ("act", -1) if op.kind == "F" else ("grad", 1)
             src, dst = op.stage + back, op.stage - back
-            if 0 <= src < n and src % s.p != r:
-                acts.append(Recv(what, op.stage, src, op.mb, src % s.p))
+            if 0 <= src < n and s.rank_of(src) != r:
+                acts.append(Recv(what, op.stage, src, op.mb, s.rank_of(src)))
             acts.append(op)
-            if 0 <= dst < n and dst % s.p != r:
-                acts.append(Send(what, op.stage, dst, op.mb, dst % s.p))
+            if 0 <= dst < n and s.rank_of(dst) != r:
+                acts.append(Send(what, op.stage, dst, op.mb, s.rank_of(dst)))
         out.append(tuple(acts))
     return tuple(out)
 
@@ -463,9 +579,11 @@ def theoretical_bubble(name: str, p: int, m: int, v: int = 1, costs: Costs = Cos
     - zb-h1: Qi et al.'s ``t = (p-1)(T_F + T_B - T_W)``, where their T_B is our ``I`` (input gradient)
       and ``T_W`` our ``W``; stated for ``m >= p`` and ``W <= F, W <= I`` (None otherwise).
     """
-    key = _check(name, p, m, v)
-    if costs.comm:
+    key = _check(name, p, m, 2 if canonical(name) == "zb-v" and v == 1 else v)
+    if costs.comm or key in ("interleaved-zb", "zb-v"):
         return None
+    if key == "interleaved" and m % p:
+        return None  # Narayanan et al. assume whole rounds of p micro-batches
     if key in ("gpipe", "1f1b", "interleaved"):
         return (p - 1) / (v * m + p - 1)
     if m < p or costs.w > min(costs.f, costs.i):
@@ -501,8 +619,10 @@ def render(s: Schedule, sim: Simulation | None = None, width: int = 100) -> str:
     ``sim`` is given, an ASCII timeline with one row per rank."""
     stats = sim if sim is not None else simulate(s)
     mode = "training" if s.train else "forward only"
+    where = ("stages in a V: rank r holds r and 2p-1-r" if s.name == "zb-v" and s.placement
+             else "placement " + " ".join(map(str, s.placement)) if s.placement else "stage s on rank s % p")
     lines = textwrap.wrap(f"{s.name} ({mode}): p={s.p} ranks, v={s.v} stages per rank, m={s.m} "
-                          f"micro-batches; stage s on rank s % p", width)
+                          f"micro-batches; {where}", width)
     pad = len(str(s.p - 1))
     for r, ops in enumerate(s.ranks):
         head = f"r{r:<{pad}}: "
