@@ -28,7 +28,7 @@ from . import session as session_mod
 from .dataplane import transport
 from .errors import UsageError
 from .format import nbytes
-from .pipeline import schedule as sched
+from .pipeline import choose, schedule as sched
 from .pipeline.schedule import NAMES as SCHEDULES
 from .comm.setup import BACKENDS as COMM_BACKENDS
 from .pmap import PmapSpec, target_names
@@ -331,7 +331,10 @@ class NbparallelMagics(Magics):
               argument("--microbatches", type=int, default=1, metavar="M",
                        help="micro-batches per step (default 1)"),
               argument("--schedule", default="1f1b", metavar="S",
-                       help=f"{', '.join(SCHEDULES)} (default 1f1b)"),
+                       help=f"{', '.join(SCHEDULES)}, or auto: after a first step, the one that "
+                       f"simulates fastest for the measured op times (default 1f1b)"),
+              argument("--max-stash", type=float, default=None, metavar="N",
+                       help="with --schedule auto: at most N micro-batches' activations per engine"),
               argument("--steps", type=int, default=1, metavar="N",
                        help="training steps, each over all micro-batches (default 1)"),
               _name_option("--out", "the notebook name bound to the list of losses, one a step"),
@@ -344,7 +347,11 @@ class NbparallelMagics(Magics):
                        help=f"{', '.join(SCHEDULES)} (default 1f1b)"),
               argument("--virtual", type=int, default=1, metavar="V",
                        help="virtual stages per engine, for interleaved and interleaved-zb "
-                       "(default 1; zb-v always has 2)"))
+                       "(default 1; zb-v always has 2)"),
+              argument("--costs", default=None, metavar="'f=1 b=2 i=1 w=1 comm=0'",
+                       help="op times of one engine's share of the model (default those)"),
+              argument("--compare", action="store_true",
+                       help="simulate every schedule for these costs, side by side"))
     @_command("show", "list the stages: name, engine, hooks, array bytes")
     @_command("clear", "forget every stage")
     @line_magic
@@ -357,8 +364,16 @@ class NbparallelMagics(Magics):
         """
         args = _parse(self.pipeline, line)
         if args.command == "schedule":
+            costs = choose.parse_costs(args.costs) if args.costs else sched.Costs()
+            if args.compare:
+                v = args.virtual if args.virtual > 1 else 2
+                print(f"{args.stages} engines, {args.microbatches} micro-batches, interleaved "
+                      f"with v={v}; op times f={costs.f:g} b={costs.b:g} i={costs.i:g} "
+                      f"w={costs.w:g}, comm={costs.comm:g}:")
+                print(choose.table(choose.compare(args.stages, args.microbatches, costs, v=v)))
+                return None
             s = sched.build(args.schedule, args.stages, args.microbatches, args.virtual)
-            print(sched.render(s, sched.simulate(s)))
+            print(sched.render(s, sched.simulate(s, costs)))
             return None
         pool = session_mod.ensure()
         pipe = pool.pipeline
@@ -375,12 +390,14 @@ class NbparallelMagics(Magics):
             out = _name(args.out)
             found = self._lookup([args.input, args.target], "--input/--target")
             losses = pipe.train(found[args.input], found[args.target], args.microbatches,
-                                args.schedule, args.steps, False if args.no_dashboard else None)
+                                args.schedule, args.steps, False if args.no_dashboard else None,
+                                max_stash=args.max_stash)
             self.shell.user_ns[out] = losses
             last = pipe.last[-1]
             print(f"%pipeline train: {args.steps} step(s), loss {losses[0]:.6g} -> "
                   f"{losses[-1]:.6g}; measured bubble {last.bubble:.0%} (theory "
-                  f"{last.theory:.0%})")
+                  f"{last.theory:.0%} for the measured op times, {last.theory_equal:.0%} for "
+                  f"equal stages)")
         return None
 
     # -- %nbp ----------------------------------------------------------------------------------

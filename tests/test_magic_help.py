@@ -139,9 +139,10 @@ def test_good_lines_parse_to_the_same_defaults_as_before(magics):
         command="run", input="x", microbatches=1, schedule="gpipe", out="y", no_dashboard=False)
     assert vars(_parse(magics.pipeline, "train --input x --target t --out y")) == dict(
         command="train", input="x", target="t", microbatches=1, schedule="1f1b", steps=1,
-        out="y", no_dashboard=False)
+        out="y", no_dashboard=False, max_stash=None)
     assert vars(_parse(magics.pipeline, "schedule --stages 2 --microbatches 4")) == dict(
-        command="schedule", stages=2, microbatches=4, schedule="1f1b", virtual=1)
+        command="schedule", stages=2, microbatches=4, schedule="1f1b", virtual=1, costs=None,
+        compare=False)
     assert vars(_parse(magics.pipeline, "show")) == dict(command="show")
     assert vars(_parse(magics.nbp, "start")) == dict(command="start", n=None, gpus=None)
     assert vars(_parse(magics.nbp, "start -n -1 --gpus 0,1")) == dict(command="start", n=-1,

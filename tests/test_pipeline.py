@@ -283,6 +283,61 @@ def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
     assert abs(measured - simulated) < 0.05, (measured, simulated)
 
 
+def test_theory_beside_a_measured_bubble_is_the_simulation_for_the_measured_op_times(pool):
+    """Uneven stages (the second 6x cheaper) make a bubble no schedule removes: the theory shown
+    is the simulation for the op times the run measured, the equal-stage figure beside it."""
+    pool.pipeline.clear()
+    for k, d in enumerate([0.03, 0.005]):
+        pipeline.stage(f"u{k}", SLEEPY, engine=pool.ids[k], namespace={"D": d}, pool=pool)
+    x = np.zeros((8, 2))
+    pipeline.run(x, 8, pool=pool)
+    result = pool.pipeline.last[-1]
+    assert result.costs.stages[0][0] == pytest.approx(0.03, abs=0.01)
+    assert result.costs.stages[1][0] == pytest.approx(0.005, abs=0.005)
+    assert abs(result.bubble - result.theory) < 0.05, (result.bubble, result.theory)
+    assert result.theory_equal == pytest.approx(1 / 9)  # gpipe's (p-1)/(m+p-1) for equal stages
+    assert result.bubble > result.theory_equal + 0.2
+
+
+def test_schedule_auto_picks_the_fastest_simulated_for_the_measured_times(pool):
+    params = model()[:2]
+    x, _ = data()
+    define(pool, params, [0, 1])  # each stage defines backward and the split pair
+    t = pipeline.run(x, 4, pool=pool) + 0.1
+    said: list[str] = []
+    losses = pool.pipeline.train(x, t, 4, "auto", 3, say=said.append)
+    assert_like_one_process(pool, params, x, t, losses, 3)
+    runs = pool.pipeline.last
+    assert runs[0].schedule.name == "1f1b"
+    chosen = runs[1].schedule.name
+    assert chosen in ("1f1b", "zb-h1", "gpipe") and runs[2].schedule.name == chosen
+    assert len(said) == 1 and f"{chosen} simulates fastest" in said[0], said
+    assert "step 1 ran 1f1b" in said[0] and "I and W taken as half" in said[0]
+    assert f"Steps 2-3 use {chosen}." in said[0]
+    # The choice is the simulation's: no other candidate is faster for those times.
+    from nbparallel.pipeline import choose
+
+    rows = {r.name: r for r in choose.compare(2, 4, runs[0].costs, names=["1f1b", "zb-h1", "gpipe"])}
+    assert rows[chosen].makespan == min(r.makespan for r in rows.values())
+
+
+def test_schedule_auto_keeps_within_the_activation_budget_or_says_before_any_step(pool):
+    params = model()[:2]
+    x, _ = data()
+    define(pool, params, [0, 1])
+    t = pipeline.run(x, 4, pool=pool) + 0.1
+    before = weights(pool)
+    with pytest.raises(UsageError, match=r"keeps within --max-stash 1 .*the least is 1f1b, 2"):
+        pool.pipeline.train(x, t, 4, "auto", 2, max_stash=1)
+    for (W, b), (W2, b2) in zip(weights(pool), before):  # nothing trained
+        np.testing.assert_array_equal(W, W2)
+        np.testing.assert_array_equal(b, b2)
+    said: list[str] = []
+    pool.pipeline.train(x, t, 4, "auto", 2, max_stash=2, say=said.append)
+    assert all(r.schedule.name != "gpipe" for r in pool.pipeline.last)  # gpipe holds 4
+    assert "within --max-stash 2" in said[0]
+
+
 def _segments(pool):
     from nbparallel.dataplane.transports.shm import outbox_segments
 
@@ -349,3 +404,14 @@ def test_what_stages_print_shows_while_the_run_goes_on(pool, monkeypatch, record
     text = "".join(t for _, t in recorder.writes)
     assert [text.count(f"[engine 0] mb {i}\n") for i in range(4)] == [1, 1, 1, 1]
     pool.pipeline.clear()
+
+
+def test_pipeline_schedule_compare_magic_prints_every_schedule_for_the_costs(ip, capsys):
+    ip.run_line_magic("pipeline", 'schedule --stages 4 --microbatches 8 --compare '
+                                  '--costs "f=1 b=2 i=1 w=1 comm=0.5"')
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == ("4 engines, 8 micro-batches, interleaved with v=2; op times f=1 b=2 i=1 w=1, "
+                      "comm=0.5:")
+    rows = [line.split() for line in out[2:8]]
+    assert [r[0] for r in rows][0] == "zb-v" and rows[0][3] == "1.00x"
+    assert {r[0] for r in rows} == {"gpipe", "1f1b", "interleaved", "zb-h1", "interleaved-zb", "zb-v"}

@@ -382,6 +382,36 @@ def test_render_lists_each_ranks_ops_the_bubble_and_a_timeline():
     assert "I0" in zb and "W0" in zb
 
 
+def test_choose_module_imports_only_the_standard_library_and_the_schedules():
+    from nbparallel.pipeline import choose
+
+    tree = ast.parse(Path(choose.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            assert node.module in (None, "schedule"), node.module
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            for n in ([a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]):
+                assert n.split(".")[0] in sys.stdlib_module_names, n
+
+
+def test_compare_lists_every_schedule_fastest_first_and_says_why_one_was_not_built():
+    from nbparallel.pipeline import choose
+
+    rows = choose.compare(4, 9, sched.Costs())
+    built = [r for r in rows if not r.refused]
+    assert {r.name for r in rows} == set(NAMES)
+    assert {r.name for r in rows if r.refused} == {"interleaved", "interleaved-zb"}  # 9 on 4
+    text = choose.table(rows)
+    order = [line.split()[0] for line in text.splitlines()[1:len(built) + 1]]
+    assert order == [r.name for r in sorted(built, key=lambda r: r.makespan)]
+    assert "interleaved     not built: " in text and "use m=8 or m=10" in text
+    one = {r.name: r for r in rows}["1f1b"]
+    assert one.peak == 4 and one.sends == 2 * 3 * 9  # activations, and 2 transfers per hop per mb
+    with pytest.raises(ScheduleError, match="--costs takes key=value pairs"):
+        choose.parse_costs("fast")
+    assert choose.parse_costs("f=2, i=0.5 w=0.5 comm=0.1") == sched.Costs(f=2, b=1.0, i=0.5, w=0.5, comm=0.1)
+
+
 def test_schedule_module_imports_only_the_standard_library():
     for mod in (sched, sys.modules["nbparallel.pipeline"]):
         tree = ast.parse(Path(mod.__file__).read_text())

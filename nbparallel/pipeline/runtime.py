@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -31,7 +31,7 @@ from ..engine.replies import RankReply
 from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
 from ..format import ranges
 from ..relay import Relay
-from . import schedule as sched
+from . import choose, schedule as sched
 
 __all__ = ["StageInfo", "RunResult", "Pipeline"]
 
@@ -64,8 +64,21 @@ class RunResult:
         return sched.bubble(((s[4], s[5]) for s in self.spans), self.schedule.p)
 
     @property
+    def costs(self) -> sched.Costs:
+        """Each stage's op times as this run measured them (medians; see ``choose.measured``)."""
+        return choose.measured(self.schedule, ((r, k, st, j, a, b) for r, k, st, j, a, b in self.spans))
+
+    @property
     def theory(self) -> float:
-        """The schedule's bubble fraction in theory: equal stages, free communication."""
+        """The bubble the schedule should have had with the op times this run measured: its
+        simulation for :attr:`costs` (uneven stages make a bubble no schedule removes)."""
+        if not self.spans:
+            return self.theory_equal
+        return sched.simulate(self.schedule, self.costs).bubble
+
+    @property
+    def theory_equal(self) -> float:
+        """The schedule's bubble fraction for equal stages and free communication."""
         s = self.schedule
         if s.train:
             value = sched.theoretical_bubble(s.name, s.p, s.m, s.v)
@@ -165,8 +178,21 @@ class Pipeline:
         return _join(result["outputs"], microbatches)
 
     def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int,
-              dashboard: bool | None = None) -> list[float]:
+              dashboard: bool | None = None, max_stash: float | None = None,
+              say: Callable[[str], None] = print) -> list[float]:
+        """``steps`` synchronous training steps under ``schedule``; their losses.
+
+        ``schedule="auto"`` runs the first step with a schedule these stages can always run
+        (1F1B, or its interleaved / V / zero-bubble form), then the rest with the one whose
+        simulation for the op times that step measured is fastest, keeping at most
+        ``max_stash`` micro-batches' activations per engine; ``say`` gets which and why.
+        """
         ranks, v, vee = self.placement()
+        auto = sched.canonical(schedule) == "auto"
+        if max_stash is not None and not 0 < max_stash < float("inf"):
+            raise UsageError(f"--max-stash must be a number of micro-batches above 0, not {max_stash:g}.")
+        if auto:
+            schedule = self._first_schedule(len(ranks), microbatches, v, vee, max_stash)
         if v > 1 and sched.canonical(schedule) not in sched.VIRTUAL:
             raise UsageError(
                 f"{len(self.stages)} stages on {len(ranks)} engines are virtual stages; train them "
@@ -195,10 +221,64 @@ class Pipeline:
             raise UsageError(f"--steps must be 1 or more, not {steps}.")
         losses = []
         self.last = []
-        for _ in range(steps):
+        for step in range(steps):
             result = self._execute(s, ranks, xs, ts, True, dashboard)
             losses.append(sum(result["losses"].values()))
+            if auto and step == 0:
+                s = self._auto(s, len(ranks), microbatches, v, vee, max_stash, steps, say)
         return losses
+
+    def _candidates(self, v: int, vee: bool) -> list[str]:
+        """The schedules ``--schedule auto`` may pick: those of this placement that the stages'
+        hooks can run (a plain ``backward``, or the split pair), 1F1B's form first."""
+        hooks = [set(info.hooks) for info in self.stages.values()]
+        plain = all("backward" in h for h in hooks)
+        split = all({"backward_input", "backward_weight"} <= h for h in hooks)
+        names = (["zb-v"] if vee else ["interleaved", "interleaved-zb"] if v > 1
+                 else ["1f1b", "zb-h1", "gpipe"])
+        return [n for n in names if (n in sched.SPLIT and split) or (n not in sched.SPLIT and plain)]
+
+    def _first_schedule(self, p: int, m: int, v: int, vee: bool, max_stash: float | None) -> str:
+        """What ``--schedule auto`` runs its first step with: 1F1B's form for this placement,
+        or, when that holds more than ``max_stash``, the candidate holding least. Activations
+        held depend on the order alone, so a budget nothing meets fails before any step."""
+        names = self._candidates(v, vee)
+        if not names:
+            return "1f1b"  # _check_hooks says what is missing
+        if max_stash is None:
+            return names[0]
+        rows = [r for r in choose.compare(p, m, names=names, v=v) if not r.refused]
+        fits = [r for r in rows if r.peak <= max_stash]
+        if not fits:
+            least = min(rows, key=lambda r: r.peak, default=None)
+            raise UsageError(
+                f"no schedule these stages can run keeps within --max-stash {max_stash:g} "
+                f"micro-batches' activations per engine"
+                + (f" (the least is {least.name}, {least.peak:g})" if least else "")
+                + "; allow more, or use fewer, larger micro-batches.")
+        return fits[0].name
+
+    def _auto(self, first: sched.Schedule, p: int, m: int, v: int, vee: bool,
+              max_stash: float | None, steps: int, say: Callable[[str], None]) -> sched.Schedule:
+        """The schedule ``--schedule auto`` uses after the first step, said with its reasons."""
+        names = self._candidates(v, vee)
+        split = all({"backward_input", "backward_weight"} <= set(info.hooks)
+                    for info in self.stages.values())
+        costs = self.last[-1].costs
+        name, rows = choose.pick(names, p, m, v, costs, max_stash)
+        by = {r.name: r for r in rows if not r.refused}
+        best = by[name]
+        others = ", ".join(f"{r.name} {r.makespan * 1e3:.3g} ms" for r in
+                           sorted(by.values(), key=lambda r: r.makespan) if r.name != name)
+        guessed = "" if first.name in sched.SPLIT or not split else (
+            " (I and W taken as half of each measured backward)")
+        budget = f" within --max-stash {max_stash:g}" if max_stash is not None else ""
+        say(f"%pipeline train --schedule auto: step 1 ran {first.name}; for the op times it "
+            f"measured{guessed}, {name} simulates fastest: {best.makespan * 1e3:.3g} ms a step"
+            + (f" against {others}" if others else "")
+            + f", holding at most {best.peak:g} micro-batches' activations per engine{budget}. "
+            + (f"Steps 2-{steps} use {name}." if steps > 1 else f"Later runs can use {name}."))
+        return sched.build(name, p, m, v)
 
     def _check_hooks(self, schedule: str) -> None:
         infos = list(self.stages.values())

@@ -136,6 +136,10 @@ class Costs:
     With ``v`` virtual stages each op covers 1/v of the rank's layers, so it costs ``cost / v``; ``comm``
     (one activation or gradient transfer between ranks) is not scaled, which is interleaving's real price.
     By default ``B = I + W`` so zero-bubble and plain schedules do the same work.
+
+    ``stages``, when given, holds each stage's own ``(F, B, I, W)`` durations (not scaled by v)
+    and overrides the four scalars: what a run measured (``choose.measured``), or a model whose
+    stages are not equal.
     """
 
     f: float = 1.0
@@ -143,8 +147,11 @@ class Costs:
     i: float = 1.0
     w: float = 1.0
     comm: float = 0.0
+    stages: tuple[tuple[float, float, float, float], ...] = ()
 
     def of(self, op: Op, v: int = 1) -> float:
+        if self.stages:
+            return self.stages[op.stage][KINDS.index(op.kind)]
         return {"F": self.f, "B": self.b, "I": self.i, "W": self.w}[op.kind] / v
 
 
@@ -515,6 +522,9 @@ def simulate(s: Schedule, costs: Costs = Costs()) -> Simulation:
     """Validate ``s`` and time it: each rank runs its list in order, each op starting at
     ``max(rank free, each input's end + comm if made on another rank)``."""
     _check_ops(s)
+    if costs.stages and len(costs.stages) != s.stages:
+        raise ScheduleError(f"The costs give {len(costs.stages)} stages' op times but schedule "
+                            f"{s.name!r} has {s.stages} stages; give one (F, B, I, W) per stage.")
     spans = _execute(s, costs)  # raises on deadlock, as validate() does
     makespan = max((sp.end for sp in spans), default=0.0)
     busy = [sum(sp.end - sp.start for sp in spans if sp.rank == r) for r in range(s.p)]

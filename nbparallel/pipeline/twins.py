@@ -47,12 +47,16 @@ def run(x: Any, microbatches: int = 1, *, dashboard: bool | None = None,
 
 
 def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
-          dashboard: bool | None = None, pool: Session | None = None) -> list[float]:
-    """Train for ``steps`` mini-batches under ``schedule``; returns each step's summed loss.
+          dashboard: bool | None = None, max_stash: float | None = None,
+          pool: Session | None = None) -> list[float]:
+    """Train for ``steps`` mini-batches under ``schedule`` (``"auto"``: chosen after the first
+    step from its measured op times, within ``max_stash`` activations per engine); returns each
+    step's summed loss.
 
-    >>> losses = pipeline.train(x, t, microbatches=8, schedule="1f1b", steps=3)
+    >>> losses = pipeline.train(x, t, microbatches=8, schedule="auto", steps=3)
     """
-    return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard)
+    return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard,
+                                 max_stash=max_stash)
 
 
 def show(*, pool: Session | None = None) -> list[StageInfo]:

@@ -386,7 +386,8 @@ def _pipeline_caption(view: PipelineView, info: _Info | None, truncated: bool = 
     theory = f"{info.theory:.1%}" if info.theory is not None else "n/a"
     stash = ", ".join(f"s{s} {n}" for s, n in sorted(info.peak_stash.items())) or "n/a"
     return (f"pipeline run {view.run} ({info.schedule}): bubble {view.bubble:.1%} measured, "
-            f"{theory} theory; {seconds(view.makespan)} on {view.p} engines; peak stash {stash}"
+            f"{theory} theory for its measured op times; {seconds(view.makespan)} on {view.p} "
+            f"engines; peak stash {stash}"
             + ("; too many ops to hold, only the newest shown" if truncated else ""))
 
 
