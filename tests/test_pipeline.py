@@ -359,11 +359,17 @@ def test_large_activations_hand_off_through_shared_memory(pool):
     shm_bytes = sum(r.nbytes for r in moved if r.transport == "shm")
     assert {(r.engine, r.peer) for r in moved} == {(0, 1), (1, 0)}  # activations, gradients
     assert shm_bytes >= 2 * 2 * 4 * 8 * 8192 * 8  # steps x (activations + gradients) x m x rows x width
-    # A warm pipeline reuses its segments: more steps create none.
+    # A warm pipeline reuses its segments. How many a sender needs depends on timing (whether
+    # the receiver let go of the last activation before the next one is sent), but never more
+    # than the values in flight: for 1F1B on 2 engines, the one the receiver holds in ctx, one
+    # arrived and one being written. 3 more steps send 12 values each way through them.
     before = _segments(pool)
     assert sum(map(len, before.values())) >= 2
     pipeline.train(x, t, 4, schedule="1f1b", steps=3, pool=pool)
-    assert _segments(pool) == before
+    after = _segments(pool)
+    for eid, names in after.items():
+        assert len(names) <= 3, (eid, names)
+        assert set(before[eid]) <= set(names), (eid, before[eid], names)  # kept, not replaced
     y = pipeline.run(x, 4, pool=pool)
     assert y.shape == (N, 3)
 
