@@ -29,6 +29,7 @@ from .pool import Pool
 from .resident import Resident
 from .scatter import scatter
 from .session import Session, connect, current, restart, start, stop
+from .shared import asshared, shared
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "Resident",
     "Session",
     "UsageError",
+    "asshared",
     "config",
     "connect",
     "current",
@@ -52,6 +54,7 @@ __all__ = [
     "pmap",
     "restart",
     "scatter",
+    "shared",
     "start",
     "stop",
 ]

@@ -74,6 +74,7 @@ TRANSPORTS = transport.OPTIONS  #: what --transport takes (the data plane define
 ROUNDTRIP_CALLS = 50  # latency is noisy: a median needs more samples than a bandwidth best
 MP_TIMEOUT = 120  # seconds; only ends a multiprocessing case whose workers cannot start
 NO_TELEMETRY = "nbparallel, telemetry off"
+SHARED = "nbparallel, shared array"  #: scattering an array already in shared memory: no copy
 TELEMETRY_RUNS = 15
 DIRECTIONS = ("scatter", "gather", "round trip")
 ONE_CELL = "scatter+gather (one cell)"
@@ -141,6 +142,22 @@ def _scatter_group(pool: Session, n: int, size_mb: int, repeat: int, transport: 
         return nbparallel.scatter("y = x", {"x": a}, gather=["y"], pool=pool, **kw)["y"]
 
     @contextmanager
+    def shared() -> Iterator[Trial]:
+        # An array already in the pool's shared memory (nbparallel.asshared, or a gathered
+        # result): its pieces are handed to the engines where they lie, with no copy.
+        s = nbparallel.asshared(a, pool=pool)
+
+        def keep_shared() -> Any:
+            cursor = pool.transfers.cursor
+            handle = nbparallel.scatter("", {"x": s}, keep=["x"], pool=pool, **kw)["x"]
+            copied = sum(r.nbytes for r in pool.transfers.since(cursor)[0] if r.kind == "scatter")
+            if transport in ("auto", "shm") and copied:
+                raise RuntimeError(f"a shared array's scatter copied {copied} bytes")
+            return handle
+
+        yield _split(keep_shared, np.asarray, lambda h: h.free(), a)
+
+    @contextmanager
     def ipp() -> Iterator[Trial]:
         try:
             yield _split(lambda: dv.scatter(IPP_NAME, a, block=True),
@@ -164,6 +181,7 @@ def _scatter_group(pool: Session, n: int, size_mb: int, repeat: int, transport: 
 
     return (case(NB, DIRECTIONS, _ready(_split(keep, np.asarray, lambda h: h.free(), a)))
             + case(NB, [ONE_CELL], _ready(_one(ONE_CELL, one_cell, a)))
+            + case(SHARED, ["scatter"], shared)
             + case("ipyparallel", DIRECTIONS, ipp)
             + case("dask", DIRECTIONS, (lambda: _dask_scatter(n, a)) if _dask_importable() else None)
             + case("numpy.copyto", DIRECTIONS, copyto))

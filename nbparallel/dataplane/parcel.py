@@ -42,6 +42,9 @@ class ArraySlot:
     shape: tuple[int, ...]
     dtype: np.dtype
     readonly: bool = False
+    #: In a segment the notebook's own array lives in (scattered without a copy): the engine
+    #: maps it copy-on-write, so what a cell writes into its shard never reaches the notebook.
+    private: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,9 +144,13 @@ class Layout:
     Two steps so that one segment of the exact total size can be leased between them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, locate: Callable[[np.ndarray], tuple[Segment, int] | None] | None = None):
         self.nbytes = 0
         self._writes: list[tuple[int, Any]] = []  # (offset, array or PickleBuffer)
+        #: Where an array already in shared memory lies (``Arena.locate``): it is not copied.
+        self._locate = locate
+        #: Bytes of the values added so far that stay where they are.
+        self.in_place = 0
 
     def reserve(self, nbytes: int) -> int:
         """Room for ``nbytes`` at an aligned offset, which is returned."""
@@ -156,6 +163,12 @@ class Layout:
         if is_plain_array(value):
             if value.nbytes < INLINE_LIMIT:
                 return lambda seg: Inline(value)
+            found = self._locate(value) if self._locate is not None else None
+            if found is not None:
+                home, at = found
+                self.in_place += value.nbytes
+                return lambda seg: ArraySlot(home.name, home.size, at, value.shape, value.dtype,
+                                             readonly, private=not readonly)
             offset = self.reserve(value.nbytes)
             self._writes.append((offset, value))
             # The dtype itself, not its .str: "|V8" would turn a record array into raw bytes.
@@ -221,7 +234,8 @@ def open_entry(entry: Entry, token: Callable[[str, int, int, int], np.ndarray]) 
     if isinstance(entry, ArraySlot):
         dtype = np.dtype(entry.dtype)
         nbytes = int(np.prod(entry.shape, dtype=np.int64)) * dtype.itemsize
-        base = token(entry.segment, entry.size, entry.offset, nbytes)
+        base = (token(entry.segment, entry.size, entry.offset, nbytes, private=True)
+                if entry.private else token(entry.segment, entry.size, entry.offset, nbytes))
         arr = base.view(dtype).reshape(entry.shape)
         if entry.readonly:
             arr.flags.writeable = False

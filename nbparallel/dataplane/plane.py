@@ -210,7 +210,8 @@ class DataPlane:
                     continue
                 for r, note in zip(ranks, notes):
                     out.notes[r].append(note)
-                    self._account(ids[r], kinds, per_rank[r], shared, name)
+                    self._account(ids[r], kinds, per_rank[r], shared, name,
+                                  getattr(note, "in_place", (0, 0)))
                     del how[r]
         except BaseException:
             self.done(out)
@@ -246,10 +247,12 @@ class DataPlane:
         return rest, gpu.to_host(shared)
 
     def _account(self, eid: int, kinds: tuple[str, str], values: dict[str, Any],
-                 shared: dict[str, Any], how: str) -> None:
-        for kind, group in zip(kinds, (values, shared)):
+                 shared: dict[str, Any], how: str, in_place: tuple[int, int] = (0, 0)) -> None:
+        # Bytes copied: an array already in shared memory is handed over where it lies.
+        for kind, group, here in zip(kinds, (values, shared), in_place):
             if group:
-                self.transfers.append(transfer(eid, kind, "out", how, sum(map(_size, group.values()))))
+                self.transfers.append(transfer(eid, kind, "out", how,
+                                               sum(map(_size, group.values())) - here))
 
     def account_in(self, engine: int, kind: str, value: Any) -> None:
         """A result that came back inside an ipyparallel reply."""

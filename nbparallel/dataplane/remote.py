@@ -77,6 +77,8 @@ class CollectReply:
 
 
 _segments: dict[str, Segment] = {}
+#: Live copy-on-write mappings by segment: (a view's weak reference, address, size).
+_private: dict[str, list[tuple[weakref.ref, int, int]]] = {}
 _tokens: dict[str, list[weakref.ref]] = {}
 _resident: dict[str, Any] = {}
 _stash: dict[str, Any] = {}
@@ -90,8 +92,18 @@ PEER_TIMEOUT = 600.0
 
 
 # -- shared memory the notebook placed values in -------------------------------------------------
-def token(name: str, size: int, offset: int, nbytes: int) -> np.ndarray:
-    """A tracked uint8 view of ``nbytes`` at ``offset`` of segment ``name`` (mapped once, kept)."""
+def token(name: str, size: int, offset: int, nbytes: int, private: bool = False) -> np.ndarray:
+    """A tracked uint8 view of ``nbytes`` at ``offset`` of segment ``name`` (mapped once, kept);
+    ``private``: of its copy-on-write mapping (see ``parcel.ArraySlot``)."""
+    if private:
+        # Mapped afresh each time: a kept copy-on-write mapping would go on showing the pages an
+        # earlier cell wrote instead of what the notebook has written there since.
+        seg = Segment.attach(name, size, private=True)
+        base = seg.token(offset, nbytes)
+        _private.setdefault(name, []).append((weakref.ref(base), seg.address(), size))
+        seg.close()  # unmapped when the last view goes
+        _tokens.setdefault(name, []).append(weakref.ref(base))
+        return base
     seg = _segments.get(name)
     if seg is None:
         seg = _segments[name] = Segment.attach(name, size)
@@ -117,6 +129,9 @@ def held(collect: bool = True) -> list[str]:
 
 def _explained() -> set[str]:
     spans = [(name, seg.address(), seg.size) for name, seg in _segments.items()]
+    for name, maps in list(_private.items()):
+        _private[name] = [m for m in maps if m[0]() is not None]
+        spans += [(name, addr, size) for _, addr, size in _private[name]]
     names = set()
     for value in (*_stash.values(), *_resident.values()):
         if isinstance(value, np.ndarray):
@@ -148,6 +163,7 @@ def chores(todo: Chores | None) -> None:
     for key in todo.free:
         _resident.pop(key, None)
     for name in todo.forget:
+        _private.pop(name, None)
         seg = _segments.pop(name, None)
         if seg is not None:
             seg.close()  # views still alive keep the mapping until they go
@@ -232,6 +248,7 @@ def reset() -> None:
     for seg in _segments.values():
         seg.close()
     _segments.clear()
+    _private.clear()
     for ch in _peers.values():
         ch.close()
     _peers.clear()

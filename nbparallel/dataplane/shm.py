@@ -107,8 +107,11 @@ class Segment:
         return cls(name, size, mm)
 
     @classmethod
-    def attach(cls, name: str, size: int) -> "Segment":
-        """Map an existing segment; refuses one that is not ours alone (owner, mode 0600)."""
+    def attach(cls, name: str, size: int, private: bool = False) -> "Segment":
+        """Map an existing segment; refuses one that is not ours alone (owner, mode 0600).
+
+        ``private`` maps it copy-on-write: writes stay in this process (an engine's shard of an
+        array the notebook scattered without a copy)."""
         if not name.startswith(PREFIX) or "/" in name:
             raise ValueError(f"{name!r} is not an nbparallel segment name")
         fd = os.open(SHM_DIR / name, os.O_RDWR | os.O_NOFOLLOW)
@@ -116,7 +119,8 @@ class Segment:
             st = os.fstat(fd)
             if st.st_uid != os.getuid() or st.st_mode & 0o077:
                 raise PermissionError(f"segment {name} is not private to this user (mode 0600)")
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            mm = mmap.mmap(fd, size, mmap.MAP_PRIVATE if private else mmap.MAP_SHARED,
+                           mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
         return cls(name, size, mm)
@@ -195,6 +199,20 @@ class Arena:
         if entry is not None and entry.state == "leased":
             entry.state = "free"
             self._trim()
+
+    def locate(self, array: np.ndarray) -> tuple[Segment, int] | None:
+        """The segment of this arena ``array``'s bytes lie in, and their offset there; None for
+        an array elsewhere (or not contiguous). A gathered result, or an array from
+        ``nbparallel.shared``, can so be scattered without a copy."""
+        if not array.flags.c_contiguous or not array.nbytes:
+            return None
+        start = array.__array_interface__["data"][0]
+        for entry in self._entries.values():
+            if entry.state == "lent":
+                base = entry.segment.address()
+                if base <= start and start + array.nbytes <= base + entry.segment.size:
+                    return entry.segment, start - base
+        return None
 
     def lend(self, segment: Segment, token: np.ndarray) -> None:
         """The user now holds arrays built on ``token``; the segment is free again when they go."""

@@ -31,6 +31,9 @@ class ShmNote:
     entries: dict[str, parcel.Entry]
     segment: str | None
     transport: str = SHM
+    #: Bytes of the scattered and of the broadcast values that were already in shared memory
+    #: (so not copied).
+    in_place: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,15 @@ class SharedMemory(Transport):
     # -- notebook to engines -----------------------------------------------------------------
     def place(self, engines: Sequence[int], parcels: Sequence[dict[str, Any]],
               shared: dict[str, Any]) -> list[ShmNote]:
-        layout = parcel.Layout()
-        makers = [{n: layout.add(v) for n, v in values.items()} for values in parcels]
+        layout = parcel.Layout(self.link.arena.locate)
+        makers, in_place = [], []
+        for values in parcels:
+            before = layout.in_place
+            makers.append({n: layout.add(v) for n, v in values.items()})
+            in_place.append(layout.in_place - before)
+        before = layout.in_place
         shared_makers = {n: layout.add(v, readonly=True) for n, v in shared.items()}
+        shared_in_place = layout.in_place - before
         seg = None
         if layout.nbytes:
             try:
@@ -135,7 +144,8 @@ class SharedMemory(Transport):
             layout.write(seg)
         return [ShmNote({**{n: make(seg) for n, make in mine.items()},
                          **{n: make(seg) for n, make in shared_makers.items()}},
-                        seg.name if seg else None) for mine in makers]
+                        seg.name if seg else None, in_place=(here, shared_in_place))
+                for mine, here in zip(makers, in_place)]
 
     def lease(self, nbytes: int) -> Segment:
         """A segment of the notebook's arena for results, released with :meth:`release`."""
