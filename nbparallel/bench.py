@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 from contextlib import contextmanager
@@ -264,14 +265,40 @@ def _pmap_group(pool: Session, n: int, items: int, repeat: int,
 
 
 def _roundtrip_group(pool: Session, n: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """A trivial cell's round trip against ipyparallel's ``%px pass``, in interleaved pairs
+    (which goes first alternates), so that the machine's drift falls on both alike."""
     x = np.arange(max(8, n))  # at least one row per engine: more engines than rows is an error
     dv = pool.pool.client[pool.ids]
-    def case(name: str, fn: Callable[[], Any], want: Any) -> list[dict[str, Any]]:
-        return _measure("roundtrip", name, [ROUNDTRIP], _ready(_one(ROUNDTRIP, fn, want)),
-                        ROUNDTRIP_CALLS, say)
+    cases = {NB: lambda: nbparallel.scatter("y = x", {"x": x}, gather=["y"], pool=pool)["y"],
+             "ipyparallel %px pass": lambda: dv.execute("pass", block=True)}
+    say(f"bench: roundtrip: {', '.join(cases)}: {ROUNDTRIP_CALLS} interleaved pairs")
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    errors: dict[str, str] = {}
 
-    return (case(NB, lambda: nbparallel.scatter("y = x", {"x": x}, gather=["y"], pool=pool)["y"], x)
-            + case("ipyparallel %px pass", lambda: dv.execute("pass", block=True), None))
+    def call(name: str, first: bool = False) -> None:
+        if name in errors:
+            return
+        try:  # isolation: a broken case must not hide the other
+            t0 = time.perf_counter()
+            got = cases[name]()
+            took = time.perf_counter() - t0
+            if first:  # warm-up: imports, views, the engines' first cell; checked, untimed
+                if name == NB:
+                    _check(got, x)
+                return
+            times[name].append(took)
+        except Exception as exc:
+            errors[name] = f"error: {type(exc).__name__}: {exc}"
+
+    for name in cases:
+        call(name, first=True)
+    for k in range(ROUNDTRIP_CALLS):
+        for name in (list(cases) if k % 2 == 0 else list(cases)[::-1]):
+            call(name)
+    return [{"group": "roundtrip", "name": name, "what": ROUNDTRIP,
+             "seconds_best": min(ts) if ts and name not in errors else None,
+             "seconds_median": statistics.median(ts) if ts and name not in errors else None,
+             "error": errors.get(name)} for name, ts in times.items()]
 
 
 PER_MB = "per micro-batch"

@@ -40,7 +40,7 @@ class Relay:
     def show(self, future: Any, engine: int, final: bool) -> None:
         for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
             try:
-                text = _text(getattr(future, name))
+                text = _text(_stream(future, name))
             except Exception:
                 continue
             key = (id(future), name)
@@ -71,6 +71,21 @@ class Relay:
             sys.stderr.write(f"[nbparallel] {self._dropped} lines of engine output were not "
                              f"shown (more than {self.LINES_PER_SECOND} a second).\n")
             self._dropped = 0
+
+
+def _stream(future: Any, name: str) -> Any:
+    """``future.stdout`` (or ``stderr``), read where ipyparallel keeps it. Its ``AsyncResult``
+    answers the attribute through its metadata, first parsing every date there with dateutil
+    (about 50 us each: half a millisecond of a trivial cell on two engines); the raw metadata
+    holds the same strings."""
+    try:  # not getattr: a missing attribute would go to AsyncResult.__getattr__ again
+        raw = object.__getattribute__(future, "_metadata")
+    except AttributeError:
+        raw = None
+    if isinstance(raw, list) and raw and all(isinstance(md, dict) for md in raw):
+        values = [md.get(name, "") for md in raw]
+        return values[0] if len(values) == 1 else values
+    return getattr(future, name)
 
 
 def _text(value: Any) -> str:
