@@ -57,6 +57,7 @@ from .benchkit import one as _one
 from .benchkit import ready as _ready
 from .benchkit import split as _split
 from .dataplane import transport
+from .dataplane.transport import SHM
 from .format import seconds
 from .pipeline.runtime import Pipeline
 
@@ -152,7 +153,7 @@ def _scatter_group(pool: Session, n: int, size_mb: int, repeat: int, transport: 
             cursor = pool.transfers.cursor
             handle = nbparallel.scatter("", {"x": s}, keep=["x"], pool=pool, **kw)["x"]
             copied = sum(r.nbytes for r in pool.transfers.since(cursor)[0] if r.kind == "scatter")
-            if transport in ("auto", "shm") and copied:
+            if transport in ("auto", SHM) and copied:
                 raise RuntimeError(f"a shared array's scatter copied {copied} bytes")
             return handle
 
