@@ -283,6 +283,35 @@ def test_measured_bubble_matches_the_simulation(pool, pool4, p, m):
     assert abs(measured - simulated) < 0.05, (measured, simulated)
 
 
+SLEEPY_SPLIT = SLEEPY + """
+def backward_input(grad, ctx):
+    time.sleep(D / 2)
+    return grad
+
+def backward_weight(ctx):
+    time.sleep(D / 2)
+"""
+
+
+@pytest.mark.parametrize("p", [2, 4])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "interleaved", "interleaved-zb", "zb-v"])
+def test_every_schedules_measured_bubble_is_its_simulation_for_the_measured_times(
+        pool, pool4, p, schedule):
+    target = pool if p == 2 else pool4
+    engines = target.ids[:p]
+    placed = (engines + engines[::-1] if schedule == "zb-v" else engines * 2
+              if schedule.startswith("interleaved") else engines)
+    target.pipeline.clear()
+    for k, eid in enumerate(placed):
+        pipeline.stage(f"z{k}", SLEEPY_SPLIT, engine=eid, namespace={"D": 0.06 / (len(placed) // p)},
+                       pool=target)
+    x = np.zeros((8, 2))
+    pipeline.train(x, x, 8, schedule=schedule, pool=target)
+    result = target.pipeline.last[-1]
+    assert result.schedule.name == schedule
+    assert abs(result.bubble - result.theory) < 0.05, (result.bubble, result.theory)
+
+
 def test_theory_beside_a_measured_bubble_is_the_simulation_for_the_measured_op_times(pool):
     """Uneven stages (the second 6x cheaper) make a bubble no schedule removes: the theory shown
     is the simulation for the op times the run measured, the equal-stage figure beside it."""
