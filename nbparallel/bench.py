@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.metadata
+import importlib.util
 import logging
 import multiprocessing
 import os
@@ -87,6 +88,20 @@ IPP_NAME = "_nbp_bench_x"  # not `x`: the pool may be the user's, whose engines 
 def _inc(x: int) -> int:
     """The trivial item function, module-level so that engines, workers and spawned processes
     import it by name instead of receiving code."""
+    return x + 1
+
+
+WORK_ITEMS, WORK_SECONDS = 1000, 0.002  # the efficiency case: 1000 items of 2 ms of CPU each
+WORK = "1000 items of 2 ms"
+SPIN = ("import time\nt0 = time.perf_counter()\nwhile time.perf_counter() - t0 < 0.002:\n"
+        "    pass\nx + 1")
+
+
+def _spin(x: int) -> int:
+    """2 ms of CPU (a busy wait, not a sleep: the engines must compete for the cores)."""
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < WORK_SECONDS:
+        pass
     return x + 1
 
 
@@ -232,15 +247,37 @@ def _pmap_group(pool: Session, n: int, items: int, repeat: int,
             yield _one("map", lambda: client.gather(client.map(_inc, range(items), pure=False)), want)
 
     @contextmanager
-    def processes() -> Iterator[Trial]:
+    def processes(fn: Callable[[int], int] = _inc, count: int = items,
+                  what: str = "map") -> Iterator[Trial]:
         # spawn, not fork: this process runs ipyparallel's and Dask's threads, and a forked copy
         # of a threaded process can deadlock. The timeout ends the case if workers cannot start
         # (a main module that spawn cannot re-import makes Pool replace them forever).
         with multiprocessing.get_context("spawn").Pool(n) as mp:
-            yield _one("map", lambda: mp.map_async(_inc, range(items)).get(MP_TIMEOUT), want)
+            yield _one(what, lambda: mp.map_async(fn, range(count)).get(MP_TIMEOUT),
+                       list(range(1, count + 1)))
+
+    @contextmanager
+    def loky(fn: Callable[[int], int] = _inc, count: int = items, what: str = "map") -> Iterator[Trial]:
+        import joblib
+
+        # joblib's default backend: loky's reusable worker processes, kept between runs.
+        run = joblib.Parallel(n_jobs=n, backend="loky")
+        yield _one(what, lambda: run(joblib.delayed(fn)(i) for i in range(count)),
+                   list(range(1, count + 1)))
+
+    @contextmanager
+    def ideal() -> Iterator[Trial]:
+        # Perfect parallelism: the work divided by the engines, with nothing for dispatch.
+        yield lambda _check_it: {WORK: WORK_ITEMS * WORK_SECONDS / n}
 
     def case(name: str, setup: Setup | None, times: int = repeat) -> list[dict[str, Any]]:
         return _measure("pmap", name, ["map"], setup, times, say, items=items)
+
+    def work(name: str, setup: Setup | None) -> list[dict[str, Any]]:
+        return _measure("pmap", name, [WORK], setup, repeat, say, items=WORK_ITEMS)
+
+    def busy() -> list[int]:
+        return nbparallel.pmap(SPIN, "x", range(WORK_ITEMS), pool=pool, show_progress=False)
 
     def ipp(size: int) -> Setup:
         return _ready(_one("map", lambda: lview.map_sync(_inc, range(items), chunksize=size), want))
@@ -262,7 +299,13 @@ def _pmap_group(pool: Session, n: int, items: int, repeat: int,
             + case(NO_TELEMETRY, no_telemetry, max(repeat, TELEMETRY_RUNS))
             + case("ipyparallel chunksize=1", ipp(1)) + case("ipyparallel chunksize=100", ipp(100))
             + case("dask", dask if _dask_importable() else None)
-            + case("multiprocessing", processes))
+            + case("joblib (loky)", loky if _importable("joblib") else None)
+            + case("multiprocessing", processes)
+            + work(NB, _ready(_one(WORK, busy, list(range(1, WORK_ITEMS + 1)))))
+            + work("joblib (loky)", (lambda: loky(_spin, WORK_ITEMS, WORK))
+                   if _importable("joblib") else None)
+            + work("multiprocessing", lambda: processes(_spin, WORK_ITEMS, WORK))
+            + work(f"ideal ({n} engines, no dispatch)", ideal))
 
 
 def _roundtrip_group(pool: Session, n: int, say: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -382,6 +425,10 @@ def _pipeline_group(pool: Session, size_mb: int, repeat: int,
             + _measure("pipeline", "nbparallel over sockets", [HOP], hop(False), repeat, say,
                        nbytes=moved)
             + _measure("pipeline", "numpy.copyto", [HOP], copyto, repeat, say, nbytes=moved))
+
+
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def _dask_importable() -> bool:
