@@ -75,12 +75,22 @@ def remove_segments(kernel_pid: int | str) -> int:
     return removed
 
 
+def _remove_socket_folders() -> None:
+    """The stopped engines' channel sockets (each in a folder named after its engine's pid)."""
+    try:
+        from .dataplane.server import remove_stale_folders
+    except Exception:  # the reaper must finish its job whatever fails to import
+        return
+    remove_stale_folders()
+
+
 def watch(kernel_pid: int, pids: list[int]) -> None:
     """Block until the kernel dies (then stop ``pids``) or every pid in ``pids`` has ended."""
     while True:
         if not alive(kernel_pid):
             stop_processes(pids)
             remove_segments(kernel_pid)
+            _remove_socket_folders()
             return
         if pids and not any(alive(pid) for pid in pids):
             return  # with no pids it watches for the kernel's segments alone, until told to stop

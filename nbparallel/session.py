@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from .dataplane.plane import DataPlane
+from .dataplane.server import remove_stale_folders
 from .errors import PoolError, UsageError
 from .format import ranges
 from .monitor import Monitor
@@ -78,6 +79,7 @@ class Session:
             self.plane.close(engines_live_on=self.pool.cluster is None)
         finally:
             self.pool.stop()
+            remove_stale_folders()  # the stopped engines' channel sockets
 
     def __repr__(self) -> str:
         return f"<nbparallel.Session {self.pool.how}, engines {ranges(self.pool.ids) or 'none'}>"

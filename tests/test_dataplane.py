@@ -14,6 +14,7 @@ import pytest
 
 import nbparallel
 from nbparallel import Resident
+from nbparallel.dataplane.direct import choose
 from nbparallel.dataplane.plane import DataPlane
 from nbparallel.errors import PoolError, RemoteError, UsageError
 
@@ -177,7 +178,7 @@ def test_forged_messages_are_refused_by_the_engine(pool):
 
     import zmq
 
-    from nbparallel.dataplane.direct import addresses_of, choose
+    from nbparallel.dataplane.direct import addresses_of
 
     channel = pool.plane.channel(0)
     unix, tcp = addresses_of(channel.endpoint)
@@ -203,6 +204,10 @@ def test_pool_stop_removes_every_segment_and_invalidates_handles():
     try:
         h = nbparallel.scatter("y = x", {"x": BIG}, keep=["y"], pool=pool)["y"]
         nbparallel.scatter("y = x", {"x": BIG}, gather=["y"], pool=pool)
+        # Each engine's channel listens on a Unix socket in a folder of its own.
+        folders = [Path(choose(pool.plane.endpoint(e)).removeprefix("ipc://")).parent
+                   for e in pool.ids]
+        assert all(f.is_dir() for f in folders)
         names = set(pool.plane.arena.names())
         assert names and names <= {p.name for p in ours()}
         eid = pool.ids[1]
@@ -216,6 +221,7 @@ def test_pool_stop_removes_every_segment_and_invalidates_handles():
     finally:
         pool.stop()
     assert not names & {p.name for p in ours()}
+    assert not any(f.exists() for f in folders)  # the killed engine's and the stopped one's
     with pytest.raises(PoolError, match="stopped"):
         np.asarray(h)
 

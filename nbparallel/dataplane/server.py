@@ -29,7 +29,7 @@ from .direct import (_PIECE, ERR, FRAME_LIMIT, GET, HANDSHAKE_S, MAGIC, MAX_GET_
                      USER, ZAP_DOMAIN, ChannelError, advertised_host, check_key, endpoint_of, frames_of,
                      parts_of, password, peer_address, raw, shown, sign, tid_bytes)
 
-__all__ = ["Server"]
+__all__ = ["Server", "remove_stale_folders"]
 
 _log = logging.getLogger("nbparallel.dataplane")
 MAX_SESSIONS = 100_000
@@ -42,8 +42,9 @@ def _is_loopback(host: str) -> bool:
     return host.startswith("127.") or host in ("::1", "localhost")
 
 
-def _remove_stale_folders() -> None:
-    """Remove this user's socket directories whose process has gone (killed, so it could not)."""
+def remove_stale_folders() -> None:
+    """Remove this user's socket directories whose process has gone: an engine stopped by a
+    signal (as ipyparallel stops them) or killed cannot remove its own."""
     root = tempfile.gettempdir()
     try:
         names = os.listdir(root)
@@ -284,7 +285,7 @@ class Server:
     def _bind_unix(self) -> list[str]:
         """Listen on a Unix socket in a new private directory; returns its address, or nothing
         where a socket path would be too long (the TCP listener serves alone then)."""
-        _remove_stale_folders()
+        remove_stale_folders()
         self._folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-")  # mode 0700
         path = os.path.join(self._folder, "s")
         if len(path.encode()) > MAX_UNIX_PATH:
