@@ -27,7 +27,7 @@ import psutil
 
 from .reaper import alive
 
-__all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags"]
+__all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags", "address_of"]
 
 PROBE_TIMEOUT = 1.0
 MISSES = 3
@@ -47,7 +47,7 @@ class ControllerWatch:
         self.pids = list(pids)
         self.every = every
         self.lost: str | None = None
-        self._address = _address(url)
+        self._address = address_of(url)
         self._misses = 0
         self._next = 0.0
 
@@ -85,7 +85,8 @@ class ControllerWatch:
         return None
 
 
-def _address(url: str | None) -> tuple[str, int] | None:
+def address_of(url: str | None) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``tcp://host:port`` URL; None for anything that cannot be probed."""
     if not url:
         return None
     parts = urlsplit(url)

@@ -14,14 +14,18 @@ import json
 import shutil
 import socket
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .controller import PROBE_TIMEOUT, _address, connection_file
+from .controller import PROBE_TIMEOUT, address_of, connection_file
+from .errors import PoolError
 
 __all__ = ["Launched", "launched", "controller_down", "profiles", "job_states", "no_engines_advice",
-           "no_cluster_advice"]
+           "no_cluster_advice", "await_engines"]
 
+WAIT_SAY_EVERY = 10.0  # seconds between progress lines while --wait waits for nothing new
 #: Batch systems whose job state we can ask for, by ipyparallel's launcher class name.
 _QUERIES = {"slurm": ["squeue", "--noheader", "--format=%T", "--jobs"]}
 
@@ -84,7 +88,7 @@ def controller_down(url_file: Path) -> str | None:
     if info.get("ssh") or not port:
         return None
     url = f"{interface}:{port}"
-    address = _address(url)
+    address = address_of(url)
     if address is None:
         return None
     try:
@@ -126,3 +130,42 @@ def no_cluster_advice(profile: str | None, named: str) -> str:
                 f"a cluster there.")
     return (f"Start one in a terminal with `ipcluster start -n 4{named}`, or use `%nbp start` "
             f"for a local one.")
+
+
+def await_engines(count: Callable[[], int], url_file: Path, launched: Launched, named: str,
+                  timeout: float, wait: float | None, n: int | None,
+                  say: Callable[[str], None]) -> str | None:
+    """Wait until ``count()`` engines reach ``n`` (default 1; with ``wait``, as many as were
+    launched), at most ``timeout`` s or, with ``wait``, that long, telling ``say`` how many have
+    come. Returns a note worth telling the user (fewer engines than launched or asked for);
+    raises :class:`PoolError` when none came."""
+    want = n or (launched.engines if wait is not None else None) or 1
+    limit = timeout if wait is None else wait
+    deadline = time.monotonic() + limit
+    said, shown = 0.0, -1
+    try:
+        while (got := count()) < want and (left := deadline - time.monotonic()) > 0:
+            if wait is not None and (got != shown or time.monotonic() - said >= WAIT_SAY_EVERY):
+                jobs = job_states(launched.jobs)
+                say(f"nbparallel: waiting for engines: {got} of {want} registered"
+                    + (f" ({jobs})" if jobs else "") + f", {left:.0f} s left (Ctrl-C stops waiting).")
+                said, shown = time.monotonic(), got
+            time.sleep(min(0.2, left))
+    except KeyboardInterrupt:
+        raise PoolError(f"stopped waiting (Ctrl-C) with {count()} of {want} engines "
+                        f"registered; `%nbp connect{named}` connects to those there are.") from None
+    if got == 0:
+        jobs = job_states(launched.jobs)
+        raise PoolError(
+            f"the cluster described by {url_file} is running (its controller answers) but no "
+            f"engine registered within {limit:g} s"
+            + (f" ({jobs})" if jobs else "") + ". " + no_engines_advice(launched, named)
+        )
+    if got < want:
+        return (f"only {got} of the {want} engines asked for registered within {limit:g} s; "
+                f"the others join the pool when they register.")
+    if launched.engines and got < launched.engines:
+        return (f"{got} of the {launched.engines} engines ipcluster launched have registered so "
+                f"far; the others join the pool when they register (`%nbp connect --wait{named}` "
+                f"waits for them).")
+    return None

@@ -46,7 +46,6 @@ CONNECT_TIMEOUT = 5.0
 ENGINE_TIMEOUT = 120.0
 #: How long connecting waits for an engine's first answer before calling it busy.
 PROBE_TIMEOUT = 5.0
-WAIT_SAY_EVERY = 10.0  # seconds between progress lines while --wait waits for nothing new
 TICK = 0.1  # seconds between looks while engines work: the dashboard, the controller, Ctrl-C
 STOP_GRACE = 10.0  # seconds interrupted engines get to answer before their futures are left
 
@@ -202,7 +201,9 @@ class Pool:
                 f"`ipcluster start -n 4{named}`, or use `%nbp start`."
             ) from None
         try:
-            found = _await_engines(client, profile, cluster_id, timeout, wait, n, say)
+            found = ipcluster.await_engines(lambda: len(client.ids), url_file,
+                                            ipcluster.launched(profile, cluster_id), named,
+                                            timeout, wait, n, say)
             pool = cls(client, None, how="connected", gpus=gpus)
         except BaseException:
             client.close()
@@ -639,41 +640,3 @@ class Pool:
     def __repr__(self) -> str:
         return f"<nbparallel.Pool {self.how}, engines {ranges(self.ids) or 'none'}>"
 
-
-def _await_engines(client: Any, profile: str | None, cluster_id: str | None, timeout: float,
-                   wait: float | None, n: int | None, say: Callable[[str], None]) -> str | None:
-    """Wait for the engines :meth:`Pool.connect` needs; returns a note worth telling the user
-    (fewer engines than launched or asked for), or raises :class:`PoolError` when none came."""
-    launched = ipcluster.launched(profile, cluster_id)
-    named = flags(profile, cluster_id)
-    url_file = connection_file(profile, cluster_id)
-    want = n or (launched.engines if wait is not None else None) or 1
-    limit = timeout if wait is None else wait
-    deadline = time.monotonic() + limit
-    said, shown = 0.0, -1
-    try:
-        while (count := len(client.ids)) < want and (left := deadline - time.monotonic()) > 0:
-            if wait is not None and (count != shown or time.monotonic() - said >= WAIT_SAY_EVERY):
-                jobs = ipcluster.job_states(launched.jobs)
-                say(f"nbparallel: waiting for engines: {count} of {want} registered"
-                    + (f" ({jobs})" if jobs else "") + f", {left:.0f} s left (Ctrl-C stops waiting).")
-                said, shown = time.monotonic(), count
-            time.sleep(min(0.2, left))
-    except KeyboardInterrupt:
-        raise PoolError(f"stopped waiting (Ctrl-C) with {len(client.ids)} of {want} engines "
-                        f"registered; `%nbp connect{named}` connects to those there are.") from None
-    if count == 0:
-        jobs = ipcluster.job_states(launched.jobs)
-        raise PoolError(
-            f"the cluster described by {url_file} is running (its controller answers) but no "
-            f"engine registered within {limit:g} s"
-            + (f" ({jobs})" if jobs else "") + ". " + ipcluster.no_engines_advice(launched, named)
-        )
-    if count < want:
-        return (f"only {count} of the {want} engines asked for registered within {limit:g} s; "
-                f"the others join the pool when they register.")
-    if launched.engines and count < launched.engines:
-        return (f"{count} of the {launched.engines} engines ipcluster launched have registered so "
-                f"far; the others join the pool when they register (`%nbp connect --wait{named}` "
-                f"waits for them).")
-    return None
