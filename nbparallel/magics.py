@@ -295,6 +295,9 @@ class NbparallelMagics(Magics):
     @argument("name", help="the stage's name (a Python name); a new name adds a stage at the end")
     @argument("--engine", type=int, default=None, metavar="K",
               help="the engine that holds the stage (default: round-robin over the engines)")
+    @argument("--engines", default=None, metavar="A,B",
+              help="tensor parallel: the cell runs on each of these engines, with `comm` "
+                   "spanning them, `tp_rank` and `tp_size`")
     @cell_magic
     def stage(self, line: str, cell: str) -> None:
         """Define (or replace) a pipeline stage: the cell runs once on its engine.
@@ -310,11 +313,14 @@ class NbparallelMagics(Magics):
                 return x @ W
         """
         args = _parse(self.stage, line)
+        engines = _engine_list(args.engines) if args.engines is not None else None
         pool = session_mod.ensure()
         info = pool.pipeline.define(args.name, cell, args.engine, self.shell.user_ns,
-                                    self._hidden())
-        print(f"stage {info.name}: engine {info.engine}, {', '.join(info.hooks)}, "
-              f"{info.param_bytes:,} bytes of arrays")
+                                    self._hidden(), engines=engines)
+        where = (f"engine {info.engine}" if len(info.engines) == 1 else
+                 f"engines {', '.join(map(str, info.engines))} (tensor parallel)")
+        print(f"stage {info.name}: {where}, {', '.join(info.hooks)}, "
+              f"{info.param_bytes:,} bytes of arrays" + (" on each" if len(info.engines) > 1 else ""))
 
     @magic_arguments()
     @_command("run", "run the stages forward over micro-batches of --input",
@@ -337,6 +343,12 @@ class NbparallelMagics(Magics):
                        help="with --schedule auto: at most N micro-batches' activations per engine"),
               argument("--steps", type=int, default=1, metavar="N",
                        help="training steps, each over all micro-batches (default 1)"),
+              argument("--data-parallel", type=int, default=1, metavar="D",
+                       help="copies of the pipeline on D groups of engines, each on its share "
+                            "of every micro-batch, gradients summed before step() (default 1)"),
+              argument("--precision", default="fp32", metavar="P",
+                       help="what activations and gradients travel in: fp32, bf16 or fp16 "
+                            "(with dynamic loss scaling) (default fp32)"),
               _name_option("--out", "the notebook name bound to the list of losses, one a step"),
               _dashboard_option)
     @_command("schedule", "show a schedule and its theoretical bubble; runs nothing",
@@ -352,7 +364,9 @@ class NbparallelMagics(Magics):
                        help="op times of one engine's share of the model (default those)"),
               argument("--compare", action="store_true",
                        help="simulate every schedule for these costs, side by side"))
-    @_command("show", "list the stages: name, engine, hooks, array bytes")
+    @_command("show", "list the stages (name, engines, hooks, array bytes) and their layout",
+              argument("--data-parallel", type=int, default=1, metavar="D",
+                       help="draw the layout with D replicas (default 1)"))
     @_command("clear", "forget every stage")
     @line_magic
     def pipeline(self, line: str) -> Any:
@@ -379,6 +393,9 @@ class NbparallelMagics(Magics):
         pipe = pool.pipeline
         if args.command == "show":
             print(_stages_table(pipe.show()))
+            if pipe.stages:
+                print("\nlayout (engines of each stage, tensor rank order):")
+                print(pipe.layout(args.data_parallel).grid(list(pipe.stages)))
         elif args.command == "clear":
             pipe.clear()
         elif args.command == "run":
@@ -391,13 +408,22 @@ class NbparallelMagics(Magics):
             found = self._lookup([args.input, args.target], "--input/--target")
             losses = pipe.train(found[args.input], found[args.target], args.microbatches,
                                 args.schedule, args.steps, False if args.no_dashboard else None,
-                                max_stash=args.max_stash)
+                                max_stash=args.max_stash, data_parallel=args.data_parallel,
+                                precision=args.precision)
             self.shell.user_ns[out] = losses
             last = pipe.last[-1]
+            extra = ""
+            if args.data_parallel > 1:
+                extra += (f"; {args.data_parallel} replicas, gradient sum "
+                          f"{last.reduce_seconds * 1e3:.3g} ms a step")
+            skipped = sum(r.skipped for r in pipe.last)
+            if args.precision == "fp16":
+                extra += (f"; fp16 loss scale {pipe.scaler.scale:g}, {skipped} step(s) skipped "
+                          f"for overflow")
             print(f"%pipeline train: {args.steps} step(s), loss {losses[0]:.6g} -> "
                   f"{losses[-1]:.6g}; measured bubble {last.bubble:.0%} (theory "
                   f"{last.theory:.0%} for the measured op times, {last.theory_equal:.0%} for "
-                  f"equal stages)")
+                  f"equal stages){extra}")
         return None
 
     # -- %nbp ----------------------------------------------------------------------------------
@@ -480,12 +506,19 @@ def _name(text: str) -> str:
     return text
 
 
+def _engine_list(text: str) -> list[int]:
+    try:
+        return [int(e) for e in text.split(",") if e.strip()]
+    except ValueError:
+        raise UsageError(f"--engines {text!r}: list engine ids with commas, like --engines 0,1.") from None
+
+
 def _stages_table(stages: list[Any]) -> str:
     if not stages:
         return "no stages yet: define them with %%stage NAME cells, first to last."
     rows = [("stage", "name", "engine", "hooks", "array bytes")]
-    rows += [(str(i), s.name, str(s.engine), ", ".join(s.hooks), f"{s.param_bytes:,}")
-             for i, s in enumerate(stages)]
+    rows += [(str(i), s.name, ", ".join(map(str, s.engines)), ", ".join(s.hooks),
+              f"{s.param_bytes:,}") for i, s in enumerate(stages)]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 

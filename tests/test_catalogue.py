@@ -61,6 +61,8 @@ STAGES = {
     "train": [("s0", 0, BWD), ("s1", 1, LOSS)],
     "virtual": [("s0", 0, BWD), ("s1", 1, BWD), ("s2", 0, BWD), ("s3", 1, LOSS)],
     "raising": [("s0", 0, FWD), ("s1", 1, BAD)],
+    "single": [("s0", 0, LOSS)],
+    "gradients": [("s0", 0, LOSS + "\ndef gradients():\n    return []")],
 }
 
 
@@ -201,8 +203,39 @@ CASES = [
          "RemoteError", r"the %%stage s cell failed on engine 0, stage s: RuntimeError: init "
          r"failed", sent=True),
     Case("stage-comm", "%%stage", "s", "def forward(x, ctx):\n    return comm.allreduce(x)",
-         "UsageError", r"`comm` is not defined in %%stage s: a stage runs on one engine"),
+         "UsageError", r"`comm` is not defined in %%stage s: a stage on one engine has no other "
+         "engines to talk to"),
+    Case("stage-engines-both", "%%stage", "s --engine 0 --engines 0,1", FWD, "UsageError",
+         r"give a stage either --engine K \(one engine\) or --engines A,B,\.\.\. \(tensor "
+         r"parallel over several\), not both"),
+    Case("stage-engines-twice", "%%stage", "s --engines 1,1", FWD, "UsageError",
+         r"--engines 1,1 names an engine twice"),
+    Case("stage-engines-unknown", "%%stage", "s --engines 0,9", FWD, "UsageError",
+         r"--engines: engine\(s\) \[9\] are not in the pool"),
+    Case("stage-engines-text", "%%stage", "s --engines 0-1", FWD, "UsageError",
+         r"--engines '0-1': list engine ids with commas, like --engines 0,1"),
+    Case("stage-engines-overlap", "%%stage", "t --engines 1,2", FWD, "UsageError",
+         r"stage `t` on engines \[1, 2\] would share engine\(s\) \[1\] with stage `s1`",
+         stages="forward"),
     # -- %pipeline ------------------------------------------------------------------------------
+    Case("train-data-parallel-engines", "%pipeline",
+         "train --input x --target x --microbatches 2 --data-parallel 2 --out y", None,
+         "UsageError", r"--data-parallel 2 needs 2 copies of the stages' 2 engine\(s\), 4 "
+         r"engines, but the pool has 3", stages="train"),
+    Case("train-data-parallel-zero", "%pipeline",
+         "train --input x --target x --microbatches 2 --data-parallel 0 --out y", None,
+         "UsageError", r"--data-parallel must be a whole number of replicas, 1 or more, not 0",
+         stages="train"),
+    Case("train-no-gradients", "%pipeline",
+         "train --input x --target x --microbatches 2 --data-parallel 2 --out y", None,
+         "UsageError", r"stage\(s\) `s0` define no gradients\(\)", stages="single"),
+    Case("train-replica-rows", "%pipeline",
+         "train --input x --target x --microbatches 8 --data-parallel 2 --out y", None,
+         "UsageError", r"micro-batch 0 has 1 row\(s\), fewer than the 2 data-parallel "
+         r"replicas", stages="gradients"),
+    Case("train-precision", "%pipeline",
+         "train --input x --target x --microbatches 2 --precision fp8 --out y", None,
+         "UsageError", r"unknown precision 'fp8'; use fp32", stages="train"),
     Case("pipeline-no-command", "%pipeline", "", None, "UsageError",
          r"%pipeline: the following arguments are required: command"),
     Case("pipeline-unknown-command", "%pipeline", "fly", None, "UsageError",

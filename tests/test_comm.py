@@ -277,3 +277,115 @@ def test_comm_in_a_stage_cell_is_a_usage_error(ip, pool):
     with pytest.raises(UsageError, match="`comm` is not defined in %%stage s0"):
         ip.run_cell_magic("stage", "s0 --engine 0", "def forward(x, ctx):\n    return comm.allreduce(x)")
     assert "s0" not in pool.pipeline.stages
+
+
+# -- allreduce(compress=...): 16 bits on the wire ------------------------------------------------
+COMPRESSED = """
+import numpy as np
+x = (np.arange({n}) % 89 + 1.0) * (rank + 1) / 7.0 + rank / 3
+y = comm.allreduce(x, compress={compress!r})
+"""
+
+
+def _parts(n, size):
+    """Each rank's ``x`` in COMPRESSED: positive, 0.14 to 41, and mostly not exact in 16 bits."""
+    return [(np.arange(n) % 89 + 1.0) * (r + 1) / 7.0 + r / 3 for r in range(size)]
+
+
+def _comm_bytes(pool, ip, line, cell):
+    """Run the cell; the bytes its comm read from peers, as the ranks' CommStats reported them
+    (each rank's ``received``, recorded by the notebook as transfers of kind comm)."""
+    cursor = pool.plane.transfers.cursor
+    ip.run_cell_magic("scatter", line, cell)
+    new, _ = pool.plane.transfers.since(cursor)
+    return sum(t.nbytes for t in new if t.kind == "comm")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("engines", [2, 3])
+def test_allreduce_compress_moves_16_bits_and_gives_every_rank_the_same_bits(ip, pool, engines, backend):
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from nbparallel.comm.api import LARGE
+
+    lows = {"bf16": np.dtype(ml_dtypes.bfloat16), "fp16": np.dtype(np.float16)}
+    # Per rounding (to nearest) the relative error is below the unit u (2**-8 for bf16's 8
+    # significant bits, 2**-11 for fp16's 11): each part is rounded once, the float32 sum of
+    # positive parts adds at most (size - 1) * 2**-24, and on the block path the sum is rounded
+    # to 16 bits once more. So |y - exact| <= ((1 + u)**2 * (1 + size * 2**-24) - 1) * exact:
+    # 2**-7 + 2**-16 + ... for bf16 (the 2**-7 of "two bf16 roundings"), 2**-10 + ... for fp16.
+    units = {"bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
+    line = f"--reduce y=list --comm {backend}" + (" --engines 0-1" if engines == 2 else "")
+    for n in (1000, 100_000):  # 8 KB: one round; 800 KB >= LARGE: reduce-scatter, then gather
+        blocks = n * 8 >= LARGE
+        parts = _parts(n, engines)
+        exact = np.sum(parts, axis=0)
+        moved = {}
+        for compress in (None, "bf16", "fp16"):
+            moved[compress] = _comm_bytes(pool, ip, line, COMPRESSED.format(n=n, compress=compress))
+            ys = ip.user_ns["y"]
+            assert len(ys) == engines
+            assert all(y.dtype == np.float64 and y.shape == (n,) for y in ys)
+            assert all(y.tobytes() == ys[0].tobytes() for y in ys), "ranks got different bits"
+            if compress is None:
+                np.testing.assert_allclose(ys[0], exact, rtol=1e-15)
+                continue
+            low = lows[compress]
+            # What the ranks compute, done here: 16-bit parts, float32 sums in rank order, and
+            # on the block path each summed block rounded to 16 bits for the gather round.
+            wide = parts[0].astype(low).astype(np.float32)
+            for p in parts[1:]:
+                wide = wide + p.astype(low).astype(np.float32)
+            want = (wide.astype(low) if blocks else wide).astype(np.float64)
+            np.testing.assert_array_equal(ys[0], want)
+            u = units[compress]
+            rel = np.abs(ys[0] - exact) / exact
+            assert rel.max() <= (1 + u) ** 2 * (1 + engines * 2.0 ** -24) - 1
+            assert rel.max() > u / 4  # it did go through 16 bits
+        # float64 to 16 bits: a quarter of the bytes (half of what float32 would move).
+        rounds = 2 if blocks else engines  # each element crosses to every other rank once (or twice)
+        assert moved[None] == rounds * (engines - 1) * n * 8
+        assert moved["bf16"] == moved["fp16"] == moved[None] // 4
+
+
+def test_allreduce_compress_in_place_on_float32_halves_the_bytes(ip, pool):
+    cell = """
+import numpy as np
+same = []
+for n in (1000, 70_000):                                    # 280 KB: the block path
+    g = np.full(n, 0.1, np.float32) * (rank + 1)
+    r = comm.allreduce(g, out=g{})
+    same.append((r is g, g.dtype.name, float(g[0]), float(g[-1])))
+"""
+    line = "--engines 0-1 --reduce same=list"
+    plain = _comm_bytes(pool, ip, line, cell.format(""))
+    assert ip.user_ns["same"][0][0] == (True, "float32", *[np.float32(0.3)] * 2)
+    packed = _comm_bytes(pool, ip, line, cell.format(", compress='fp16'"))
+    assert packed * 2 == plain
+    for rank_same in ip.user_ns["same"]:
+        for same in rank_same:
+            assert same[:2] == (True, "float32")
+            assert abs(same[2] - 0.3) <= 0.3 * 2 * 2.0 ** -11 and same[2] == same[3] != 0.3
+
+
+@pytest.mark.parametrize("n", [1000, 100_000])
+def test_compress_on_one_rank_only_is_a_mismatch_not_a_mix(ip, n):
+    pytest.importorskip("ml_dtypes")
+    err = _errors(ip, "--engines 0-1", f"import numpy as np\nx = np.ones({n})\n"
+                  "y = comm.allreduce(x, compress='bf16' if rank == 0 else None)")
+    assert {f.ename for f in err.failures} == {"CommError"} and len(err.failures) == 2
+    assert f"rank 0 called allreduce(float64 ({n},), op=sum, compress=bf16) (call #1 at line 3)" in str(err)
+    assert f"rank 1 called allreduce(float64 ({n},), op=sum) (call #1 at line 3)" in str(err)
+
+
+@pytest.mark.parametrize("cell, message", [
+    ("import numpy as np\ncomm.allreduce(np.arange(4), compress='fp16')",
+     "compress='fp16' needs a floating-point array (float64, float32, float16), not an array of int64"),
+    ("comm.allreduce(1.5, compress='fp16')", "compress='fp16' needs a floating-point array"),
+    ("import numpy as np\ncomm.allreduce(np.ones(3), compress='fp8')",
+     "unknown compress='fp8'; use compress=\"bf16\""),
+])
+def test_bad_compress_arguments_are_one_paragraph_errors(ip, cell, message):
+    err = _errors(ip, "--engines 0-1", cell)
+    assert {f.ename for f in err.failures} == {"CommError"}
+    assert message in str(err)
+    assert "\n\n" not in err.failures[0].evalue

@@ -20,10 +20,11 @@ HELP = {
                 "--engines", "--transport", "--no-dashboard", "names to split across engines"),
     "pmap": ("%%pmap TARGET in ITERABLE -> NAME", "--chunksize", "--unordered", "--retries",
              "--engines", "--no-progress", "--transport", "--no-dashboard"),
-    "stage": ("%%stage [--engine K] name", "--engine"),
+    "stage": ("%%stage [--engine K] [--engines A,B] name", "--engine", "--engines"),
     "pipeline": ("%pipeline {run,train,schedule,show,clear}", "%pipeline run --input NAME",
                  "%pipeline train", "%pipeline schedule --stages P", "--schedule",
-                 "--microbatches", "--steps", "--target", "--out", "--virtual", "--no-dashboard"),
+                 "--microbatches", "--steps", "--target", "--out", "--virtual", "--no-dashboard",
+                 "--data-parallel", "--precision"),
     "nbp": ("%nbp {start,connect,status,stop,monitor,restart,trace,dashboard}", "%nbp start",
             "-n N", "--gpus", "%nbp connect", "--profile", "--cluster-id", "%nbp trace {save} file",
             "%nbp dashboard {on,off}"),
@@ -133,17 +134,19 @@ def test_good_lines_parse_to_the_same_defaults_as_before(magics):
                                "--no-progress --no-dashboard --transport shm")
     assert vars(args) == dict(out="r", chunksize=4, unordered=True, retries=2, engines="0-1",
                               no_progress=True, no_dashboard=True, transport="shm")
-    assert vars(_parse(magics.stage, "l1")) == dict(name="l1", engine=None)
-    assert vars(_parse(magics.stage, "l1 --engine 2")) == dict(name="l1", engine=2)
+    assert vars(_parse(magics.stage, "l1")) == dict(name="l1", engine=None, engines=None)
+    assert vars(_parse(magics.stage, "l1 --engine 2")) == dict(name="l1", engine=2, engines=None)
+    assert vars(_parse(magics.stage, "l1 --engines 0,1")) == dict(name="l1", engine=None,
+                                                                  engines="0,1")
     assert vars(_parse(magics.pipeline, "run --input x --out y")) == dict(
         command="run", input="x", microbatches=1, schedule="gpipe", out="y", no_dashboard=False)
     assert vars(_parse(magics.pipeline, "train --input x --target t --out y")) == dict(
         command="train", input="x", target="t", microbatches=1, schedule="1f1b", steps=1,
-        out="y", no_dashboard=False, max_stash=None)
+        out="y", no_dashboard=False, max_stash=None, data_parallel=1, precision="fp32")
     assert vars(_parse(magics.pipeline, "schedule --stages 2 --microbatches 4")) == dict(
         command="schedule", stages=2, microbatches=4, schedule="1f1b", virtual=1, costs=None,
         compare=False)
-    assert vars(_parse(magics.pipeline, "show")) == dict(command="show")
+    assert vars(_parse(magics.pipeline, "show")) == dict(command="show", data_parallel=1)
     assert vars(_parse(magics.nbp, "start")) == dict(command="start", n=None, gpus=None)
     assert vars(_parse(magics.nbp, "start -n -1 --gpus 0,1")) == dict(command="start", n=-1,
                                                                       gpus="0,1")

@@ -23,13 +23,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import gpu
+from .. import gpu, precision
 from ..dataplane.transport import SHM
-from ..errors import CommError
+from ..errors import CommError, UsageError
 from ..partition import bounds
 from . import channel
 from .backend import EACH, EVERYONE, Backend, Call
-from .ops import as_array, check_op, describe, dtype_name, reduce_into, reduce_values
+from .ops import as_array, check_op, describe, dtype_name, reduce_into, reduce_values, reduce_wide
 from .spec import MPI_BACKEND, CommSpec, CommStats
 
 __all__ = ["Comm", "LARGE"]
@@ -39,6 +39,8 @@ LARGE = 256 << 10
 #: Elements reduced at a time: a chunk and its result stay in the core's cache between the
 #: reduction and the copy that follows it.
 CHUNK = 1 << 15
+#: What ``allreduce(compress=...)`` takes: the 16-bit formats of :mod:`nbparallel.precision`.
+COMPRESS = ("bf16", "fp16")
 #: Spans kept per cell (one per call); further calls are counted, not timed one by one.
 MAX_SPANS = 5000
 
@@ -91,10 +93,26 @@ class Comm:
             got = self._backend.round(call, EVERYONE, [value if self.rank == root else None])
             return value if self.rank == root else got.get(root)
 
-    def allreduce(self, value: Any, op: str = "sum", *, out: np.ndarray | None = None) -> Any:
+    def allreduce(self, value: Any, op: str = "sum", *, out: np.ndarray | None = None,
+                  compress: str | None = None) -> Any:
         """``value`` of every rank combined by ``op`` (sum, prod, min, max), on every rank;
         elementwise for arrays. ``out`` (an array of the same shape and dtype, the input itself
-        for in place) receives the result."""
+        for in place) receives the result.
+
+        ``compress="bf16"`` or ``"fp16"`` (PyTorch DDP's ``bf16_compress_hook`` and
+        ``fp16_compress_hook``): a floating-point array travels between the ranks in 16 bits,
+        half the bytes of float32 (a quarter of float64), is reduced in float32, and the result
+        has the input's dtype again. Every rank still gets the same bits, within the 16-bit
+        rounding of the exact result (2**-8 relative per rounding for bf16, 2**-11 for fp16; an
+        array of :data:`LARGE` bytes or more is rounded once more, as its reduced blocks travel
+        in 16 bits too). fp16 ends at 65504: larger values become inf (on that block path, larger
+        sums too). Every rank must pass the same ``compress``. For gradients::
+
+            for g in grads:
+                comm.allreduce(g, out=g, compress="bf16")     # summed in place, 16 bits moved
+        """
+        if compress is not None:
+            return self._compressed(value, op, out, compress, _line())
         return self._reduce("allreduce", value, op, None, out, _line())
 
     def reduce(self, value: Any, op: str = "sum", root: int = 0) -> Any:
@@ -267,6 +285,84 @@ class Comm:
             return result[()]
         return _back(result, device) if out is None else out
 
+    def _compressed(self, value: Any, op: str, out: np.ndarray | None, compress: Any,
+                    line: int) -> Any:
+        """allreduce with ``compress``: 16 bits on the wire (as uint16, which every backend
+        carries: ml_dtypes' bfloat16 has no dtype string of its own), float32 sums."""
+        check_op(op, "allreduce")
+        name = precision.ALIASES.get(compress, compress) if isinstance(compress, str) else None
+        if name not in COMPRESS:
+            raise CommError(
+                f"comm.allreduce: unknown compress={compress!r}; use compress=\"bf16\" (bfloat16: "
+                f"float32's range, 8 significant bits) or \"fp16\" (float16: 11 bits, values up to "
+                f"65504) to send 16 bits per element, or None to send the array as it is.")
+        try:
+            low = precision.low_dtype(name)
+        except UsageError as exc:
+            raise CommError(f"comm.allreduce(compress={name!r}): {exc}") from None
+        host, device = _host(value)
+        if not isinstance(host, np.ndarray) or not (host.dtype.kind == "f"
+                                                    or host.dtype.name == "bfloat16"):
+            what = f"an array of {host.dtype}" if isinstance(host, np.ndarray) else type(value).__name__
+            raise CommError(
+                f"comm.allreduce: compress={name!r} needs a floating-point array (float64, "
+                f"float32, float16), not {what}: integers and Python numbers are reduced exactly "
+                f"without compress (or np.asarray(x, float) first).")
+        if out is not None:
+            _check_out("allreduce", out, None, host, None)
+        with self._call("allreduce", describe("allreduce", host, op=op, compress=name), line) as call:
+            # The same choice of path as without compress (by the input's bytes): all ranks agree.
+            if host.nbytes < LARGE or self.size == 1:
+                result = self._whole_low(call, op, host, low, out)
+            else:
+                result = self._blocks_low(call, op, host, low, out)
+        return _back(result, device) if out is None else out
+
+    def _whole_low(self, call: Call, op: str, arr: np.ndarray, low: np.dtype,
+                   out: np.ndarray | None) -> np.ndarray:
+        mine = _cast(arr, low)  # this rank's part as the others get it: every rank, same bits
+        got = self._backend.round(call, EVERYONE, [mine.view(np.uint16)])
+        parts = [mine if r == self.rank else got.get(r, copy=False).view(low)
+                 for r in range(self.size)]
+        wide = out if out is not None and out.dtype == np.float32 else np.empty(arr.shape, np.float32)
+        reduce_wide(op, parts, wide)  # the parts are copies: out may be the input
+        if wide is out or arr.dtype == np.float32:
+            return wide
+        with np.errstate(over="ignore"):  # a float16 input: sums past 65504 are inf
+            if out is None:
+                return wide.astype(arr.dtype)
+            out[...] = wide
+            return out
+
+    def _blocks_low(self, call: Call, op: str, arr: np.ndarray, low: np.dtype,
+                    out: np.ndarray | None) -> np.ndarray:
+        # As _blocks, 16 bits in both rounds: each block reduced in float32 a chunk at a time,
+        # rounded to 16 bits where the gather round publishes it, and taken from there into the
+        # result (on this rank too, so that every rank has the same bits).
+        flat = _cast(arr, low).reshape(-1)
+        wire = flat.view(np.uint16)
+        spans = bounds(flat.size, self.size)
+        got = self._backend.round(call, EACH, [None if r == self.rank else wire[a:b]
+                                               for r, (a, b) in enumerate(spans)])
+        a, b = spans[self.rank]
+        mine = [flat[a:b] if r == self.rank else got.get(r, copy=False).view(low)
+                for r in range(self.size)]
+        target = out.reshape(-1) if out is not None else np.empty(flat.size, arr.dtype)
+        room = self._backend.reserve((b - a) * 2)
+        block = room.view(low) if room is not None else np.empty(b - a, low)
+        wide = np.empty(min(CHUNK, b - a), np.float32)
+        with np.errstate(over="ignore"):  # fp16: past 65504 is inf, as documented
+            for lo in range(0, b - a, CHUNK):
+                hi = min(lo + CHUNK, b - a)
+                reduce_wide(op, [m[lo:hi] for m in mine], wide[:hi - lo])
+                block[lo:hi] = wide[:hi - lo]
+                target[a + lo:a + hi] = block[lo:hi]
+        got = self._backend.round(call, EVERYONE, [block.view(np.uint16)])
+        for r, (lo, hi) in enumerate(spans):
+            if r != self.rank:
+                target[lo:hi] = got.get(r, copy=False).view(low)
+        return target.reshape(arr.shape)
+
     def _whole(self, call: Call, op: str, arr: np.ndarray, root: int | None,
                out: np.ndarray | None) -> np.ndarray | None:
         items = [arr] if root is None else _only(self.size, root, arr)
@@ -381,6 +477,12 @@ def _reduce_to(op: str, parts: list[np.ndarray], dest: np.ndarray, own: int) -> 
         np.copyto(dest, reduce_into(op, parts, np.empty_like(dest)))
         return dest
     return reduce_into(op, parts, dest)
+
+
+def _cast(arr: np.ndarray, low: np.dtype) -> np.ndarray:
+    """``arr`` as a new C-contiguous array of ``low`` (fp16: values past its range become inf)."""
+    with np.errstate(over="ignore"):
+        return arr.astype(low, order="C")
 
 
 def _host(value: Any) -> tuple[Any, bool]:

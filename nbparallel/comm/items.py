@@ -32,7 +32,9 @@ def _encode(item: Any, frames: list[Any]) -> Any:
         frames.append(item if item.flags.c_contiguous else np.ascontiguousarray(item))
         # A plain dtype travels as its short string: pickling the dtype object costs more than
         # the rest of a small round together.
-        dtype = item.dtype.str if item.dtype.fields is None and not item.dtype.subdtype else item.dtype
+        # Not for dtypes whose string says only "raw bytes" (ml_dtypes' bfloat16 is "<V2").
+        plain = item.dtype.fields is None and not item.dtype.subdtype and item.dtype.kind != "V"
+        dtype = item.dtype.str if plain else item.dtype
         return ("a", len(frames) - 1, dtype, item.shape)
     if isinstance(item, tuple):
         return ("t", [_encode(x, frames) for x in item])

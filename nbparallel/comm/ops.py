@@ -14,7 +14,8 @@ import numpy as np
 
 from ..errors import CommError
 
-__all__ = ["OPS", "check_op", "reduce_into", "reduce_values", "describe", "dtype_name", "as_array"]
+__all__ = ["OPS", "check_op", "reduce_into", "reduce_wide", "reduce_values", "describe", "dtype_name",
+           "as_array"]
 
 #: op name -> (NumPy ufunc for arrays, Python function for other objects)
 OPS: dict[str, tuple[np.ufunc, Callable[[Any, Any], Any]]] = {
@@ -42,6 +43,19 @@ def reduce_into(op: str, parts: Sequence[np.ndarray], out: np.ndarray) -> np.nda
     ufunc(parts[0], parts[1], out=out)
     for part in parts[2:]:
         ufunc(out, part, out=out)
+    return out
+
+
+def reduce_wide(op: str, parts: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """Like :func:`reduce_into`, but computed in ``out``'s dtype: 16-bit parts (bfloat16, float16)
+    reduced into a float32 ``out`` are each widened first, not added in 16 bits."""
+    ufunc, dtype = OPS[op][0], out.dtype
+    if len(parts) == 1:
+        out[...] = parts[0]
+        return out
+    ufunc(parts[0], parts[1], out=out, dtype=dtype)
+    for part in parts[2:]:
+        ufunc(out, part, out=out, dtype=dtype)
     return out
 
 

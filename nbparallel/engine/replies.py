@@ -70,7 +70,8 @@ class StageReply:
 class RankReply:
     """One pipeline rank's run of its schedule: outputs and losses by micro-batch, its spans
     ``(kind, stage, mb, start, end)``, bytes sent by ``"transport>stage"``, and the most
-    micro-batches each of its stages held at once."""
+    micro-batches each of its stages held at once. ``skipped``: an fp16 step skipped for an
+    overflow; ``reduce_seconds``: time spent summing gradients over the replicas."""
 
     ok: bool
     rank: int
@@ -80,3 +81,5 @@ class RankReply:
     sent: dict[str, int] = field(default_factory=dict)
     peak_stash: dict[int, int] = field(default_factory=dict)
     failure: RemoteFailure | None = None
+    skipped: bool = False
+    reduce_seconds: float = 0.0

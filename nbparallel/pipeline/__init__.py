@@ -17,19 +17,23 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Pipeline", "RunResult", "StageInfo", "clear", "run", "show", "stage", "train"]
+__all__ = ["Layout", "Pipeline", "RunResult", "StageInfo", "clear", "grid", "run", "show", "stage",
+           "train"]
 
 _RUNTIME = frozenset({"Pipeline", "RunResult", "StageInfo"})
-_TWINS = frozenset(__all__) - _RUNTIME
+_LAYOUT = frozenset({"Layout"})
+_TWINS = frozenset(__all__) - _RUNTIME - _LAYOUT
 
 
 def __getattr__(name: str) -> Any:
     if name in _RUNTIME:
         return getattr(importlib.import_module(".runtime", __name__), name)
+    if name in _LAYOUT:
+        return getattr(importlib.import_module(".layout", __name__), name)
     if name in _TWINS:
         return getattr(importlib.import_module(".twins", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _RUNTIME | _TWINS)
+    return sorted(set(globals()) | _RUNTIME | _LAYOUT | _TWINS)

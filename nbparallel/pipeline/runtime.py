@@ -24,7 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .. import config
+from .. import precision as mixed
 from ..cellcode import free_names, pack_names, parse_cell
+from ..comm.setup import open_comm
 from ..dataplane import remote
 from ..engine import stages as engine_stages
 from ..engine.replies import RankReply
@@ -32,6 +34,7 @@ from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
 from ..format import ranges
 from ..relay import Relay
 from . import choose, schedule as sched
+from .layout import Layout
 
 __all__ = ["StageInfo", "RunResult", "Pipeline"]
 
@@ -46,6 +49,12 @@ class StageInfo:
     engine: int
     hooks: tuple[str, ...]
     param_bytes: int
+    #: The engines of a tensor-parallel stage, tensor rank order (``(engine,)`` otherwise).
+    engines: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.engines:
+            object.__setattr__(self, "engines", (self.engine,))
 
 
 @dataclass
@@ -57,6 +66,11 @@ class RunResult:
     spans: list[tuple[int, str, int, int, float, float]] = field(default_factory=list)
     peak_stash: dict[int, int] = field(default_factory=dict)
     bytes_between_stages: int = 0
+    #: The engines of the run (stage x replica x tensor rank), and how long the slowest spent
+    #: summing gradients over the replicas.
+    layout: Any = None
+    reduce_seconds: float = 0.0
+    skipped: bool = False
 
     @property
     def bubble(self) -> float:
@@ -100,56 +114,127 @@ class Pipeline:
         self.monitor = monitor
         self.stages: dict[str, StageInfo] = {}
         self.last: list[RunResult] = []
+        self._sources: dict[str, tuple[Any, bytes]] = {}
+        self._synced: Any = None  # the layout whose replicas equal replica 0, if any
+        #: The fp16 loss scale carried from one run to the next (``precision.LossScaler``).
+        self.scaler: Any = None
         #: Large activations between engines of this host go through shared memory; False sends
         #: them over the signed sockets instead (``nbparallel bench`` compares the two).
         self.handoff = True
 
     # -- stages --------------------------------------------------------------------------------
     def define(self, name: str, code: str, engine: int | None, namespace: Mapping[str, Any],
-               hidden: Sequence[str] = ()) -> StageInfo:
+               hidden: Sequence[str] = (), engines: Sequence[int] | None = None) -> StageInfo:
+        """Run stage ``name``'s cell on its engine, or on each engine of ``engines`` (a tensor
+        parallel stage: the cell gets ``comm`` spanning them, ``tp_rank`` and ``tp_size``)."""
         if not name.isidentifier():
             raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
+        group = self._group(name, engine, engines)
         cell, tree = parse_cell(code, f"%%stage {name} cell")
         free = free_names(tree)
-        if "comm" in free and "comm" not in namespace:
+        if "comm" in free and "comm" not in namespace and len(group) == 1:
             raise UsageError(
-                f"`comm` is not defined in %%stage {name}: a stage runs on one engine, and the "
-                f"collectives between the engines of a tensor-parallel stage are not built yet. "
-                f"Use %%scatter for a cell whose engines talk to each other.")
-        blob = pack_names(free, namespace, skip={"xp", *hidden},
+                f"`comm` is not defined in %%stage {name}: a stage on one engine has no other "
+                f"engines to talk to. Spread it over several for tensor parallelism "
+                f"(`%%stage {name} --engines 0,1`: the cell gets `comm`, `tp_rank` and "
+                f"`tp_size`), or use %%scatter for a cell whose engines talk to each other.")
+        blob = pack_names(free, namespace, skip={"xp", "comm", "tp_rank", "tp_size", *hidden},
                           too_big="Build `{name}` inside the %%stage cell instead (for example "
                                   "initialise or load the parameters there): it stays on the "
                                   "stage's engine.")
-        ids = self.pool.ids
-        if engine is None:
-            index = list(self.stages).index(name) if name in self.stages else len(self.stages)
-            engine = ids[index % len(ids)]
-        elif engine not in ids:
-            raise UsageError(f"--engine {engine} is not in the pool; available: {ids}.")
-        reply = self._call(engine, engine_stages.define, name, cell, blob, what="its stage cell")
-        if not reply.ok:
-            raise RemoteError(f"the %%stage {name} cell", [replace(reply.failure, engine=engine)])
-        if "forward" not in reply.hooks:
+        hooks, nbytes = self._run_cell(name, cell, blob, group)
+        if "forward" not in hooks:
+            self._call_each(group, engine_stages.drop, [name], what="the stage to go")
             raise UsageError(
                 f"stage `{name}` does not define forward(x, ctx); every stage needs one, e.g.\n"
                 f"    def forward(x, ctx):\n        ctx['x'] = x\n        return x @ W"
             )
         old = self.stages.get(name)
-        if old is not None and old.engine != engine and self.pool.alive([old.engine]):
-            self._call(old.engine, engine_stages.drop, [name], what="the old stage to go")
-        info = StageInfo(name, engine, reply.hooks, reply.param_bytes)
+        if old is not None:
+            gone = [e for e in old.engines if e not in group]
+            self._call_each(self.pool.alive(gone), engine_stages.drop, [name],
+                            what="the old stage to go")
+        info = StageInfo(name, group[0], hooks, nbytes, group)
         self.stages[name] = info  # re-running a stage keeps its place in the order
+        self._sources[name] = (cell, blob)
+        self._synced = None  # replicas run the new cell afresh before the next data-parallel run
+        self.scaler = None  # a new model starts from fp16's initial loss scale
         return info
 
-    def placement(self) -> tuple[list[int], int, bool]:
-        """The engines (ranks) in stage order, the number of virtual stages per rank, and
-        whether the stages form a V (rank r holds stages r and 2p-1-r, for zb-v) rather than
-        going round-robin (stage s on rank s mod p)."""
+    def _group(self, name: str, engine: int | None, engines: Sequence[int] | None) -> tuple[int, ...]:
+        ids = self.pool.ids
+        if engines is not None and engine is not None:
+            raise UsageError("give a stage either --engine K (one engine) or --engines A,B,... "
+                             "(tensor parallel over several), not both.")
+        if engines is not None:
+            group = tuple(int(e) for e in engines)
+            if not group:
+                raise UsageError("--engines lists no engine; write them like --engines 0,1.")
+            if len(set(group)) != len(group):
+                raise UsageError(f"--engines {','.join(map(str, group))} names an engine twice; "
+                                 f"each tensor rank needs its own engine.")
+            missing = [e for e in group if e not in ids]
+            if missing:
+                raise UsageError(f"--engines: engine(s) {missing} are not in the pool; "
+                                 f"available: {ranges(ids)}.")
+        elif engine is None:
+            index = list(self.stages).index(name) if name in self.stages else len(self.stages)
+            group = (ids[index % len(ids)],)
+        elif engine not in ids:
+            raise UsageError(f"--engine {engine} is not in the pool; available: {ids}.")
+        else:
+            group = (engine,)
+        others = {n: i.engines for n, i in self.stages.items() if n != name}
+        for other, theirs in others.items():
+            if set(theirs) & set(group) and tuple(theirs) != group:
+                raise UsageError(
+                    f"stage `{name}` on engines {list(group)} would share engine(s) "
+                    f"{sorted(set(theirs) & set(group))} with stage `{other}` on "
+                    f"{list(theirs)}; a stage's engines must be all of another stage's (the "
+                    f"same group, for interleaved stages) or none of them.")
+        return group
+
+    def _run_cell(self, name: str, cell: Any, blob: bytes,
+                  group: Sequence[int]) -> tuple[tuple[str, ...], int]:
+        """Run a stage cell on ``group`` (at once, with a comm between them if several); the
+        hooks it defines and the bytes of arrays of its first engine."""
+        if len(group) == 1:
+            replies = {group[0]: self._call(group[0], engine_stages.define, name, cell, blob,
+                                            what="its stage cell")}
+        else:
+            opened = open_comm(self.plane, group, "auto", None)
+            try:
+                futures = [self.pool.apply(e, engine_stages.define, name, cell, blob,
+                                           opened.spec, t) for t, e in enumerate(group)]
+                replies = self.pool.answers(futures, group, timeout=STAGE_TIMEOUT,
+                                            what="its stage cell", strict=True)
+            finally:
+                opened.close()
+        failures = [replace(r.failure, engine=e) for e, r in replies.items() if not r.ok]
+        if failures:
+            ok = [e for e, r in replies.items() if r.ok]
+            self._call_each(ok, engine_stages.drop, [name], what="the stage to go")
+            raise RemoteError(f"the %%stage {name} cell", failures)
+        first = replies[group[0]]
+        hooks = {r.hooks for r in replies.values()}
+        if len(hooks) > 1:
+            self._call_each(group, engine_stages.drop, [name], what="the stage to go")
+            raise UsageError(f"the tensor ranks of stage `{name}` defined different hooks "
+                             f"({sorted(map(list, hooks))}); every rank's cell must define the "
+                             f"same functions (branch on tp_rank inside them, not around them).")
+        return first.hooks, first.param_bytes
+
+    def placement(self) -> tuple[list[tuple[int, ...]], int, bool]:
+        """The engine groups (pipeline ranks) in stage order, the number of virtual stages per
+        rank, and whether the stages form a V (rank r holds stages r and 2p-1-r, for zb-v)
+        rather than going round-robin (stage s on rank s mod p). A group is one engine, or a
+        tensor-parallel stage's engines."""
         if not self.stages:
             raise UsageError("no stages yet: define them with %%stage NAME cells, first to last.")
-        engines = [info.engine for info in self.stages.values()]
-        live = set(self.pool.alive(engines))
-        lost = [(info.name, info.engine) for info in self.stages.values() if info.engine not in live]
+        groups = [info.engines for info in self.stages.values()]
+        live = set(self.pool.alive([e for g in groups for e in g]))
+        lost = [(info.name, e) for info in self.stages.values() for e in info.engines
+                if e not in live]
         if lost:
             names = ", ".join(f"`{n}` (engine {e})" for n, e in lost)
             raise PoolError(
@@ -157,30 +242,46 @@ class Pipeline:
                 f"with it. Define them again on a live engine (`%%stage NAME --engine K`, K one "
                 f"of {ranges(self.pool.ids)}), or `%pipeline clear` and start over."
             )
-        ranks = list(dict.fromkeys(engines))
+        ranks = list(dict.fromkeys(groups))
         p = len(ranks)
-        vee = len(engines) == 2 * p and engines == ranks + ranks[::-1]
-        if not vee and (len(engines) % p or any(engines[s] != ranks[s % p]
-                                                for s in range(len(engines)))):
+        vee = len(groups) == 2 * p and groups == ranks + ranks[::-1]
+        if not vee and (len(groups) % p or any(groups[s] != ranks[s % p]
+                                               for s in range(len(groups)))):
+            shown = [_shown(g) for g in groups]
             raise UsageError(
-                f"stages sit on engines {engines}; with more stages than engines they must go "
+                f"stages sit on engines {shown}; with more stages than engines they must go "
                 f"round-robin (stage s on engine s mod {p}, for the interleaved schedules) or, "
-                f"two per engine, in a V ({ranks + ranks[::-1]}, for zb-v). Drop --engine from the "
-                f"%%stage lines to get round-robin, or give each stage its --engine."
+                f"two per engine, in a V ({[_shown(g) for g in ranks + ranks[::-1]]}, for zb-v). "
+                f"Drop --engine from the %%stage lines to get round-robin, or give each stage its "
+                f"--engine."
             )
-        return ranks, len(engines) // p, vee and p > 1
+        return ranks, len(groups) // p, vee and p > 1
+
+    def layout(self, replicas: int = 1) -> Layout:
+        """Where each stage, replica and tensor rank runs (``%pipeline show`` draws it)."""
+        ranks, _, _ = self.placement()
+        return Layout.build([i.engines for i in self.stages.values()], self.pool.ids, replicas)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, x: Any, microbatches: int, dashboard: bool | None = None) -> Any:
         ranks, v, vee = self.placement()
         s = _forward_only(len(ranks), microbatches, v, vee)
-        result = self._execute(s, ranks, _split(x, microbatches, "--input"), {}, False, dashboard)
+        result = self._execute(s, self.layout(), _split(x, microbatches, "--input"), {}, False,
+                               dashboard)
         return _join(result["outputs"], microbatches)
 
     def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int,
               dashboard: bool | None = None, max_stash: float | None = None,
-              say: Callable[[str], None] = print) -> list[float]:
+              say: Callable[[str], None] = print, data_parallel: int = 1,
+              precision: str = "fp32") -> list[float]:
         """``steps`` synchronous training steps under ``schedule``; their losses.
+
+        ``data_parallel`` D runs D copies of the whole pipeline on D groups of engines, each on
+        its share of every micro-batch (``numpy.array_split``'s rows); their gradients are summed
+        before ``step()``, so a step equals one process's over the same micro-batches (write the
+        loss normalised by the whole batch, as for micro-batches). ``precision`` bf16 or fp16
+        sends activations and gradients between engines in 16 bits (fp16 with dynamic loss
+        scaling); the stages' own arithmetic and weights stay as they are.
 
         ``schedule="auto"`` runs the first step with a schedule these stages can always run
         (1F1B, or its interleaved / V / zero-bubble form), then the rest with the one whose
@@ -188,6 +289,8 @@ class Pipeline:
         ``max_stash`` micro-batches' activations per engine; ``say`` gets which and why.
         """
         ranks, v, vee = self.placement()
+        precision = mixed.check_precision(precision)
+        layout = self.layout(data_parallel)
         auto = sched.canonical(schedule) == "auto"
         if max_stash is not None and not 0 < max_stash < float("inf"):
             raise UsageError(f"--max-stash must be a number of micro-batches above 0, not {max_stash:g}.")
@@ -202,14 +305,20 @@ class Pipeline:
         s = sched.build(schedule, len(ranks), microbatches, v)
         if v > 1 and (s.name == "zb-v") != vee:
             raise UsageError(
-                f"{len(self.stages)} stages on engines {[i.engine for i in self.stages.values()]} "
+                f"{len(self.stages)} stages on engines {[_shown(i.engines) for i in self.stages.values()]} "
                 + ("form a V, which only --schedule zb-v runs; place them round-robin (no --engine "
                    "on the %%stage lines) for the interleaved schedules." if vee else
                    f"go round-robin; --schedule zb-v needs them in a V: stage s on engine "
-                   f"{ranks + ranks[::-1]}[s] (`%%stage NAME --engine K`).")
+                   f"{[_shown(g) for g in ranks + ranks[::-1]]}[s] (`%%stage NAME --engine K`).")
             )
-        self._check_hooks(s.name)
+        self._check_hooks(s.name, layout.replicas > 1 or precision == "fp16")
         xs, ts = _split(x, microbatches, "--input"), _split(target, microbatches, "--target")
+        short = [j for j, part in enumerate(xs) if len(part) < layout.replicas]
+        if short:
+            raise UsageError(
+                f"micro-batch {short[0]} has {len(xs[short[0]])} row(s), fewer than the "
+                f"{layout.replicas} data-parallel replicas that share it; use fewer "
+                f"--microbatches or a smaller --data-parallel.")
         # Split alike, rows of different counts would pair each input with the wrong targets.
         if len(np.asarray(x)) != len(np.asarray(target)):
             raise UsageError(
@@ -219,11 +328,20 @@ class Pipeline:
             )
         if steps < 1:
             raise UsageError(f"--steps must be 1 or more, not {steps}.")
+        if layout.replicas > 1 and self._synced != layout:
+            self._replicate(layout)
+        if precision == "fp16" and self.scaler is None:
+            self.scaler = mixed.LossScaler()
         losses = []
         self.last = []
         for step in range(steps):
-            result = self._execute(s, ranks, xs, ts, True, dashboard)
-            losses.append(sum(result["losses"].values()))
+            scale = self.scaler.scale if precision == "fp16" else 1.0
+            result = self._execute(s, layout, xs, ts, True, dashboard, precision, scale)
+            # Replica 0 moves on alone without data parallelism: its replicas are stale then.
+            self._synced = layout if layout.replicas > 1 else None
+            losses.append(result["loss"])
+            if precision == "fp16":
+                self.scaler.update(self.last[-1].skipped)
             if auto and step == 0:
                 s = self._auto(s, len(ranks), microbatches, v, vee, max_stash, steps, say)
         return losses
@@ -280,8 +398,32 @@ class Pipeline:
             + (f"Steps 2-{steps} use {name}." if steps > 1 else f"Later runs can use {name}."))
         return sched.build(name, p, m, v)
 
-    def _check_hooks(self, schedule: str) -> None:
+    def _replicate(self, layout: Layout) -> None:
+        """Make replicas 1.. of every stage equal to replica 0: run its cell on their engines,
+        then copy replica 0's arrays into them (like DDP's broadcast of the module's state)."""
+        for name, info in self.stages.items():
+            cell, blob = self._sources[name]
+            s = list(self.stages).index(name)
+            for k in range(1, layout.replicas):
+                group = layout.group(s, k)
+                self._run_cell(name, cell, blob, group)
+                for e0, ek in zip(info.engines, group):
+                    arrays = self._call(e0, engine_stages.state, name, what=f"stage {name}'s arrays")
+                    self._call(ek, engine_stages.load, name, arrays,
+                               what=f"stage {name}'s replica {k} to take them")
+        self._synced = layout
+
+    def _check_hooks(self, schedule: str, gradients: bool = False) -> None:
         infos = list(self.stages.values())
+        if gradients:
+            missing = [i.name for i in infos if "gradients" not in i.hooks]
+            if missing:
+                raise UsageError(
+                    f"stage(s) {', '.join(f'`{n}`' for n in missing)} define no gradients(): "
+                    f"with --data-parallel above 1 (gradients are summed over the replicas) or "
+                    f"--precision fp16 (they are unscaled and checked for overflow) every stage "
+                    f"must return the arrays its backward accumulates into, e.g. "
+                    f"`def gradients(): return [gW, gb]`.")
         split = schedule in sched.SPLIT
         need = ("backward_input", "backward_weight") if split else ("backward",)
         for info in infos:
@@ -296,52 +438,95 @@ class Pipeline:
             raise UsageError(f"the last stage `{infos[-1].name}` must define loss(y, target) "
                              f"returning (value, gradient of the value with respect to y).")
 
-    def _execute(self, s: sched.Schedule, ranks: list[int], xs: list[Any], ts: list[Any],
-                 train: bool, dashboard: bool | None) -> dict[str, Any]:
+    def _execute(self, s: sched.Schedule, layout: Layout, xs: list[Any], ts: list[Any],
+                 train: bool, dashboard: bool | None, precision: str = "fp32",
+                 scale: float = 1.0) -> dict[str, Any]:
         plane = self.plane
         names = list(self.stages)
+        members = layout.members()
+        everyone = [m.engine for m in members]
         # Engines that all share this host's /dev/shm share each other's: hand off through it,
         # and their channels listen on loopback. Across hosts, on the cluster's network.
-        one_host = all(plane.is_local(e) for e in ranks)
-        endpoints = {i: plane.endpoint(self.stages[n].engine, cluster=not one_host)
-                     for i, n in enumerate(names)}
+        one_host = all(plane.is_local(e) for e in everyone)
         run_id = secrets.token_hex(6)
         last = len(names) - 1
         local = self.handoff and one_host
         owner = plane.arena.owner if local else None
-        # Stages on GPU engines of this host pass CuPy arrays by CUDA IPC (dataplane/cudaipc.py).
-        gpu_stages = frozenset(i for i, n in enumerate(names)
-                               if local and config.cuda_ipc
-                               and self.pool.info(self.stages[n].engine).get("gpu"))
+        d = layout.replicas
+        opened = self._open_comms(layout, members, precision)
         futures = []
-        with self.monitor.watch("%pipeline", ranks, dashboard) as watch:
-            watch.queued({eid: 1 for eid in ranks})
-            for r, eid in enumerate(ranks):
-                mine = {i: n for i, n in enumerate(names) if s.rank_of(i) == r}
-                ops = [(op.kind, op.stage, op.mb) for op in s.ranks[r]]
-                inputs = {j: x for j, x in enumerate(xs)} if 0 in mine else {}
-                targets = {j: t for j, t in enumerate(ts)} if last in mine else {}
-                futures.append(self.pool.apply(eid, engine_stages.run_rank, run_id, r, ops, mine,
-                                               endpoints, len(names), inputs, targets, train,
-                                               owner, gpu_stages))
-                watch.follow(futures[-1], eid, run_id,
-                             {i: self.stages[n].engine for i, n in enumerate(names)})
-            replies = self._collect(futures, ranks, run_id, watch)
-            result = RunResult(s, run_id)
-            out: dict[str, Any] = {"outputs": {}, "losses": {}}
-            for r, (fut, reply) in enumerate(zip(futures, replies)):
-                out["outputs"].update(reply.outputs)
-                out["losses"].update(reply.losses)
-                result.spans += [(r, *span) for span in reply.spans]
-                result.peak_stash.update(reply.peak_stash)
-                result.bytes_between_stages += sum(reply.sent.values())
-                watch.settle(fut, reply.spans, reply.sent)
-            self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
+        try:
+            with self.monitor.watch("%pipeline", everyone, dashboard) as watch:
+                watch.queued({eid: 1 for eid in everyone})
+                for m in members:
+                    groups = {i: layout.group(i, m.replica) for i in range(len(names))}
+                    endpoints = {i: [plane.endpoint(e, cluster=not one_host) for e in g]
+                                 for i, g in groups.items()}
+                    # Stages on GPU engines of this host pass CuPy arrays by CUDA IPC.
+                    gpu_stages = frozenset(i for i, g in groups.items()
+                                           if local and config.cuda_ipc
+                                           and all(self.pool.info(e).get("gpu") for e in g))
+                    mine = {i: n for i, n in enumerate(names) if s.rank_of(i) == m.rank}
+                    ops = [(op.kind, op.stage, op.mb) for op in s.ranks[m.rank]]
+                    inputs = ({j: _share(x, d, m.replica) for j, x in enumerate(xs)}
+                              if 0 in mine else {})
+                    targets = ({j: _share(t, d, m.replica) for j, t in enumerate(ts)}
+                               if last in mine else {})
+                    comms = {role: (spec, m.replica if role == "dp" else
+                                    m.tp if role == "tp" else everyone.index(m.engine))
+                             for role, spec in _roles(opened, m).items()}
+                    futures.append(self.pool.apply(
+                        m.engine, engine_stages.run_rank, run_id, m.rank, ops, mine, endpoints,
+                        len(names), inputs, targets, train, owner, gpu_stages, m.tp == 0, comms,
+                        precision, scale))
+                    watch.follow(futures[-1], m.engine, run_id,
+                                 {i: g[0] for i, g in groups.items()})
+                replies = self._collect(futures, members, run_id, watch)
+                result = RunResult(s, run_id, layout=layout)
+                out: dict[str, Any] = {"outputs": {}, "loss": 0.0}
+                for m, fut, reply in zip(members, futures, replies):
+                    out["loss"] += sum(reply.losses.values())
+                    if m.replica == 0 and m.tp == 0:  # the schedule's own view of the run
+                        out["outputs"].update(reply.outputs)
+                        result.spans += [(m.rank, *span) for span in reply.spans]
+                        result.peak_stash.update(reply.peak_stash)
+                    result.bytes_between_stages += sum(reply.sent.values())
+                    result.reduce_seconds = max(result.reduce_seconds, reply.reduce_seconds)
+                    result.skipped = result.skipped or reply.skipped
+                    watch.settle(fut, reply.spans, reply.sent)
+                self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
+        finally:
+            for o in opened.values():
+                o.close()
         self.last.append(result)
         return out
 
-    def _collect(self, futures: list[Any], ranks: list[int], run_id: str,
+    def _open_comms(self, layout: Layout, members: list[Any], precision: str) -> dict[Any, Any]:
+        """The comms of one run: each tensor-parallel group's (``("tp", rank, replica)``), each
+        stage engine's replicas (``("dp", rank, tp)``), and for fp16 the whole run's."""
+        opened: dict[Any, Any] = {}
+        try:
+            for m in members:
+                group = layout.rank_group(m.rank, m.replica)
+                if len(group) > 1 and ("tp", m.rank, m.replica) not in opened:
+                    opened["tp", m.rank, m.replica] = open_comm(self.plane, group, "auto", None)
+                if layout.replicas > 1 and ("dp", m.rank, m.tp) not in opened:
+                    # A replica may wait at the sum for a slower one's whole step: bounded as
+                    # generously as the run (a failed replica releases the others at once).
+                    opened["dp", m.rank, m.tp] = open_comm(self.plane, layout.peers(m), "auto",
+                                                           STAGE_TIMEOUT)
+            if precision == "fp16":
+                opened["world"] = open_comm(self.plane, [m.engine for m in members], "auto",
+                                            STAGE_TIMEOUT)
+        except BaseException:
+            for o in opened.values():
+                o.close()
+            raise
+        return opened
+
+    def _collect(self, futures: list[Any], members: list[Any], run_id: str,
                  watch: Any) -> list[RankReply]:
+        ranks = [m.engine for m in members]
         failed = True  # until the wait ends without a failure: Ctrl-C leaves it so
         relay = Relay()  # what the stages print shows while the run goes on
 
@@ -365,14 +550,14 @@ class Pipeline:
                         self.plane.engine_gone(eid)
         failures = []
         replies = []
-        for r, (eid, fut) in enumerate(zip(ranks, futures)):
+        for m, eid, fut in zip(members, ranks, futures):
             # What has arrived (the tick printed the rest while the run went on). Not
             # pool.relay_output: its wait for ipyparallel's idle message made a warm pipeline
             # make a second hand-off segment in 2 of 3 runs of test_pipeline.py (a sleep of the
             # same length did not; cause not found), so a line printed in the last instant of a
             # run may not show at all.
             relay.show(fut, eid, final=True)
-            reply, failure = self.pool.outcome(fut, eid, rank=r)
+            reply, failure = self.pool.outcome(fut, eid, rank=m.rank)
             if failure is not None:
                 if failure.ename not in ("KeyboardInterrupt", "TimeoutError"):  # stopped by us
                     failures.append(failure)
@@ -389,24 +574,47 @@ class Pipeline:
     def show(self) -> list[StageInfo]:
         return list(self.stages.values())
 
-    def pull(self, stage: str, var: str) -> Any:
-        """Copy variable ``var`` of stage ``stage`` into the notebook (e.g. trained weights)."""
+    def pull(self, stage: str, var: str, tp_rank: int = 0, replica: int = 0) -> Any:
+        """Copy variable ``var`` of stage ``stage`` into the notebook (e.g. trained weights):
+        of its tensor rank ``tp_rank`` and data-parallel replica ``replica`` (of the last
+        data-parallel run's layout)."""
         if stage not in self.stages:
             raise UsageError(f"no stage named `{stage}`; stages: {', '.join(self.stages) or 'none'}.")
-        return self._call(self.stages[stage].engine, engine_stages.pull, stage, var,
-                          what=f"stage {stage}'s {var}")
+        group = self.stages[stage].engines
+        if not 0 <= tp_rank < len(group):
+            raise UsageError(f"stage `{stage}` has tensor ranks 0 to {len(group) - 1}, not {tp_rank}.")
+        engine = group[tp_rank]
+        if replica:
+            if self._synced is None or replica >= self._synced.replicas:
+                have = self._synced.replicas if self._synced is not None else 1
+                raise UsageError(f"replica {replica} of stage `{stage}` does not exist now: the "
+                                 f"stages have {have} up-to-date replica(s) (train with "
+                                 f"--data-parallel to make more).")
+            engine = self._synced.copies[replica][engine]
+        return self._call(engine, engine_stages.pull, stage, var, what=f"stage {stage}'s {var}")
 
     def clear(self) -> None:
-        """Forget every stage, here and on the engines."""
-        live = set(self.pool.alive([info.engine for info in self.stages.values()]))
-        for info in self.stages.values():
-            if info.engine in live:  # a stage on an engine that stopped went with it
-                self._call(info.engine, engine_stages.drop, [info.name], what="the stage to go")
+        """Forget every stage, here and on the engines (their replicas and tensor ranks too)."""
+        if self.stages:
+            # A stage on an engine that stopped went with it; a replica may be on any other.
+            self._call_each(self.pool.alive(self.pool.ids), engine_stages.drop,
+                            list(self.stages), what="the stages to go")
         self.stages.clear()
+        self._sources.clear()
+        self._synced = None
+        self.scaler = None
+
+    def _call_each(self, engines: Sequence[int], fn: Any, *args: Any, what: str) -> None:
+        if engines:
+            self.pool.call_each(list(engines), fn, *args, timeout=STAGE_TIMEOUT, what=what)
 
     def _call(self, engine: int, fn: Any, *args: Any, what: str) -> Any:
         # A stage cell may take long (it builds parameters): bounded, but generously.
         return self.pool.call(engine, fn, *args, timeout=STAGE_TIMEOUT, what=what)
+
+
+def _shown(group: tuple[int, ...]) -> Any:
+    return group[0] if len(group) == 1 else list(group)
 
 
 def _failed(future: Any) -> bool:
@@ -427,6 +635,21 @@ def _forward_only(p: int, m: int, v: int, vee: bool = False) -> sched.Schedule:
             [tuple(range(r, p * v, p)) for r in range(p)])
     ranks = tuple(tuple(sched.Op("F", st, j) for st in mine[r] for j in range(m)) for r in range(p))
     return sched.Schedule("gpipe", p, m, v, ranks, False, placement)
+
+
+def _roles(opened: dict[Any, Any], m: Any) -> dict[str, Any]:
+    """The comm specs member ``m`` takes part in, by role."""
+    roles = {}
+    for role, key in (("tp", ("tp", m.rank, m.replica)), ("dp", ("dp", m.rank, m.tp)),
+                      ("world", "world")):
+        if key in opened:
+            roles[role] = opened[key].spec
+    return roles
+
+
+def _share(part: Any, d: int, k: int) -> Any:
+    """Replica ``k``'s rows of a micro-batch (numpy.array_split's rule, like micro-batches)."""
+    return part if d == 1 else np.array_split(part, d)[k]
 
 
 def _split(x: Any, m: int, what: str) -> list[Any]:
