@@ -13,6 +13,8 @@ this machine; nothing printed is a constant. The groups:
   exchange) beside mpi4py under ``mpiexec -n 2``; see ``benchcomm.py``.
 * ``tables``: pandas DataFrames scattered and gathered, and hash-partitioned with ``by=``,
   beside ``DataFrame.copy()`` and Dask's ``from_pandas``/``shuffle``; see ``benchtables.py``.
+* ``train``: a data-parallel step of 50 ms compute with and without its 16 MB gradient sum,
+  and a 2-stage step with 16 MB of activations in fp32, bf16 and fp16; see ``benchtrain.py``.
 * ``gpu`` (only with ``--only gpu``): CUDA IPC between GPU engines and a RawKernel stencil over a
   device-resident shard, each against the device's own copy speed; see ``benchgpu.py``.
 * ``pipeline``: two stages on the first two engines. ``activation hop``: the time of a
@@ -50,7 +52,7 @@ import numpy as np
 
 import nbparallel
 
-from . import benchcomm, benchgpu, benchtables, config
+from . import benchcomm, benchgpu, benchtables, benchtrain, config
 from .benchkit import HOP, HOP_MBS, MB, NB, Setup, Trial
 from .benchkit import check as _check
 from .benchkit import measure as _measure
@@ -68,9 +70,9 @@ if TYPE_CHECKING:
 __all__ = ["GROUPS", "DEFAULT_GROUPS", "TRANSPORTS", "Trial", "Setup", "run", "format_table",
            "markdown_table", "machine"]
 
-GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "comm", "tables", "gpu")
+GROUPS = ("scatter", "pmap", "roundtrip", "pipeline", "comm", "tables", "train", "gpu")
 #: What runs without --only: the GPU group only where asked for (its rows need GPU engines).
-DEFAULT_GROUPS = GROUPS[:6]
+DEFAULT_GROUPS = GROUPS[:7]
 #: Rows that are the memory ceiling of their group: ratios against them are percentages.
 CEILINGS = ("numpy.copyto", "cupy device-to-device copy", benchtables.COPY)
 TRANSPORTS = transport.OPTIONS  #: what --transport takes (the data plane defines them)
@@ -136,6 +138,8 @@ def run(pool: Session | None, *, size_mb: int = 256, items: int = 2000, repeat: 
     if "tables" in only:
         cases += benchtables.group(pool, size_mb, repeat, say,
                                    _dask_client if _dask_importable() else None)
+    if "train" in only:
+        cases += benchtrain.group(pool, repeat, say)
     if "gpu" in only:
         cases += benchgpu.group(pool, size_mb, repeat, say)
     return {"machine": machine(), "date": date, "engines": n, "size_mb": size_mb, "items": items,

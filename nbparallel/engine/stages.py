@@ -25,7 +25,8 @@ from .live import Publisher
 from .replies import RankReply, StageReply
 from .runner import failure, register_source
 
-__all__ = ["define", "describe", "drop", "load", "pull", "run_rank", "state", "BUCKET"]
+__all__ = ["define", "describe", "drop", "load", "pull", "run_rank", "state", "forget_comms",
+           "BUCKET"]
 
 HOOKS = ("forward", "backward", "backward_input", "backward_weight", "loss", "step", "gradients")
 
@@ -133,7 +134,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
                            "peak_stash": {s: 0 for s in names}}
     where: dict[str, Any] = {}
     live = Publisher()
-    opened = {role: Comm(spec, r) for role, (spec, r) in (comms or {}).items()}
+    opened = _open(comms or {})
     tp, dp = opened.get("tp"), opened.get("dp")
     low = precision != "fp32"
     # Gradients are final after a stage's last backward op: its replicas' sum starts there.
@@ -217,7 +218,6 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
         for s in names:
             if names[s] in _stages:
                 _stages[names[s]]["comm"] = None
-    _close(opened, None)
     out["outputs"] = {j: _host(v) for j, v in out["outputs"].items()}
     return RankReply(True, rank, skipped=skipped, reduce_seconds=reduced, **out)
 
@@ -288,9 +288,36 @@ def _receive(tid: str, low: bool) -> Any:
     return mixed.to_high(value) if low else value
 
 
+#: The comms of the pipeline's runs, by id: kept from one run to the next (the notebook keeps
+#: their specs while the layout stays the same), so a step does not pay for opening them and for
+#: their first touch of fresh shared memory.
+_comms: dict[str, Comm] = {}
+
+
+def _open(specs: dict[str, tuple[Any, int]]) -> dict[str, Comm]:
+    """This run's comms by role: the ones kept from an earlier run, or new."""
+    opened = {}
+    for role, (spec, r) in specs.items():
+        if spec.id not in _comms:
+            _comms[spec.id] = Comm(spec, r)
+        opened[role] = _comms[spec.id]
+    return opened
+
+
 def _close(opened: dict[str, Comm], failure_text: str | None) -> None:
+    """A run failed: tell the comms' other ranks, and forget the comms (the next run gets
+    fresh ones)."""
     for comm in opened.values():
         comm._close(failure_text)
+        _comms.pop(comm._spec.id, None)
+
+
+def forget_comms(ids: list[str]) -> None:
+    """Close the kept comms ``ids`` (the notebook's stages or layout changed)."""
+    for cid in ids:
+        comm = _comms.pop(cid, None)
+        if comm is not None:
+            comm._close(None)
 
 
 def _arrays(ns: dict[str, Any]) -> list[tuple[tuple[Any, ...], Any]]:

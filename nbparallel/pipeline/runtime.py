@@ -116,6 +116,8 @@ class Pipeline:
         self.last: list[RunResult] = []
         self._sources: dict[str, tuple[Any, bytes]] = {}
         self._synced: Any = None  # the layout whose replicas equal replica 0, if any
+        self._comms: dict[Any, Any] = {}  # the last run's comms, kept for the next of its layout
+        self._comms_key: Any = None
         #: The fp16 loss scale carried from one run to the next (``precision.LossScaler``).
         self.scaler: Any = None
         #: Large activations between engines of this host go through shared memory; False sends
@@ -159,6 +161,7 @@ class Pipeline:
         self._sources[name] = (cell, blob)
         self._synced = None  # replicas run the new cell afresh before the next data-parallel run
         self.scaler = None  # a new model starts from fp16's initial loss scale
+        self._drop_comms()
         return info
 
     def _group(self, name: str, engine: int | None, engines: Sequence[int] | None) -> tuple[int, ...]:
@@ -455,6 +458,7 @@ class Pipeline:
         d = layout.replicas
         opened = self._open_comms(layout, members, precision)
         futures = []
+        ok = False
         try:
             with self.monitor.watch("%pipeline", everyone, dashboard) as watch:
                 watch.queued({eid: 1 for eid in everyone})
@@ -495,15 +499,21 @@ class Pipeline:
                     result.skipped = result.skipped or reply.skipped
                     watch.settle(fut, reply.spans, reply.sent)
                 self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
+            ok = True
         finally:
-            for o in opened.values():
-                o.close()
+            if not ok:  # the engines forgot this run's comms (or are gone): so does the notebook
+                self._drop_comms()
         self.last.append(result)
         return out
 
     def _open_comms(self, layout: Layout, members: list[Any], precision: str) -> dict[Any, Any]:
         """The comms of one run: each tensor-parallel group's (``("tp", rank, replica)``), each
-        stage engine's replicas (``("dp", rank, tp)``), and for fp16 the whole run's."""
+        stage engine's replicas (``("dp", rank, tp)``), and for fp16 the whole run's. Kept for
+        the next run of the same layout (the engines keep their ends too)."""
+        key = (layout, precision == "fp16")
+        if self._comms and self._comms_key == key:
+            return self._comms
+        self._drop_comms()
         opened: dict[Any, Any] = {}
         try:
             for m in members:
@@ -522,7 +532,24 @@ class Pipeline:
             for o in opened.values():
                 o.close()
             raise
+        self._comms, self._comms_key = opened, key
         return opened
+
+    def _drop_comms(self) -> None:
+        """Let go of the kept comms: their segments go; an engine closes its end at its next
+        run, or when a stage is dropped."""
+        comms, self._comms, self._comms_key = self._comms, {}, None
+        if not comms:
+            return
+        ids = [o.spec.id for o in comms.values()]
+        engines = {e for o in comms.values() for e in o.spec.engines}
+        for e in self.pool.alive(sorted(engines)):
+            try:  # not waited for: it runs before anything sent to the engine later
+                self.pool.apply(e, engine_stages.forget_comms, ids)
+            except PoolError:
+                pass  # it stopped just now, and its comms with it
+        for o in comms.values():
+            o.close()
 
     def _collect(self, futures: list[Any], members: list[Any], run_id: str,
                  watch: Any) -> list[RankReply]:
@@ -603,6 +630,7 @@ class Pipeline:
         self._sources.clear()
         self._synced = None
         self.scaler = None
+        self._drop_comms()
 
     def _call_each(self, engines: Sequence[int], fn: Any, *args: Any, what: str) -> None:
         if engines:
