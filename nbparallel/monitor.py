@@ -93,11 +93,12 @@ class Monitor:
         self.spans.append(Span(engine, kind, start - off, end - off, **fields))
 
     def pipeline(self, run: str, schedule: str, theory: float | None,
-                 peak_stash: dict[int, int]) -> None:
-        """What a finished pipeline run's measured bubble is compared with on the dashboards."""
-        self._pipelines[run] = (schedule, theory, dict(peak_stash))
+                 peak_stash: dict[int, int], labels: dict[int, str] | None = None) -> None:
+        """What a finished pipeline run's measured bubble is compared with on the dashboards;
+        ``labels``: each engine's place in the run's layout, for its timeline row."""
+        self._pipelines[run] = (schedule, theory, dict(peak_stash), dict(labels or {}))
         for board, _ in self._boards:
-            board.pipeline(run, schedule, theory, peak_stash)
+            board.pipeline(run, schedule, theory, peak_stash, labels)
 
     def sample(self, force: bool = False) -> None:
         """CPU % of each engine process on this host, at most every :data:`SAMPLE_EVERY` s.

@@ -429,3 +429,20 @@ def test_magics_stage_engines_train_data_parallel_and_show_the_layout(ip, pool, 
     assert "%pipeline train: 2 step(s)" in out
     assert len(ip.user_ns["losses"]) == 2
     pool.pipeline.clear()
+
+
+def test_the_dashboard_labels_timeline_rows_by_the_layout(pool4):
+    from nbparallel.widgets.dashboard import Dashboard
+
+    params = model()
+    x, t = data()
+    define(pool4, params, [2, 2], engines=[0, 1])
+    pipeline.train(x, t, microbatches=2, data_parallel=2, pool=pool4)
+    run = pool4.pipeline.last[-1].run
+    labels = pool4.monitor._pipelines[run][3]
+    assert labels == {0: "d0 t0", 1: "d0 t0", 2: "d1 t0", 3: "d1 t0"}
+    board = Dashboard(pool4.ids, title="%pipeline")
+    board.feed(spans=[s for s in pool4.monitor.spans.since(0)[0] if s.run == run])
+    board.pipeline(run, *pool4.monitor._pipelines[run])
+    text = board.text()
+    assert "engine 2 d1 t0 |" in text and "engine 1 d0 t0 |" in text

@@ -48,7 +48,7 @@ class _Observer:
         if spans:
             self.fed.append((time.monotonic(), len(spans)))
 
-    def pipeline(self, run, schedule, theory, peak_stash):
+    def pipeline(self, run, schedule, theory, peak_stash, labels=None):
         self.runs[run] = (schedule, theory, peak_stash)
 
     def tick(self, force=False):

@@ -498,7 +498,8 @@ class Pipeline:
                     result.reduce_seconds = max(result.reduce_seconds, reply.reduce_seconds)
                     result.skipped = result.skipped or reply.skipped
                     watch.settle(fut, reply.spans, reply.sent)
-                self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash)
+                self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash,
+                                      _labels(layout))
             ok = True
         finally:
             if not ok:  # the engines forgot this run's comms (or are gone): so does the notebook
@@ -663,6 +664,14 @@ def _forward_only(p: int, m: int, v: int, vee: bool = False) -> sched.Schedule:
             [tuple(range(r, p * v, p)) for r in range(p)])
     ranks = tuple(tuple(sched.Op("F", st, j) for st in mine[r] for j in range(m)) for r in range(p))
     return sched.Schedule("gpipe", p, m, v, ranks, False, placement)
+
+
+def _labels(layout: Layout) -> dict[int, str]:
+    """Each engine's place in a layout of replicas or tensor ranks, for its dashboard row
+    (``d1 t0``: data-parallel replica 1, tensor rank 0); none for a plain pipeline."""
+    if layout.replicas == 1 and max(layout.tp_sizes) == 1:
+        return {}
+    return {m.engine: f"d{m.replica} t{m.tp}" for m in layout.members()}
 
 
 def _roles(opened: dict[Any, Any], m: Any) -> dict[str, Any]:

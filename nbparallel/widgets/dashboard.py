@@ -58,6 +58,7 @@ class _Info:
     schedule: str
     theory: float | None
     peak_stash: dict[int, int]
+    labels: tuple[tuple[int, str], ...] = ()  # (engine, its place in the layout)
 
 
 class Dashboard:
@@ -102,7 +103,7 @@ class Dashboard:
             self._dirty = True
 
     def pipeline(self, run: str, schedule: str, theory: float | None,
-                 peak_stash: dict[int, int]) -> None:
+                 peak_stash: dict[int, int], labels: dict[int, str] | None = None) -> None:
         """What to show beside pipeline run ``run``'s measured bubble: its ``schedule``, ``theory``
         (the schedule's theoretical bubble fraction) and the peak activation stash per stage.
 
@@ -111,7 +112,8 @@ class Dashboard:
         whose spans never come (older runs) shows nothing for them.
         """
         self._infos.pop(run, None)
-        self._infos[run] = _Info(schedule, theory, dict(peak_stash))
+        self._infos[run] = _Info(schedule, theory, dict(peak_stash),
+                                 tuple(sorted((labels or {}).items())))
         while len(self._infos) > _MAX_INFOS:
             self._infos.popitem(last=False)
         self._dirty = True
@@ -182,8 +184,9 @@ class Dashboard:
             lines += _columns(matrix, left=(0,))
         view = self._view()
         if view is not None:
-            lines.append(_pipeline_caption(view, self._infos.get(view.run), view.run in tel.truncated))
-            lines += _timeline_text(view)
+            info = self._infos.get(view.run)
+            lines.append(_pipeline_caption(view, info, view.run in tel.truncated))
+            lines += _timeline_text(view, names=_names(view, info))
         return "\n".join(lines)
 
     def show(self) -> None:
@@ -227,7 +230,7 @@ class Dashboard:
             assert view is not None  # a held run has spans
             cap = _html.escape(_pipeline_caption(view, info, run in self.telemetry.truncated))
             self._pipe_cache = (key, f'<div class="nbp-pipeline" style="{_FONT}"><div>{cap}</div>'
-                                     f'{_timeline_svg(view)}</div>')
+                                     f'{_timeline_svg(view, _names(view, info))}</div>')
         return self._pipe_cache[1]
 
     def _page(self, sections: dict[str, str]) -> str:
@@ -391,19 +394,29 @@ def _pipeline_caption(view: PipelineView, info: _Info | None, truncated: bool = 
             + ("; too many ops to hold, only the newest shown" if truncated else ""))
 
 
-def _timeline_svg(view: PipelineView) -> str:
+def _names(view: PipelineView, info: _Info | None) -> dict[int, str]:
+    """Each timeline row's label: ``engine E``, or with a layout of replicas or tensor ranks
+    also its place in it (``engine 2 d1 t0``: data-parallel replica 1, tensor rank 0)."""
+    places = dict(info.labels) if info is not None else {}
+    return {e: f"engine {e}" + (f" {places[e]}" if e in places else "") for e in view.engines}
+
+
+def _timeline_svg(view: PipelineView, names: dict[int, str] | None = None) -> str:
     """One row per engine: op spans coloured by kind, idle gaps shaded as bubbles, a time axis."""
-    width = SVG_WIDTH - _LABEL - 8
+    names = names or {e: f"engine {e}" for e in view.engines}
+    longest = max(len(n) for n in names.values())
+    label = _LABEL if longest <= 9 else 7 * longest + 10  # ~7 px a character
+    width = SVG_WIDTH - label - 8
     scale = width / view.makespan if view.makespan > 0 else 0.0
 
     def x(t: float) -> float:
-        return _LABEL + (t - view.start) * scale
+        return label + (t - view.start) * scale
 
     rows, titles = [], sum(len(v) for v in view.spans.values()) <= _MAX_TITLES
     for i, e in enumerate(view.engines):
         y = i * (_ROW + _PAD)
-        parts = [f'<text x="{_LABEL - 6}" y="{_ROW - 4}" text-anchor="end" fill="currentColor">'
-                 f"engine {e}</text>"]
+        parts = [f'<text x="{label - 6}" y="{_ROW - 4}" text-anchor="end" fill="currentColor">'
+                 f"{_html.escape(names[e])}</text>"]
         for a, b in view.gaps[e]:
             if x(b) - x(a) >= 0.5:  # sub-pixel gaps would only bloat the SVG
                 parts.append(f'<rect class="nbp-bubble" x="{x(a):.1f}" width="{x(b) - x(a):.1f}" '
@@ -418,10 +431,10 @@ def _timeline_svg(view: PipelineView) -> str:
                          f'fill="{COLORS.get(kind, "#999")}"{edge}>{tip}</rect>')
         rows.append(f'<g class="nbp-row" data-engine="{e}" transform="translate(0,{y})">{"".join(parts)}</g>')
     y = len(view.engines) * (_ROW + _PAD)
-    axis = (f'<text x="{_LABEL}" y="{y + 10}" fill="currentColor">0</text>'
-            f'<text x="{_LABEL + width}" y="{y + 10}" text-anchor="end" fill="currentColor">'
+    axis = (f'<text x="{label}" y="{y + 10}" fill="currentColor">0</text>'
+            f'<text x="{label + width}" y="{y + 10}" text-anchor="end" fill="currentColor">'
             f"{seconds(view.makespan)}</text>")
-    legend, lx = [], _LABEL + 60
+    legend, lx = [], label + 60
     present = {s.kind for row in view.spans.values() for s in row}
     for kind in [k for k in ("F", "B", "I", "W", "step") if k in present]:
         legend.append(f'<rect x="{lx}" y="{y + 2}" width="9" height="9" fill="{COLORS[kind]}"/>'
@@ -460,11 +473,13 @@ def _dominant(spans: Iterable[Span]) -> str:
     return max(time_by_kind, key=time_by_kind.__getitem__)
 
 
-def _timeline_text(view: PipelineView, cols: int = 64) -> list[str]:
+def _timeline_text(view: PipelineView, cols: int = 64,
+                   names: dict[int, str] | None = None) -> list[str]:
     """One line per engine; a column shows the kind that fills most of it, '+' when no kind fills
     half its busy time (ops far shorter than a column), '.' when it is mostly idle."""
     step = view.makespan / cols if view.makespan > 0 else 1.0
-    width = max(len(f"engine {e}") for e in view.engines)
+    names = names or {e: f"engine {e}" for e in view.engines}
+    width = max(len(n) for n in names.values())
     out = []
     for e in view.engines:
         filled: list[dict[str, float]] = [{} for _ in range(cols)]
@@ -478,5 +493,5 @@ def _timeline_text(view: PipelineView, cols: int = 64) -> list[str]:
             busy = sum(col.values())
             kind = max(col, key=col.__getitem__) if busy >= 0.5 else "."
             row += "." if kind == "." else "+" if col[kind] < busy / 2 else "s" if kind == "step" else kind
-        out.append(f"  {f'engine {e}':>{width}} |{row}|")
+        out.append(f"  {names[e]:>{width}} |{row}|")
     return out + [f"  ('.' idle, '+' mixed, {seconds(step)} per column)"]
