@@ -221,6 +221,60 @@ def test_pipeline_times_data_trains_like_one_process(pool4, schedule):
     assert grid.splitlines()[1:] == ["0      s0    0          2", "1      s1    1          3"]
 
 
+def test_interleaved_and_zero_bubble_stages_times_data_train_like_one_process(pool4):
+    """Each stage's sum starts after its own last backward op: with two stages per engine
+    (interleaved) and with the split backward (zb-h1, whose last op of a stage is a W)."""
+    import test_pipeline as one_layer
+
+    params = model()
+    x, t = data()
+    define(pool4, params, [1, 1, 1, 1], engines=[0, 1, 0, 1])
+    losses = pipeline.train(x, t, microbatches=4, steps=2, data_parallel=2,
+                            schedule="interleaved", pool=pool4)
+    want, want_losses = reference(params, x, t, 2)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    assert_equal_layers(trained(pool4, [1, 1, 1, 1], replica=1), want)
+
+    pool4.pipeline.clear()
+    split = one_layer.STAGE + "\ndef gradients():\n    return [gW, gb]\n"
+    for k, (W, b) in enumerate(params[:2]):
+        ns = {"np": np, "W_init": W, "b_init": b, "act": True, "N": N, "lr": LR}
+        pipeline.stage(f"z{k}", split, engine=k, namespace=ns, pool=pool4)
+    h = np.tanh(np.tanh(x @ params[0][0] + params[0][1]) @ params[1][0] + params[1][1])
+    target = h[:, ::-1].copy()
+    start = [(W.copy(), b.copy()) for W, b in params[:2]]
+    losses = pipeline.train(x, target, microbatches=4, steps=2, data_parallel=2,
+                            schedule="zb-h1", pool=pool4)
+    want = _reference_tanh(start, x, target, 2)
+    np.testing.assert_allclose(losses, want[1], rtol=1e-6)
+    for k in range(2):
+        for replica in (0, 1):
+            np.testing.assert_allclose(pool4.pipeline.pull(f"z{k}", "W", replica=replica),
+                                       want[0][k][0], rtol=1e-6)
+
+
+def _reference_tanh(params, x, t, steps):
+    """One process: every layer tanh, squared error over N (test_pipeline's STAGE)."""
+    params = [(W.copy(), b.copy()) for W, b in params]
+    losses = []
+    for _ in range(steps):
+        hs = [x]
+        for W, b in params:
+            hs.append(np.tanh(hs[-1] @ W + b))
+        d = hs[-1] - t
+        losses.append(0.5 * float((d * d).sum()) / N)
+        g = d / N
+        grads = []
+        for k in reversed(range(len(params))):
+            g = g * (1 - hs[k + 1] ** 2)
+            grads.append((hs[k].T @ g, g.sum(axis=0)))
+            g = g @ params[k][0].T
+        for (W, b), (gW, gb) in zip(params, reversed(grads)):
+            W -= LR * gW
+            b -= LR * gb
+    return params, losses
+
+
 def test_data_parallel_run_after_a_plain_one_resyncs_the_replicas(pool4):
     params = model()
     x, t = data()
