@@ -186,6 +186,11 @@ def test_one_stage_data_parallel_trains_like_one_process(pool4):
     run = pool4.pipeline.last[-1]
     assert run.layout.replicas == 2 and run.layout.group(0, 1) == (1,)
     assert run.reduce_seconds > 0
+    # The sum's bytes are in the comm matrix: each replica read the other's gradients.
+    grads = sum(W.nbytes + b.nbytes for W, b in params)
+    moved = [t for t in pool4.transfers.since(0)[0] if t.kind == "comm" and t.nbytes]
+    assert {(t.engine, t.peer) for t in moved[-2:]} == {(0, 1), (1, 0)}
+    assert run.comm_bytes >= grads
 
 
 def test_replicas_start_from_the_first_copy_even_when_the_cell_is_random(pool4):

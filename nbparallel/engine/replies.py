@@ -71,7 +71,8 @@ class RankReply:
     """One pipeline rank's run of its schedule: outputs and losses by micro-batch, its spans
     ``(kind, stage, mb, start, end)``, bytes sent by ``"transport>stage"``, and the most
     micro-batches each of its stages held at once. ``skipped``: an fp16 step skipped for an
-    overflow; ``reduce_seconds``: time spent summing gradients over the replicas."""
+    overflow; ``reduce_seconds``: time spent summing gradients over the replicas; ``received``:
+    ``(backend, source engine, bytes)`` its tensor-parallel and replica comms read this run."""
 
     ok: bool
     rank: int
@@ -83,3 +84,4 @@ class RankReply:
     failure: RemoteFailure | None = None
     skipped: bool = False
     reduce_seconds: float = 0.0
+    received: tuple[tuple[str, int, int], ...] = ()

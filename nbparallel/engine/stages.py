@@ -135,6 +135,7 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
     where: dict[str, Any] = {}
     live = Publisher()
     opened = _open(comms or {})
+    before = {role: list(c._backend.received) for role, c in opened.items()}
     tp, dp = opened.get("tp"), opened.get("dp")
     low = precision != "fp32"
     # Gradients are final after a stage's last backward op: its replicas' sum starts there.
@@ -219,7 +220,11 @@ def run_rank(run: str, rank: int, ops: list[tuple[str, int, int]], names: dict[i
             if names[s] in _stages:
                 _stages[names[s]]["comm"] = None
     out["outputs"] = {j: _host(v) for j, v in out["outputs"].items()}
-    return RankReply(True, rank, skipped=skipped, reduce_seconds=reduced, **out)
+    received = tuple((c._backend.name, c._spec.engines[r], n - before[role][r])
+                     for role, c in opened.items()
+                     for r, n in enumerate(c._backend.received) if n > before[role][r])
+    return RankReply(True, rank, skipped=skipped, reduce_seconds=reduced, received=received,
+                     **out)
 
 
 #: Gradients summed over the replicas in one call, at most (PyTorch DDP's bucket_cap_mb).

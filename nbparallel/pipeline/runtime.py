@@ -33,6 +33,7 @@ from ..engine.replies import RankReply
 from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
 from ..format import ranges
 from ..relay import Relay
+from ..telemetry.records import transfer
 from . import choose, schedule as sched
 from .layout import Layout
 
@@ -71,6 +72,8 @@ class RunResult:
     layout: Any = None
     reduce_seconds: float = 0.0
     skipped: bool = False
+    #: Bytes the tensor-parallel and replica comms moved (in the comm matrix as ``comm``).
+    comm_bytes: int = 0
 
     @property
     def bubble(self) -> float:
@@ -496,6 +499,10 @@ class Pipeline:
                         result.peak_stash.update(reply.peak_stash)
                     result.bytes_between_stages += sum(reply.sent.values())
                     result.reduce_seconds = max(result.reduce_seconds, reply.reduce_seconds)
+                    for backend, source, nbytes in reply.received:  # the comm matrix's cells
+                        self.monitor.transfers.append(
+                            transfer(source, "comm", "out", backend, nbytes, peer=m.engine))
+                        result.comm_bytes += nbytes
                     result.skipped = result.skipped or reply.skipped
                     watch.settle(fut, reply.spans, reply.sent)
                 self.monitor.pipeline(run_id, s.name, result.theory, result.peak_stash,
