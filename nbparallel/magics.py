@@ -349,6 +349,9 @@ class NbparallelMagics(Magics):
               argument("--precision", default="fp32", metavar="P",
                        help="what activations and gradients travel in: fp32, bf16 or fp16 "
                             "(with dynamic loss scaling) (default fp32)"),
+              argument("--checkpoint-every", nargs=2, default=None, metavar=("K", "DIR"),
+                       help="save every stage's arrays in DIR every K steps; a run whose engine "
+                            "died goes on from the last one once the engine is replaced"),
               _name_option("--out", "the notebook name bound to the list of losses, one a step"),
               _dashboard_option)
     @_command("schedule", "show a schedule and its theoretical bubble; runs nothing",
@@ -405,11 +408,13 @@ class NbparallelMagics(Magics):
             self.shell.user_ns[out] = pipe.run(x, args.microbatches, dashboard)
         elif args.command == "train":
             out = _name(args.out)
+            every, folder = _checkpoint_option(args.checkpoint_every)
             found = self._lookup([args.input, args.target], "--input/--target")
             losses = pipe.train(found[args.input], found[args.target], args.microbatches,
                                 args.schedule, args.steps, False if args.no_dashboard else None,
                                 max_stash=args.max_stash, data_parallel=args.data_parallel,
-                                precision=args.precision)
+                                precision=args.precision, checkpoint_every=every,
+                                checkpoint_dir=folder)
             self.shell.user_ns[out] = losses
             last = pipe.last[-1]
             extra = ""
@@ -431,6 +436,9 @@ class NbparallelMagics(Magics):
     @_command("start", "start a local cluster (and make it the pool)",
               argument("-n", type=int, default=None, metavar="N",
                        help="engines (default: one per CPU core)"),
+              argument("--no-respawn", action="store_true",
+                       help="leave dead engines dead (by default each is replaced, in its "
+                            "rank, before the next magic)"),
               _gpus_option)
     @_command("connect", "connect to a cluster started with ipcluster",
               argument("--profile", default=None, metavar="P", help="its IPython profile"),
@@ -460,7 +468,7 @@ class NbparallelMagics(Magics):
         """
         args = _parse(self.nbp, line)
         if args.command == "start":
-            pool = session_mod.start(args.n, gpus=args.gpus)
+            pool = session_mod.start(args.n, gpus=args.gpus, respawn=not args.no_respawn)
             print(f"nbparallel: started a local cluster of {len(pool.ids)} engines"
                   f"{_gpu_summary(pool)}.")
         elif args.command == "connect":
@@ -504,6 +512,16 @@ def _name(text: str) -> str:
     if not text.isidentifier():
         raise UsageError(f"--out {text!r} is not a valid Python name.")
     return text
+
+
+def _checkpoint_option(value: list[str] | None) -> tuple[int | None, str | None]:
+    if value is None:
+        return None, None
+    try:
+        return int(value[0]), value[1]
+    except ValueError:
+        raise UsageError(f"--checkpoint-every {value[0]!r} {value[1]!r}: K is a whole number of "
+                         f"steps, then the folder, e.g. --checkpoint-every 5 ckpt/.") from None
 
 
 def _engine_list(text: str) -> list[int]:
@@ -556,7 +574,8 @@ def _status_table(pool: Any, channels: dict[int, dict[str, int]] | None = None) 
             + (("GPU memory used / total",) if gpus else ()) + (("MPI rank",) if mpi else ())
             + (("refused",) if channels is not None else ())]
     for e in engines:
-        state = "dead" if not e.alive else "busy" if e.busy else "idle"
+        state = ("dead" + (f", replaced by {e.replaced_by}" if e.replaced_by is not None else "")
+                 if not e.alive else "busy" if e.busy else "idle")
         row = (str(e.id), e.host, str(e.pid), e.device, state)
         if gpus:
             row += (f"{nbytes(e.gpu_mem)} / {nbytes(e.gpu_mem_total)}"

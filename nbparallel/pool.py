@@ -73,6 +73,7 @@ class EngineInfo:
     gpu_mem_total: int | None = None
     alive: bool = True  #: False: it was part of this pool and has stopped (killed, crashed)
     mpi_rank: int | None = None  #: its rank in its MPI world, for engines that are MPI ranks
+    replaced_by: int | None = None  #: the engine that took its rank, for a dead one
 
 
 class Pool:
@@ -99,6 +100,14 @@ class Pool:
         #: What connecting found worth telling (fewer engines than launched), or None.
         self.connect_note: str | None = None
         self._views: dict[int, Any] = {}  # one DirectView per engine, made on first use
+        #: Whether dead engines are replaced (``respawn.py``): a pool nbparallel started.
+        self.respawn = False
+        #: The engines in rank order, when replacements keep ranks (empty: sorted ids).
+        self.order: list[int] = []
+        #: Old engine -> the engine that replaced it; ranks given up on; replacement times.
+        self.replaced: dict[int, int] = {}
+        self.given_up: set[int] = set()
+        self.replaced_at: dict[int, list[float]] = {}
         self._reaper: subprocess.Popen | None = None
         #: The controller and its scheduler processes, when nbparallel started them: a controller
         #: killed alone leaves its schedulers behind, and stop() must not.
@@ -111,11 +120,13 @@ class Pool:
     # -- lifecycle -----------------------------------------------------------------------------
     @classmethod
     def start(cls, n: int | None = None, *, profile: str | None = None,
-              timeout: float = ENGINE_TIMEOUT, gpus: str | Sequence[int] | None = None) -> "Pool":
+              timeout: float = ENGINE_TIMEOUT, gpus: str | Sequence[int] | None = None,
+              respawn: bool = True) -> "Pool":
         """Start an embedded local cluster of ``n`` engines (default: one per CPU core).
 
         ``gpus``: ``"all"`` (the default when the engines see a CUDA device), ``"none"``, or
-        device numbers such as ``[0, 1]``; each engine gets one, round-robin.
+        device numbers such as ``[0, 1]``; each engine gets one, round-robin. ``respawn``:
+        an engine that dies is replaced, in its rank, before the next magic runs.
         """
         import ipyparallel as ipp
 
@@ -152,8 +163,24 @@ class Pool:
                 cluster.stop_cluster_sync()
             raise
         pool._spawn_reaper()
-        pool.started_with = {"n": n, "profile": profile, "timeout": timeout, "gpus": gpus}
+        pool.started_with = {"n": n, "profile": profile, "timeout": timeout, "gpus": gpus,
+                             "respawn": respawn}
+        pool.respawn = respawn
+        pool.order = sorted(client.ids)
         return pool
+
+    def adopt(self, mapping: dict[int, int]) -> None:
+        """Engines ``mapping`` values replaced its keys: each takes the old one's rank, is
+        bound to its GPU and watched like the rest."""
+        self.order = [mapping.get(e, e) for e in self.order]
+        self.replaced.update(mapping)
+        for old in mapping:
+            self._views.pop(old, None)
+        self._refresh_info()
+        if self._reaper is not None:  # a new watchdog that knows the new engines' pids
+            self._reaper.terminate()
+            self._reaper.wait(timeout=10)
+        self._spawn_reaper()
 
     @classmethod
     def connect(cls, profile: str | None = None, cluster_id: str | None = None,
@@ -268,8 +295,12 @@ class Pool:
     # -- engines -------------------------------------------------------------------------------
     @property
     def ids(self) -> list[int]:
-        """The engines work can go to: those registered, less the :attr:`late` ones."""
+        """The engines work can go to, in rank order: those registered, less the :attr:`late`
+        ones (sorted, unless a replacement took a dead engine's rank: see ``respawn.py``)."""
         ids = sorted(self.client.ids)
+        if self.replaced:
+            live = set(ids)
+            ids = [e for e in self.order if e in live] + [e for e in ids if e not in self.order]
         if self._late:
             for e in [e for e, probe in self._late.items() if probe.done() or e not in ids]:
                 del self._late[e]  # it answered (it is learnt on first use) or it has gone
@@ -369,7 +400,8 @@ class Pool:
         for eid in sorted(set(self._info) - set(self.ids)):
             info = self._info[eid]
             rows.append(EngineInfo(eid, info.get("host", "?"), info.get("pid", -1),
-                                   info.get("device", "?"), False, alive=False))
+                                   info.get("device", "?"), False, alive=False,
+                                   replaced_by=self.replaced.get(eid)))
         for eid in self.ids:
             q = queues.get(eid, {})
             info = self._info.get(eid, {})

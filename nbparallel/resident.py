@@ -100,6 +100,17 @@ class Resident:
     def alive(self) -> bool:
         return self._finalizer.alive and self._plane() is not None
 
+    @property
+    def lost(self) -> list[dict[str, Any]]:
+        """The shards that were on engines which have stopped (as :meth:`placement` gives
+        them: engine, rank, rows, bytes): gone with their engine, even if a replacement took
+        its rank."""
+        plane = self._plane()
+        if plane is None or plane.closed:
+            return []
+        live = set(plane.pool.alive(self.engines))
+        return [row for row in self.placement() if row["engine"] not in live]
+
     # -- using it ------------------------------------------------------------------------------
     def gather(self, transport: str | None = None) -> Any:
         """Bring the shards back and join them (like ``--gather``), by default over the transport
@@ -126,6 +137,16 @@ class Resident:
                 f"the pool that held the shards of `{self.name}` has stopped, and the shards with "
                 f"it; scatter the data again on the current pool."
             )
+        lost = self.lost
+        if lost:
+            where = "; ".join(f"rows {r['rows'][0]}-{r['rows'][1] - 1} on engine {r['engine']}"
+                              if r["rows"] else f"rank {r['rank']} on engine {r['engine']}"
+                              for r in lost)
+            raise PoolError(
+                f"part of `{self.name}` is lost: {where}, which stopped. The other shards are "
+                f"still on their engines, but the whole cannot be joined; scatter the data again "
+                f"(or recompute `{self.name}`). `{self.name}.lost` lists what is gone."
+            )
         return plane
 
     def __reduce__(self) -> Any:
@@ -136,6 +157,9 @@ class Resident:
 
     def __repr__(self) -> str:
         state = "" if self.alive else ", freed"
+        lost = self.lost if self.alive else []
+        if lost:
+            state += f", {len(lost)} shard(s) lost with engine(s) {ranges([r['engine'] for r in lost])}"
         if self.shape is not None:
             what = f"{self.shape} {self.dtype}"
         elif self.is_table:

@@ -28,7 +28,8 @@ from .monitor import Monitor
 from .pipeline.runtime import Pipeline
 from . import ipcluster
 from .controller import connection_file
-from .pool import PROBE_TIMEOUT, EngineInfo, Pool
+from . import respawn
+from .pool import ENGINE_TIMEOUT, PROBE_TIMEOUT, EngineInfo, Pool
 from .telemetry.records import Ring, Transfer
 
 __all__ = ["Session", "start", "connect", "restart", "stop", "current", "ensure", "resolve", "connected"]
@@ -47,6 +48,7 @@ class Session:
         self.plane = DataPlane(pool)
         self.monitor = Monitor(pool, self.plane.transfers)
         self.pipeline = Pipeline(pool, self.plane, self.monitor)
+        self.pipeline.heal = self.heal
 
     # -- what a user asks of it ------------------------------------------------------------------
     @property
@@ -80,6 +82,28 @@ class Session:
         finally:
             self.pool.stop()
             remove_stale_folders()  # the stopped engines' channel sockets
+
+    def heal(self, say: Callable[[str], None] = print) -> dict[int, int]:
+        """Replace the engines of a started pool that died (``Pool.start(respawn=True)``, the
+        default), each in its old rank, and restore what lived there: the ``%%stage`` cells
+        it held run again (from a data-parallel replica's arrays where one is in step, else
+        as the cell makes them); shards kept on it are lost (``Resident.lost`` says which
+        rows). Returns old engine -> new engine; cheap when none died.
+
+        >>> session.heal()      # every magic does this first
+        {1: 3}
+        """
+        if not respawn.dead(self.pool):
+            return {}
+        mapping = respawn.replace(self.pool, ENGINE_TIMEOUT, say)
+        if not mapping:
+            return {}
+        for old in mapping:
+            self.plane.engine_gone(old)
+        told = self.pipeline.replaced(mapping)
+        pairs = ", ".join(f"engine {o} by engine {n}" for o, n in mapping.items())
+        say(f"nbparallel: replaced {pairs} (same rank){'; ' + told if told else ''}.")
+        return mapping
 
     def __repr__(self) -> str:
         return f"<nbparallel.Session {self.pool.how}, engines {ranges(self.pool.ids) or 'none'}>"
@@ -164,6 +188,8 @@ def ensure(say: Callable[[str], None] = print) -> Session:
     engines yet (a batch job still queued): that is an error saying how to wait for it.
     """
     global _current
+    if _current is not None:
+        _current.heal(say)
     if _current is not None and _current.ids:
         return _current
     url_file = connection_file(None, None)
@@ -201,6 +227,10 @@ def connected(session: Session) -> str:
 
 
 def resolve(session: Session | None, say: Callable[[str], None] = print) -> Session:
-    """``session`` if given, else the current one (started or connected as :func:`ensure` does)."""
-    return session if session is not None else ensure(say)
+    """``session`` if given (its dead engines replaced), else the current one (started or
+    connected as :func:`ensure` does)."""
+    if session is None:
+        return ensure(say)
+    session.heal(say)
+    return session
 

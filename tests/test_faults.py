@@ -38,8 +38,9 @@ def segments(owner: str) -> list[str]:
 
 @pytest.fixture
 def faulty(monkeypatch):
-    """A pool of 3 engines of its own, current for the magics while the test runs."""
-    pool = nbparallel.Session(nbparallel.Pool.start(3))
+    """A pool of 3 engines of its own, current for the magics while the test runs. Dead engines
+    stay dead: what is tested is how the survivors carry on (test_respawn.py replaces them)."""
+    pool = nbparallel.Session(nbparallel.Pool.start(3, respawn=False))
     monkeypatch.setattr(pool_mod, "_current", pool)
     owner = pool.plane.arena.owner
     try:

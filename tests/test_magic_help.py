@@ -24,7 +24,7 @@ HELP = {
     "pipeline": ("%pipeline {run,train,schedule,show,clear}", "%pipeline run --input NAME",
                  "%pipeline train", "%pipeline schedule --stages P", "--schedule",
                  "--microbatches", "--steps", "--target", "--out", "--virtual", "--no-dashboard",
-                 "--data-parallel", "--precision"),
+                 "--data-parallel", "--precision", "--checkpoint-every"),
     "nbp": ("%nbp {start,connect,status,stop,monitor,restart,trace,dashboard}", "%nbp start",
             "-n N", "--gpus", "%nbp connect", "--profile", "--cluster-id", "%nbp trace {save} file",
             "%nbp dashboard {on,off}"),
@@ -142,14 +142,16 @@ def test_good_lines_parse_to_the_same_defaults_as_before(magics):
         command="run", input="x", microbatches=1, schedule="gpipe", out="y", no_dashboard=False)
     assert vars(_parse(magics.pipeline, "train --input x --target t --out y")) == dict(
         command="train", input="x", target="t", microbatches=1, schedule="1f1b", steps=1,
-        out="y", no_dashboard=False, max_stash=None, data_parallel=1, precision="fp32")
+        out="y", no_dashboard=False, max_stash=None, data_parallel=1, precision="fp32",
+        checkpoint_every=None)
     assert vars(_parse(magics.pipeline, "schedule --stages 2 --microbatches 4")) == dict(
         command="schedule", stages=2, microbatches=4, schedule="1f1b", virtual=1, costs=None,
         compare=False)
     assert vars(_parse(magics.pipeline, "show")) == dict(command="show", data_parallel=1)
-    assert vars(_parse(magics.nbp, "start")) == dict(command="start", n=None, gpus=None)
+    assert vars(_parse(magics.nbp, "start")) == dict(command="start", n=None, gpus=None,
+                                                     no_respawn=False)
     assert vars(_parse(magics.nbp, "start -n -1 --gpus 0,1")) == dict(command="start", n=-1,
-                                                                      gpus="0,1")
+                                                                      gpus="0,1", no_respawn=False)
     assert vars(_parse(magics.nbp, "connect --profile p --cluster-id c")) == dict(
         command="connect", profile="p", cluster_id="c", gpus=None, wait=None, n=None)
     assert vars(_parse(magics.nbp, "dashboard off")) == dict(command="dashboard", state="off")

@@ -18,6 +18,7 @@ last stage, and optionally ``step()``, called once per step after all micro-batc
 from __future__ import annotations
 
 import secrets
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,12 +35,15 @@ from ..errors import PoolError, RemoteError, RemoteFailure, UsageError
 from ..format import ranges
 from ..relay import Relay
 from ..telemetry.records import transfer
-from . import choose, schedule as sched
+from . import checkpoint, choose, schedule as sched
 from .layout import Layout
 
 __all__ = ["StageInfo", "RunResult", "Pipeline"]
 
 STAGE_TIMEOUT = 3600.0  # seconds a %%stage cell, a pull or a drop may take (Ctrl-C ends it sooner)
+#: Resumptions from a checkpoint one ``train`` call makes after engines died, at most.
+MAX_RESUMES = 3
+RESUME_TIMEOUT = 60.0  # seconds to wait for a dead engine to be seen and replaced
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class Pipeline:
         self._comms_key: Any = None
         #: The fp16 loss scale carried from one run to the next (``precision.LossScaler``).
         self.scaler: Any = None
+        #: The session's ``heal`` (replace dead engines; old -> new), for resuming a run.
+        self.heal: Callable[[Callable[[str], None]], dict[int, int]] | None = None
         #: Large activations between engines of this host go through shared memory; False sends
         #: them over the signed sockets instead (``nbparallel bench`` compares the two).
         self.handoff = True
@@ -279,7 +285,8 @@ class Pipeline:
     def train(self, x: Any, target: Any, microbatches: int, schedule: str, steps: int,
               dashboard: bool | None = None, max_stash: float | None = None,
               say: Callable[[str], None] = print, data_parallel: int = 1,
-              precision: str = "fp32") -> list[float]:
+              precision: str = "fp32", checkpoint_every: int | None = None,
+              checkpoint_dir: str | None = None) -> list[float]:
         """``steps`` synchronous training steps under ``schedule``; their losses.
 
         ``data_parallel`` D runs D copies of the whole pipeline on D groups of engines, each on
@@ -287,7 +294,10 @@ class Pipeline:
         before ``step()``, so a step equals one process's over the same micro-batches (write the
         loss normalised by the whole batch, as for micro-batches). ``precision`` bf16 or fp16
         sends activations and gradients between engines in 16 bits (fp16 with dynamic loss
-        scaling); the stages' own arithmetic and weights stay as they are.
+        scaling); the stages' own arithmetic and weights stay as they are. ``checkpoint_every``
+        K with ``checkpoint_dir`` saves every stage's arrays there before the first step and
+        after every K; when an engine dies mid-run and the pool replaces it, the run goes on
+        from the last checkpoint (up to :data:`MAX_RESUMES` times), so it ends as it would have.
 
         ``schedule="auto"`` runs the first step with a schedule these stages can always run
         (1F1B, or its interleaved / V / zero-bubble form), then the rest with the one whose
@@ -296,6 +306,7 @@ class Pipeline:
         """
         ranks, v, vee = self.placement()
         precision = mixed.check_precision(precision)
+        folder = checkpoint.check(checkpoint_every, checkpoint_dir)
         layout = self.layout(data_parallel)
         auto = sched.canonical(schedule) == "auto"
         if max_stash is not None and not 0 < max_stash < float("inf"):
@@ -338,11 +349,27 @@ class Pipeline:
             self._replicate(layout)
         if precision == "fp16" and self.scaler is None:
             self.scaler = mixed.LossScaler()
-        losses = []
+        losses: list[float] = []
         self.last = []
-        for step in range(steps):
+        token = secrets.token_hex(4)  # this call's checkpoints, not an earlier call's
+        if folder is not None:
+            self._checkpoint(folder, 0, token)
+        resumed = step = 0
+        while step < steps:
             scale = self.scaler.scale if precision == "fp16" else 1.0
-            result = self._execute(s, layout, xs, ts, True, dashboard, precision, scale)
+            try:
+                result = self._execute(s, layout, xs, ts, True, dashboard, precision, scale)
+            except RemoteError as exc:
+                if (folder is None or resumed >= MAX_RESUMES or self.heal is None
+                        or not any(f.ename == "EngineDied" for f in exc.failures)):
+                    raise
+                resumed += 1
+                step = self._resume(folder, token, step, say)
+                layout = self.layout(data_parallel)  # the replacement took the dead one's place
+                if layout.replicas > 1:
+                    self._replicate(layout)
+                del losses[step:]
+                continue
             # Replica 0 moves on alone without data parallelism: its replicas are stale then.
             self._synced = layout if layout.replicas > 1 else None
             losses.append(result["loss"])
@@ -350,7 +377,36 @@ class Pipeline:
                 self.scaler.update(self.last[-1].skipped)
             if auto and step == 0:
                 s = self._auto(s, len(ranks), microbatches, v, vee, max_stash, steps, say)
+            step += 1
+            if folder is not None and (step % checkpoint_every == 0 or step == steps):
+                self._checkpoint(folder, step, token)
         return losses
+
+    def _checkpoint(self, folder: Any, step: int, token: str) -> None:
+        def state(engine: int, name: str) -> Any:
+            return self._call(engine, engine_stages.state, name, what=f"stage {name}'s arrays")
+        checkpoint.save(folder, step, {n: i.engines for n, i in self.stages.items()}, state,
+                        token)
+
+    def _resume(self, folder: Any, token: str, failed: int, say: Callable[[str], None]) -> int:
+        """An engine died at step ``failed``: wait for the pool to see it, replace it, and put
+        the last checkpoint back into every stage; the step to go on from."""
+        deadline = time.monotonic() + RESUME_TIMEOUT
+        while not self.heal(say):  # the controller notices a death within a heartbeat or two
+            if time.monotonic() > deadline:
+                raise PoolError(
+                    f"an engine died during step {failed + 1}, but no replacement came within "
+                    f"{RESUME_TIMEOUT:g} s (is the pool one nbparallel started, with respawn "
+                    f"on?). `%nbp status` shows the engines; `%nbp restart` starts afresh.")
+            time.sleep(0.2)
+        done, path = checkpoint.latest(folder, token)
+
+        def put(engine: int, name: str, arrays: Any) -> None:
+            self._call(engine, engine_stages.load, name, arrays, what=f"stage {name} to take them")
+        checkpoint.load(path, {n: i.engines for n, i in self.stages.items()}, put)
+        say(f"%pipeline train: an engine died during step {failed + 1}; every stage went back "
+            f"to the checkpoint of step {done} in {path}, and training goes on from there.")
+        return done
 
     def _candidates(self, v: int, vee: bool) -> list[str]:
         """The schedules ``--schedule auto`` may pick: those of this placement that the stages'
@@ -403,6 +459,40 @@ class Pipeline:
             + f", holding at most {best.peak:g} micro-batches' activations per engine{budget}. "
             + (f"Steps 2-{steps} use {name}." if steps > 1 else f"Later runs can use {name}."))
         return sched.build(name, p, m, v)
+
+    def replaced(self, mapping: dict[int, int]) -> str:
+        """Engines ``mapping``'s keys died and its values took their ranks: run again the stage
+        cells that lived there, on the new engines (a tensor-parallel stage on its whole
+        group), then give them the arrays of a data-parallel replica still in step, if any.
+        Returns what it did, in words ("" when no stage was there)."""
+        synced, self._synced = self._synced, None
+        self._drop_comms()
+        live = set(self.pool.ids)
+        told = []
+        for name, info in list(self.stages.items()):
+            if not set(info.engines) & set(mapping):
+                continue
+            group = tuple(mapping.get(e, e) for e in info.engines)
+            cell, blob = self._sources[name]
+            self._run_cell(name, cell, blob, group)
+            self.stages[name] = replace(info, engine=group[0], engines=group)
+            source = None
+            for k in range(1, synced.replicas if synced is not None else 0):
+                copies = [synced.copies[k][e] for e in info.engines]
+                if all(c in live and c not in mapping for c in copies):
+                    source = (k, copies)
+                    break
+            if source is not None:
+                k, copies = source
+                for new, src in zip(group, copies):
+                    arrays = self._call(src, engine_stages.state, name, what=f"stage {name}'s arrays")
+                    self._call(new, engine_stages.load, name, arrays, what=f"stage {name} to take them")
+                told.append(f"stage `{name}` ran its cell again and took replica {k}'s arrays")
+            else:
+                lost = ", ".join(str(e) for e in info.engines if e in mapping)
+                told.append(f"stage `{name}` ran its cell again: its arrays are what the cell "
+                            f"makes, the trained ones were lost with engine {lost}")
+        return "; ".join(told)
 
     def _replicate(self, layout: Layout) -> None:
         """Make replicas 1.. of every stage equal to replica 0: run its cell on their engines,

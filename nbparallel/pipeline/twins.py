@@ -23,7 +23,7 @@ __all__ = ["stage", "run", "train", "show", "grid", "clear"]
 
 
 def _pipeline(session: Session | None) -> Pipeline:
-    return (session or session_mod.ensure()).pipeline
+    return session_mod.resolve(session).pipeline
 
 
 def stage(name: str, code: str, *, engine: int | None = None,
@@ -51,19 +51,22 @@ def run(x: Any, microbatches: int = 1, *, dashboard: bool | None = None,
 def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b", steps: int = 1,
           dashboard: bool | None = None, max_stash: float | None = None,
           data_parallel: int = 1, precision: str = "fp32",
+          checkpoint_every: int | None = None, checkpoint_dir: str | None = None,
           pool: Session | None = None) -> list[float]:
     """Train for ``steps`` mini-batches under ``schedule`` (``"auto"``: chosen after the first
     step from its measured op times, within ``max_stash`` activations per engine); returns each
     step's summed loss. ``data_parallel`` D trains D copies, each on its share of every
     micro-batch, gradients summed; ``precision`` "bf16"/"fp16" sends activations and gradients
-    between engines in 16 bits.
+    between engines in 16 bits. ``checkpoint_every`` K with ``checkpoint_dir`` saves the
+    stages' arrays every K steps; if an engine dies, the run goes on from the last one.
 
     >>> losses = pipeline.train(x, t, microbatches=8, schedule="auto", steps=3)
     >>> losses = pipeline.train(x, t, microbatches=4, data_parallel=2, precision="bf16")
     """
     return _pipeline(pool).train(x, target, microbatches, schedule, steps, dashboard,
                                  max_stash=max_stash, data_parallel=data_parallel,
-                                 precision=precision)
+                                 precision=precision, checkpoint_every=checkpoint_every,
+                                 checkpoint_dir=checkpoint_dir)
 
 
 def show(*, pool: Session | None = None) -> list[StageInfo]:
