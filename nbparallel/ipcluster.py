@@ -22,8 +22,8 @@ from typing import Callable
 from .controller import PROBE_TIMEOUT, address_of, connection_file
 from .errors import PoolError
 
-__all__ = ["Launched", "launched", "controller_down", "profiles", "job_states", "no_engines_advice",
-           "no_cluster_advice", "await_engines"]
+__all__ = ["Launched", "launched", "controller_down", "profiles", "job_states", "QUERY_TIMEOUT",
+           "no_engines_advice", "no_cluster_advice", "await_engines"]
 
 WAIT_SAY_EVERY = 10.0  # seconds between progress lines while --wait waits for nothing new
 #: Batch systems whose job state we can ask for, by ipyparallel's launcher class name.
@@ -58,19 +58,37 @@ def launched(profile: str | None, cluster_id: str | None) -> Launched:
     return Launched(total or None, tuple(jobs))
 
 
+#: Seconds a scheduler's query tool (squeue) may take before the state is left unknown: a
+#: connect without --wait must answer within seconds, and a wait's progress line too.
+QUERY_TIMEOUT = 2.0
+
+
 def job_states(jobs: tuple[tuple[str, str], ...]) -> str:
-    """``"Slurm job 12: PENDING"`` for each job whose scheduler we can ask (at most 5 s); the
-    job id alone for the others; empty for none."""
+    """``"Slurm job 12: PENDING"`` for each job whose scheduler we can ask (at most
+    :data:`QUERY_TIMEOUT` s); the job id alone, or what the scheduler's tool said went wrong,
+    for the others; empty for none."""
     said = []
     for scheduler, job in jobs:
         query = _QUERIES.get(scheduler)
         state = ""
         if query and shutil.which(query[0]):
             try:
-                out = subprocess.run([*query, job], capture_output=True, text=True, timeout=5)
-                state = out.stdout.strip().splitlines()[0] if out.stdout.strip() else "no longer queued"
+                out = subprocess.run([*query, job], capture_output=True, text=True,
+                                     timeout=QUERY_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                state = f"{query[0]} did not answer within {QUERY_TIMEOUT:g} s"
             except (OSError, subprocess.SubprocessError):
                 state = ""
+            else:
+                # Empty output is a job that left the queue only when the tool succeeded: a
+                # squeue without its slurm.conf fails with nothing on stdout too.
+                if out.returncode != 0:
+                    why = (out.stderr.strip().splitlines() or [f"exit code {out.returncode}"])[-1]
+                    state = f"state unknown, {query[0]} failed: {why}"
+                elif out.stdout.strip():
+                    state = out.stdout.strip().splitlines()[0]
+                else:
+                    state = "no longer queued"
         name = scheduler.capitalize() if scheduler in _QUERIES else scheduler
         said.append(f"{name} job {job}" + (f": {state}" if state else ""))
     return "; ".join(said)

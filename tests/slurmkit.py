@@ -149,7 +149,7 @@ class Slurm:
             f"SlurmdLogFile={self.logs / 'slurmd.log'}",
             f"PlugStackConfig={d / 'plugstack.conf'}",  # none: not the machine's spank plugins
             "MailProg=/bin/true",
-            "SchedulerType=sched/builtin",  # FIFO: starts a job as soon as it can run
+            "SchedulerType=sched/builtin",  # FIFO, no backfill pass: nothing here needs one
             "InactiveLimit=0",
             "KillWait=5",                 # scancel: SIGTERM, then SIGKILL 5 s later (default 30)
             "MinJobAge=2",
@@ -181,8 +181,18 @@ class Slurm:
             time.sleep(0.25)
 
     def log_tails(self) -> str:
-        names = ["munged.out", "slurmctld.out", "slurmctld.log", "slurmd.out", "slurmd.log"]
-        return "\n".join(tail(self.logs / n) for n in names)
+        """The logs' ends, and why slurmctld set the node aside (e.g. "Low CPUs": slurm.conf
+        gives it more than slurmd found, without SlurmdParameters=config_overrides)."""
+        names = ["munged.out", "slurmctld.log", "slurmd.log", "slurmd.out"]
+        said = [tail(self.logs / n) for n in names]
+        ctld = self.daemons.get("slurmctld")
+        if ctld is not None and ctld.poll() is None:
+            try:
+                reasons = self.run(["sinfo", "-R", "-o", "%N %T %E"], check=False, timeout=10)
+                said.append("--- sinfo -R:\n" + reasons.stdout)
+            except subprocess.SubprocessError:
+                pass
+        return "\n".join(said)
 
     # -- using ------------------------------------------------------------------------------------
     def run(self, argv: list[str], check: bool = True, timeout: float = 30.0
@@ -242,7 +252,10 @@ class Slurm:
                 try:
                     proc.wait(STOP_WAIT)
                 except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+                    try:
+                        os.killpg(proc.pid, signal.SIGKILL)  # its own session: its group
+                    except ProcessLookupError:
+                        pass
                     proc.wait(STOP_WAIT)
             left = self.ours()
             for proc in left:

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.cluster
 
 #: What a user writes into the profile's ipcluster_config.py (the README's recipe).
 IPCLUSTER_CONFIG = """\
-c = get_config()  # noqa: F821
+c = get_config()
 c.Cluster.engine_launcher_class = "slurm"     # what --engines=slurm says
 c.SlurmEngineSetLauncher.queue = "debug"      # #SBATCH --partition=debug
 c.SlurmEngineSetLauncher.timelimit = "10"     # #SBATCH --time=10 (minutes): a lost job ends
@@ -133,10 +133,12 @@ def slurm_cluster(slurm):
 def test_connect_wait_returns_with_the_engines_of_the_slurm_job(slurm_cluster):
     session, job, said, took = slurm_cluster
     print(f"\nconnect --wait: {took:.1f} s for the job's 2 engines; it said {said}")
+    # With --wait and no -n, it waits for as many as ipcluster launched (the cluster file says
+    # 2), not for the first, and names the job while it waits (unless the engines were quicker
+    # than the connect, which they are not here: they take seconds to start).
     assert len(session.ids) == 2 and session.pool.connect_note is None
-    # With --wait and no -n, it waits for as many as ipcluster launched (from the cluster file).
-    assert said and said[0].startswith(f"nbparallel: waiting for engines: 0 of 2 registered "
-                                       f"(Slurm job {job}: ")
+    assert all(line.startswith("nbparallel: waiting for engines: ") and " of 2 registered "
+               f"(Slurm job {job}: " in line for line in said), said
     # The engines are the two tasks of that job, started by srun.
     out = nbparallel.scatter("import os\nj = os.environ['SLURM_JOB_ID']\n"
                              "p = int(os.environ['SLURM_PROCID'])", {},
@@ -256,6 +258,11 @@ def test_a_queued_slurm_job_is_reported_pending_and_connect_wait_takes_its_engin
         assert took < 10
         assert f"no engine registered within 5 s (Slurm job {job}: PENDING)" in str(info.value)
         assert "Its engines start when the job runs: `%nbp connect --wait" in str(info.value)
+        # A squeue that cannot reach its controller says so; it is not "no longer queued".
+        with pytest.MonkeyPatch.context() as mp:
+            mp.delenv("SLURM_CONF")  # and no /etc/slurm/slurm.conf: nowhere to ask
+            told = ipc.job_states((("slurm", job),))
+        assert told.startswith(f"Slurm job {job}: state unknown, squeue failed:"), told
 
         said: list[str] = []
 
