@@ -243,13 +243,14 @@ def test_live_widgets_send_only_what_changed(kernel):
     clock.t += 1.0
     d.feed(transfers=TRANSFERS[:1])
     assert d.tick()
-    assert changes == {"head": 1, "load": 0, "volume": 1, "comm": 0, "pipeline": 0}
+    assert changes == {"head": 1, "load": 0, "history": 1, "volume": 1, "comm": 0, "pipeline": 0}
     head = d._widgets["head"].value
     assert summary(head)["data-bytes"] == "4000000"
     clock.t += 1.0
     d.feed(samples=[Sample(1, clock.t, 30.0)])
     assert d.tick()
-    assert changes == {"head": 2, "load": 1, "volume": 1, "comm": 0, "pipeline": 0}
+    # The charts over time moved on a second (their window slides with the clock).
+    assert changes == {"head": 2, "load": 1, "history": 2, "volume": 1, "comm": 0, "pipeline": 0}
 
     d.finish()
     bundle, kwargs = kernel[0].shown[-1]

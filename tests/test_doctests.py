@@ -23,6 +23,8 @@ MODULES = [
     "nbparallel.telemetry.records",
     "nbparallel.telemetry.reduce",
     "nbparallel.telemetry.trace",
+    "nbparallel.telemetry.history",
+    "nbparallel.widgets.charts",
     "nbparallel.widgets.dashboard",
 ]
 

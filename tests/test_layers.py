@@ -122,7 +122,7 @@ def test_table_libraries_are_imported_in_one_place(library):
 PURE = ["nbparallel.partition", "nbparallel.tables", "nbparallel.cellcode", "nbparallel.format", "nbparallel.errors",
         "nbparallel.pipeline.schedule", "nbparallel.telemetry.records", "nbparallel.telemetry.reduce",
         "nbparallel.telemetry.trace", "nbparallel.dataplane.transport", "nbparallel.precision",
-        "nbparallel.pipeline.layout"]
+        "nbparallel.pipeline.layout", "nbparallel.telemetry.history"]
 
 
 @pytest.mark.parametrize("name", PURE)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 from ..pipeline.schedule import bubble
+from .history import History
 from .records import Sample, Span, Transfer
 
 __all__ = [
@@ -258,6 +259,8 @@ class Telemetry:
         self._horizon, self._bucket = horizon, bucket
         self._buckets: dict[int, int] = {}
         self._newest = -math.inf
+        #: The last minutes in one-second bins, for the charts over time.
+        self.history = History()
 
     def ingest(self, transfers: Iterable[Transfer] = (), spans: Iterable[Span] = (),
                samples: Iterable[Sample] = ()) -> bool:
@@ -273,6 +276,7 @@ class Telemetry:
             last = self.latest.get(x.engine)
             if last is None or x.time >= last.time:
                 self.latest[x.engine] = x
+            self.history.add_sample(x.engine, x.time, x.cpu, x.gpu_util)
             self.events += 1
         self._prune()
         return self.events > before
@@ -286,6 +290,8 @@ class Telemetry:
         self.total_bytes += t.nbytes
         k = math.floor(t.time / self._bucket)
         self._buckets[k] = self._buckets.get(k, 0) + t.nbytes
+        self.history.add_bytes("comm" if t.kind == "comm" else flow(t.kind, t.direction), t.time,
+                               t.nbytes)
         self._newest = max(self._newest, t.time)
         self.events += 1
 
@@ -293,6 +299,7 @@ class Telemetry:
         self.engines.add(s.engine)
         self.spans.append(s)
         self.events += 1
+        self.history.add_span(s.engine, s.kind, s.start, s.end)
         if s.kind == "comm":
             self.comm_seconds[s.engine] = self.comm_seconds.get(s.engine, 0.0) + s.end - s.start
         if s.kind not in PIPELINE_KINDS or not s.run:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from ..format import nbytes, seconds
+from .charts import history_svg, history_text
 from ..telemetry.records import Sample, Span, Transfer
 from ..telemetry.reduce import PipelineView, Telemetry, flow
 from ..telemetry.trace import span_name
@@ -176,6 +177,10 @@ class Dashboard:
         rows = [head] + [_load_row(e, b, tel.latest.get(e), gpu, html=False)
                          for e, b in _busy(self, now).items()]
         lines += _columns(rows)
+        chart = _history_rows(self, now)
+        if chart is not None:
+            lines.append(f"over the last {self.telemetry.history.span / 60:g} minutes")
+            lines += history_text(*chart)
         lines.append("bytes moved")
         lines += _columns([_VOLUME_HEAD] + _volume_rows(self, html=False), left=(4,))
         matrix = _matrix_rows(self)
@@ -216,6 +221,7 @@ class Dashboard:
 
     def _sections(self, now: float) -> dict[str, str]:
         return {"head": _head_html(self, now), "load": _load_html(self, now),
+                "history": _history_html(self, now),
                 "volume": _volume_html(self), "comm": _matrix_html(self),
                 "pipeline": self._pipeline_html()}
 
@@ -250,7 +256,8 @@ class Dashboard:
     def _build_widgets(self) -> None:
         import ipywidgets as w
 
-        self._widgets = {name: w.HTML("") for name in ("head", "load", "volume", "comm", "pipeline")}
+        self._widgets = {name: w.HTML("") for name in
+                         ("head", "load", "history", "volume", "comm", "pipeline")}
         self._root = w.VBox(list(self._widgets.values()))
         self._root.add_class("nbp-dashboard")
 
@@ -307,6 +314,28 @@ def _load_html(d: Dashboard, now: float) -> str:
     head += ["GPU", "GPU memory"] if gpu else []
     rows = [_load_row(e, b, tel.latest.get(e), gpu, html=True) for e, b in _busy(d, now).items()]
     return _table("nbp-load", "load", head, rows, engines)
+
+
+def _history_rows(d: Dashboard, now: float) -> tuple[list[Any], dict[str, list[float]]] | None:
+    """What the charts over time draw: per engine (label, busy, CPU, GPU) and the byte rates;
+    None before anything happened in the window."""
+    h = d.telemetry.history
+    rows = [(f"engine {e}", h.busy(e, now), h.cpu(e, now), h.gpu(e, now)) for e in d._engines()]
+    rates = h.rates(now)
+    if not any(any(b) or any(v is not None for v in c) for _, b, c, _ in rows) and \
+            not any(any(r) for r in rates.values()):
+        return None
+    return rows, rates
+
+
+def _history_html(d: Dashboard, now: float) -> str:
+    chart = _history_rows(d, now)
+    if chart is None:
+        return ""
+    h = d.telemetry.history
+    return (f'<div class="nbp-history-section" style="{_FONT}"><div>over the last '
+            f'{h.span / 60:g} minutes: busy share (area), CPU % (line), bytes per second by '
+            f'kind</div>{history_svg(*chart, h.step)}</div>')
 
 
 _VOLUME_HEAD = ["engine", "to engine", "from engine", "engine to engine", "by kind"]
