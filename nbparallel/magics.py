@@ -397,8 +397,10 @@ class NbparallelMagics(Magics):
         if args.command == "show":
             print(_stages_table(pipe.show()))
             if pipe.stages:
-                print("\nlayout (engines of each stage, tensor rank order):")
-                print(pipe.layout(args.data_parallel).grid(list(pipe.stages)))
+                from IPython.display import display
+
+                print()
+                display(pipe.where(args.data_parallel))  # a drawing in a notebook, text here
         elif args.command == "clear":
             pipe.clear()
         elif args.command == "run":
@@ -452,7 +454,9 @@ class NbparallelMagics(Magics):
               _gpus_option)
     @_command("status", "the engines: host, pid, device, state (and GPU memory)")
     @_command("stop", "stop a started cluster, or disconnect from a connected one")
-    @_command("monitor", "a dashboard that follows every magic")
+    @_command("monitor", "a dashboard that follows every magic",
+              argument("--side", action="store_true",
+                       help="in a JupyterLab side panel beside the notebook (needs sidecar)"))
     @_command("restart", "a started pool, fresh: a new cluster, dead engines back")
     @_command("trace", "save the spans in Chrome trace format (open in Perfetto)",
               argument("action", choices=["save"], help="the one action: save"),
@@ -485,7 +489,7 @@ class NbparallelMagics(Magics):
             pool = session_mod.restart()
             print(f"nbparallel: restarted: a fresh local cluster of {len(pool.ids)} engines.")
         elif args.command == "monitor":
-            session_mod.ensure().monitor.open()
+            session_mod.ensure().monitor.open(side=args.side)
         elif args.command == "trace":
             mon = session_mod.ensure().monitor
             spans = mon.spans.since(0)[0]

@@ -133,13 +133,15 @@ class Monitor:
             self.samples.append(Sample(eid, now, cpu, self._queued.get(eid, 0), util, used, total))
 
     # -- dashboards ----------------------------------------------------------------------------
-    def open(self, engines: Sequence[int] | None = None, history: bool = True) -> Any:
-        """A dashboard fed from now on by every magic (``%nbp monitor``); shows what is kept so far."""
+    def open(self, engines: Sequence[int] | None = None, history: bool = True,
+             side: bool = False) -> Any:
+        """A dashboard fed from now on by every magic (``%nbp monitor``); shows what is kept so
+        far. ``side`` puts it in a JupyterLab side panel (``%nbp monitor --side``)."""
         from .widgets.dashboard import Dashboard
 
         board = Dashboard(list(engines or self.pool.ids), title="nbparallel monitor")
         self._attach(board, history)
-        board.show()
+        board.show(side=side)
         self.refresh()
         return board
 

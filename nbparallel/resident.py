@@ -26,6 +26,7 @@ from .dataplane.remote import Source
 from .errors import PoolError
 from .tables import TableMeta
 from .format import nbytes, ranges
+from .widgets.placement import Placement
 
 __all__ = ["Resident"]
 
@@ -83,18 +84,39 @@ class Resident:
         return sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize if s is not None
                    else d.nbytes if isinstance(d, TableMeta) else 0 for s, d in self.metas)
 
-    def placement(self) -> list[dict[str, Any]]:
-        """Where each shard lives: engine, rank, rows along ``axis`` and bytes."""
+    def placement(self) -> Placement:
+        """Where each shard lives: engine, rank, rows along ``axis``, bytes, the engine's
+        ``device`` where the pool knows it, and ``lost`` (its engine stopped). A list of those
+        dicts that draws itself in a notebook (a bar of the rows) and prints as text."""
+        plane = self._plane()
+        pool = plane.pool if plane is not None and not plane.closed else None
+        live = set(pool.alive(self.engines)) if pool is not None else None
         rows, lo = [], 0
         for rank, (eid, (shape, dtype)) in enumerate(zip(self.engines, self.metas)):
             n = shape[self.axis] if shape is not None and len(shape) > self.axis else None
             nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize if shape else 0
             if isinstance(dtype, TableMeta):
                 n, nbytes = dtype.rows, dtype.nbytes
-            rows.append({"engine": eid, "rank": rank, "rows": (lo, lo + n) if n is not None else None,
-                         "bytes": nbytes})
+            row = {"engine": eid, "rank": rank, "rows": (lo, lo + n) if n is not None else None,
+                   "bytes": nbytes, "lost": live is not None and eid not in live}
+            device = pool.info(eid).get("device") if pool is not None else None
+            if device:
+                row["device"] = device
+            rows.append(row)
             lo += n or 0
-        return rows
+        counted = all(r["rows"] is not None for r in rows)
+        return Placement(rows, title=self._title(), total_rows=lo if counted else None)
+
+    def _title(self) -> str:
+        # Not through ``length`` or ``lost``: both read placement().
+        shape = self.shape
+        what = (f"{shape} {self.dtype}" if shape is not None
+                else f"{len(self.metas)} shards of {self.metas[0][1]}" if self.metas else "no shards")
+        state = "" if self._finalizer.alive else ", freed"
+        plane = self._plane()
+        if plane is None or plane.closed:
+            state += ", its pool stopped"
+        return f"{self.name}: {what}, axis {self.axis}{state}"
 
     @property
     def alive(self) -> bool:
@@ -105,11 +127,7 @@ class Resident:
         """The shards that were on engines which have stopped (as :meth:`placement` gives
         them: engine, rank, rows, bytes): gone with their engine, even if a replacement took
         its rank."""
-        plane = self._plane()
-        if plane is None or plane.closed:
-            return []
-        live = set(plane.pool.alive(self.engines))
-        return [row for row in self.placement() if row["engine"] not in live]
+        return [row for row in self.placement() if row["lost"]]
 
     # -- using it ------------------------------------------------------------------------------
     def gather(self, transport: str | None = None) -> Any:

@@ -67,6 +67,9 @@ NOISE = re.compile(r"task::task|queue::(request|client)|Handling apply_request")
 # Markers are printed as concatenations, so the cell sources shown in the editor never contain
 # them and only the rendered outputs do.
 START, END, TELEMETRY = "NBP-BROWSER-PMAP-START", "NBP-BROWSER-PMAP-END", "TELEMETRY"
+TRAIN_START, TRAIN_END = "NBP-BROWSER-TRAIN-START", "NBP-BROWSER-TRAIN-END"
+MIN_CHART_CHANGES = 3  # distinct busy-share charts drawn while the ~10 s %%pmap ran
+MIN_TRAIN_CHART_CHANGES = 2  # ... and while the ~3 s training step ran
 
 
 def _split(marker: str) -> str:
@@ -79,18 +82,24 @@ CELLS = [
     f"print({_split(START)})",
     f"%%pmap x in range({PMAP_ITEMS}) -> slow\nimport time\ntime.sleep({PMAP_SLEEP})\nx * x",
     f"assert slow == [x * x for x in range({PMAP_ITEMS})]\nprint({_split(END)})",
-    # Stages slow enough (8 x 0.1 s) for the run to get its own dashboard, with activations
-    # large enough (800 KB) to go engine to engine through shared memory.
-    "%%stage double1 --engine 0\nimport time\ndef forward(x, ctx):\n    time.sleep(0.1)\n"
-    "    return x * 2",
-    "%%stage double2 --engine 1\ndef forward(x, ctx):\n    return x * 2",
+    # A training step slow enough (8 x 0.25 s forward, 8 x 0.1 s backward) for its dashboard's
+    # charts to move on a few times, with activations large enough (800 KB) to go engine to
+    # engine through shared memory.
+    "%%stage double1 --engine 0\nimport time\ndef forward(x, ctx):\n    time.sleep(0.25)\n"
+    "    return x * 2\ndef backward(g, ctx):\n    time.sleep(0.1)\n    return g * 2",
+    "%%stage double2 --engine 1\nimport numpy as np\ndef forward(x, ctx):\n    return x * 2\n"
+    "def backward(g, ctx):\n    return g * 2\ndef loss(y, t):\n"
+    "    return float((y - t).sum()), np.ones_like(y)",
     "import numpy as np, nbparallel\nX = np.ones((16, 50_000))\n"
     "cursor = nbparallel.current().transfers.cursor",
-    "%pipeline run --input X --microbatches 8 --out Y",
-    "assert np.array_equal(Y, X * 4), Y",
+    f"print({_split(TRAIN_START)})",
+    "%pipeline train --input X --target X --microbatches 8 --out L",
+    f"assert L == [float(16 * 50_000 * 3)], L\nprint({_split(TRAIN_END)})",
     # What the pipeline run's dashboard must show: the engines and the bytes of that run.
     ("p = nbparallel.current()\n"
      f"print({_split(TELEMETRY)}, len(p.ids), sum(t.nbytes for t in p.transfers.since(cursor)[0]))"),
+    # Last: the monitor in a side panel beside the notebook (sidecar).
+    "%nbp monitor --side",
 ]
 
 # Runs before any page script: counts DOM mutations inside .nbp-dashboard elements (or adding or
@@ -100,7 +109,18 @@ CELLS = [
 # "pmap" phase is exactly the %%pmap cell's run as the page saw it.
 OBSERVER_JS = """
 (() => {
-  const S = window.__nbp = {phase: "before", total: 0, during: 0, times: [], markers: {}};
+  const S = window.__nbp = {phase: "before", total: 0, during: 0, times: [], markers: {},
+                           charts: {pmap: [], train: []}};
+  // The busy-share charts of the newest dashboard in the notebook, as their path data.
+  const charts = () => {
+    const all = document.querySelectorAll(".jp-Notebook .nbp-history");
+    const svg = all[all.length - 1];
+    return svg ? Array.from(svg.querySelectorAll("path.nbp-busy")).map((p) => p.getAttribute("d")).join("|") : "";
+  };
+  const noteChart = (phase) => {
+    const d = charts(), seen = S.charts[phase];
+    if (d && !seen.includes(d) && seen.length < 200) seen.push(d);
+  };
   const inDashboard = (node) => {
     const el = node && (node.nodeType === 1 ? node : node.parentElement);
     return !!(el && el.closest && el.closest(".nbp-dashboard"));
@@ -126,18 +146,22 @@ OBSERVER_JS = """
         for (const n of nodes) {
           if (S.phase === "before" && marker(n.textContent, "%START%")) S.phase = "pmap";
           if (S.phase === "pmap" && marker(n.textContent, "%END%")) S.phase = "after";
+          if (S.phase === "after" && marker(n.textContent, "%TRAIN_START%")) S.phase = "train";
+          if (S.phase === "train" && marker(n.textContent, "%TRAIN_END%")) S.phase = "done";
         }
       }
       if (touchesDashboard(r)) {
         S.total += 1;
         if (S.phase === "pmap") { S.during += 1; S.times.push(performance.now()); }
+        if (S.phase === "pmap" || S.phase === "train") noteChart(S.phase);
       }
     }
   });
   observer.observe(document, {subtree: true, childList: true, attributes: true,
                               characterData: true});
 })();
-""".replace("%START%", START).replace("%END%", END)
+""".replace("%START%", START).replace("%END%", END).replace(
+    "%TRAIN_START%", TRAIN_START).replace("%TRAIN_END%", TRAIN_END)
 
 # JupyterLab state read through window.jupyterapp (the server runs with expose_app_in_browser).
 KERNEL_STATUS_JS = """
@@ -178,7 +202,7 @@ CELLS_JS = """
 
 SUMMARY_JS = """
 () => {
-  const all = document.querySelectorAll(".nbp-summary");
+  const all = document.querySelectorAll(".jp-Notebook .nbp-summary");
   const s = all[all.length - 1];
   return s ? {engines: s.getAttribute("data-engines"), bytes: s.getAttribute("data-bytes"),
               count: all.length, text: s.textContent} : null;
@@ -471,6 +495,15 @@ def _save_screenshot(page: Any, tmp_path: Path) -> Path:
     return path
 
 
+def _save_side_screenshot(page: Any, tmp_path: Path) -> Path:
+    directory = Path(os.environ.get("NBP_ARTIFACTS") or tmp_path)
+    page.wait_for_timeout(500)
+    path = directory / "dashboard-side.png"
+    page.screenshot(path=str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
 # -- the test -------------------------------------------------------------------------------------
 def test_dashboard_in_jupyterlab(page: Any, lab: Lab, tmp_path: Path) -> None:
     t0 = time.monotonic()
@@ -518,7 +551,7 @@ def test_dashboard_in_jupyterlab(page: Any, lab: Lab, tmp_path: Path) -> None:
           f"{observed['during']} during the %%pmap, {observed['total']} in all; "
           f"{dashboards} .nbp-dashboard elements; TELEMETRY {engines} engines {nbytes} bytes; "
           f"{time.monotonic() - t0:.1f} s")
-    assert set(observed["markers"]) == {START, END}, (
+    assert set(observed["markers"]) == {START, END, TRAIN_START, TRAIN_END}, (
         f"the page never rendered the %%pmap markers (saw {sorted(observed['markers'])})")
 
     # -- the dashboard ---------------------------------------------------------------------------
@@ -532,6 +565,33 @@ def test_dashboard_in_jupyterlab(page: Any, lab: Lab, tmp_path: Path) -> None:
     assert span >= MIN_MUTATION_SPAN_S, (
         f"the dashboard's {observed['during']} changes during the %%pmap all came within "
         f"{span:.2f} s (want them spread over at least {MIN_MUTATION_SPAN_S} s): not live")
+
+    # -- the charts over time move while the work goes on ------------------------------------
+    charts = observed["charts"]
+    assert len(charts["pmap"]) >= MIN_CHART_CHANGES, (
+        f"the busy-share chart (.nbp-history path.nbp-busy) took {len(charts['pmap'])} "
+        f"different shapes while the ~10 s %%pmap ran (want at least {MIN_CHART_CHANGES})")
+    assert len(charts["train"]) >= MIN_TRAIN_CHART_CHANGES, (
+        f"the busy-share chart took {len(charts['train'])} different shapes while the ~3 s "
+        f"training step ran (want at least {MIN_TRAIN_CHART_CHANGES})")
+
+    # -- %nbp monitor --side: the monitor in a JupyterLab side panel -----------------------------
+    _wait(page, "() => !!document.querySelector('.jupyterlab-sidecar .nbp-dashboard')", 20.0,
+          lambda: "`%nbp monitor --side` opened no side panel with a dashboard (.jupyterlab-sidecar "
+                  ".nbp-dashboard); the cells:\n" + _cell_report(page.evaluate(CELLS_JS)), lab)
+    side = page.evaluate("""() => {
+        const panel = document.querySelector('.jupyterlab-sidecar');
+        const notebook = document.querySelector('.jp-Notebook');
+        const a = panel.getBoundingClientRect(), b = notebook.getBoundingClientRect();
+        return {left: a.left, notebookRight: b.right, width: a.width,
+                history: !!panel.querySelector('.nbp-history')};
+    }""")
+    assert side["width"] > 200 and side["left"] >= side["notebookRight"] - 5, (
+        f"the side panel is not beside the notebook: {side}")
+    assert side["history"], "the monitor in the side panel has no charts over time"
+    side_shot = _save_side_screenshot(page, tmp_path)
+    if os.environ.get("NBP_UPDATE_SCREENSHOT") == "1":
+        shutil.copyfile(side_shot, REPO / "docs" / "dashboard-side.png")
 
     summary = page.evaluate(SUMMARY_JS)
     assert summary is not None, "the .nbp-dashboard has no .nbp-summary element"

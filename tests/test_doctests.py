@@ -25,6 +25,7 @@ MODULES = [
     "nbparallel.telemetry.trace",
     "nbparallel.telemetry.history",
     "nbparallel.widgets.charts",
+    "nbparallel.widgets.placement",
     "nbparallel.widgets.dashboard",
 ]
 

@@ -52,6 +52,14 @@ def test_rates_are_bytes_per_second_by_flow_comm_apart_from_stages():
     assert rates["comm"] == [0.0, 0.0, 0.0, 400.0]
 
 
+def test_a_chart_goes_back_to_the_first_record_between_30_s_and_the_window():
+    h = History(step=1.0, span=300.0)
+    assert h.shown(now=50.0) == 30
+    h.add_bytes("out", 10.0, 1)
+    assert h.shown(now=20.0) == 30 and h.shown(now=100.0) == 91 and h.shown(now=900.0) == 300
+    assert len(h.busy(0, now=100.0, bins=h.shown(100.0))) == 91
+
+
 def test_ten_minutes_of_records_keep_only_the_window():
     h = History(step=1.0, span=300.0)
     for i in range(600 * 20):  # 20 spans, samples and transfers a second for 10 minutes
@@ -94,7 +102,10 @@ def test_the_dashboard_draws_the_charts_and_says_them_in_text():
            transfers=[Transfer(0, "scatter", "out", "shm", 4_000_000, 1001.2)])
     html = d.html()
     assert 'class="nbp-history"' in html and "busy share (area)" in html
-    assert "over the last 5 minutes" in d.text()
+    assert "over the last 30 s" in d.text()  # back to the first record, at least 30 s
+    d._clock = lambda: 1400.0
+    d.feed(spans=[Span(0, "scatter", 1398.0, 1399.0)])
+    assert "over the last 5 minutes" in d.text()  # at most the whole window
     assert "engine 0 busy |" in d.text()
 
 

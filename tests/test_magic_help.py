@@ -148,6 +148,8 @@ def test_good_lines_parse_to_the_same_defaults_as_before(magics):
         command="schedule", stages=2, microbatches=4, schedule="1f1b", virtual=1, costs=None,
         compare=False)
     assert vars(_parse(magics.pipeline, "show")) == dict(command="show", data_parallel=1)
+    assert vars(_parse(magics.nbp, "monitor")) == dict(command="monitor", side=False)
+    assert vars(_parse(magics.nbp, "monitor --side")) == dict(command="monitor", side=True)
     assert vars(_parse(magics.nbp, "start")) == dict(command="start", n=None, gpus=None,
                                                      no_respawn=False)
     assert vars(_parse(magics.nbp, "start -n -1 --gpus 0,1")) == dict(command="start", n=-1,

@@ -481,13 +481,33 @@ def test_magics_stage_engines_train_data_parallel_and_show_the_layout(ip, pool, 
     assert "engines 0, 1 (tensor parallel)" in capsys.readouterr().out
     ip.run_line_magic("pipeline", "show")
     shown = capsys.readouterr().out
-    assert "0, 1" in shown and "replica 0" in shown
+    assert "0, 1" in shown and "replica 0" in shown  # the table, then where the arrays live
+    assert "engine 0 t0" in shown and "engine 1 t1" in shown
     ip.run_line_magic("pipeline", "train --input X --target T --microbatches 2 --steps 2 "
                                   "--precision bf16 --out losses")
     out = capsys.readouterr().out
     assert "%pipeline train: 2 step(s)" in out
     assert len(ip.user_ns["losses"]) == 2
     pool.pipeline.clear()
+
+
+def test_where_the_stages_arrays_live_by_replica_and_tensor_rank(pool4):
+    params = model()[:2]
+    x, t = data()
+    t = np.tanh(x @ np.ones((SIZES[0], SIZES[2])) / 4)
+    pool4.pipeline.clear()
+    ns = {"np": np, "init": params, "N": N, "lr": LR, "acts": [True, False]}
+    pipeline.stage("s0", TP_LAYERS, engines=(0, 1), namespace=ns, pool=pool4)
+    planned = pipeline.where(2, pool=pool4)
+    assert [(r["engine"], r["replica"], r["tp_rank"]) for r in planned] == [
+        (0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    assert "bytes" not in planned[2]  # replica 1 is not made before a data-parallel step
+    pipeline.train(x, t, microbatches=2, data_parallel=2, pool=pool4)
+    made = pipeline.where(2, pool=pool4)
+    per_rank = sum(W.nbytes for W, _ in params) // 2  # each rank holds half of each weight
+    assert all(r["bytes"] >= per_rank for r in made)
+    assert made[0]["bytes"] == made[2]["bytes"]  # a replica holds what replica 0 holds
+    assert "engine 3 t1" in str(made) and "<svg" in made._repr_html_()
 
 
 def test_the_dashboard_labels_timeline_rows_by_the_layout(pool4):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["Layout", "Pipeline", "RunResult", "StageInfo", "clear", "grid", "run", "show", "stage",
+__all__ = ["Layout", "Pipeline", "RunResult", "StageInfo", "clear", "grid", "run", "where", "show", "stage",
            "train"]
 
 _RUNTIME = frozenset({"Pipeline", "RunResult", "StageInfo"})

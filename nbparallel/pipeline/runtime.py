@@ -696,6 +696,29 @@ class Pipeline:
                                                                           "")])
         return replies
 
+    def where(self, replicas: int = 1) -> Any:
+        """Where each stage's arrays live, drawn (a ``StageMap``: a grid of stages by
+        data-parallel replicas, each cell the engines of the stage's tensor ranks with their
+        bytes and device). Replicas not made yet (no data-parallel step since the stages were
+        defined) show their engines without bytes."""
+        from ..widgets.placement import stage_map
+
+        layout = self.layout(replicas)
+        made = self._synced.replicas if self._synced == layout else 1
+        rows = []
+        for s, (name, info) in enumerate(self.stages.items()):
+            engines = [e for k in range(made) for e in layout.group(s, k)]
+            sizes = self.pool.call_each(engines, engine_stages.describe, name,
+                                        what=f"stage {name}'s arrays")
+            for k in range(layout.replicas):
+                for t, e in enumerate(layout.group(s, k)):
+                    row = {"stage": name, "engine": e, "replica": k, "tp_rank": t,
+                           "device": self.pool.info(e).get("device", "?")}
+                    if e in sizes:
+                        row["bytes"] = sizes[e]["param_bytes"]
+                    rows.append(row)
+        return stage_map(rows)
+
     def show(self) -> list[StageInfo]:
         return list(self.stages.values())
 

@@ -19,7 +19,7 @@ from .. import session as session_mod
 from ..session import Session
 from .runtime import Pipeline, StageInfo
 
-__all__ = ["stage", "run", "train", "show", "grid", "clear"]
+__all__ = ["stage", "run", "train", "show", "grid", "where", "clear"]
 
 
 def _pipeline(session: Session | None) -> Pipeline:
@@ -72,6 +72,15 @@ def train(x: Any, target: Any, microbatches: int = 1, *, schedule: str = "1f1b",
 def show(*, pool: Session | None = None) -> list[StageInfo]:
     """The stages in order, with engines, hooks and parameter bytes."""
     return _pipeline(pool).show()
+
+
+def where(data_parallel: int = 1, *, pool: Session | None = None) -> Any:
+    """Where each stage's arrays live, by replica and tensor rank, drawn in a notebook cell
+    (its ``str()`` is the text form); ``%pipeline show`` displays it.
+
+    >>> pipeline.where(2)        # doctest: +SKIP
+    """
+    return _pipeline(pool).where(data_parallel)
 
 
 def grid(data_parallel: int = 1, *, pool: Session | None = None) -> str:

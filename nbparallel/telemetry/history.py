@@ -44,6 +44,7 @@ class History:
         self._bytes: dict[str, dict[int, float]] = {f: {} for f in RATE_FLOWS}
         self._newest = -math.inf
         self._pruned = -math.inf
+        self._first = math.inf  # the oldest record seen
 
     # -- input -------------------------------------------------------------------------------
     def add_span(self, engine: int, kind: str, start: float, end: float) -> None:
@@ -80,6 +81,8 @@ class History:
         self._saw(time)
 
     def _saw(self, time: float) -> None:
+        if time < self._first:
+            self._first = time
         if time > self._newest:
             self._newest = time
             if time - self._pruned > self.span / 4:  # a few times a window, not every record
@@ -96,26 +99,36 @@ class History:
                 del bins[k]
 
     # -- readers -----------------------------------------------------------------------------
-    def _keys(self, now: float) -> range:
+    def shown(self, now: float, least: float = 30.0) -> int:
+        """How many bins a chart ending at ``now`` needs: back to the first record, at least
+        ``least`` seconds' worth, at most the whole window (so a 10 s cell is not a sliver at
+        the edge of five minutes)."""
+        if self._first == math.inf:
+            return max(1, round(least / self.step))
+        need = math.ceil((now - self._first) / self.step) + 1
+        return max(round(least / self.step), min(self.bins, need))
+
+    def _keys(self, now: float, bins: int | None) -> range:
         last = math.floor(now / self.step) - 1  # the bin in progress is not drawn yet
-        return range(last - self.bins + 1, last + 1)
+        return range(last - (bins or self.bins) + 1, last + 1)
 
-    def busy(self, engine: int, now: float) -> list[float]:
-        """Share of each bin of the window ending at ``now`` that ``engine`` worked, oldest first."""
-        bins = self._busy.get(engine, {})
-        return [min(1.0, bins.get(k, 0.0) / self.step) for k in self._keys(now)]
+    def busy(self, engine: int, now: float, bins: int | None = None) -> list[float]:
+        """Share of each bin of the ``bins`` (default: the whole window) ending at ``now`` that
+        ``engine`` worked, oldest first."""
+        got = self._busy.get(engine, {})
+        return [min(1.0, got.get(k, 0.0) / self.step) for k in self._keys(now, bins)]
 
-    def cpu(self, engine: int, now: float) -> list[float | None]:
+    def cpu(self, engine: int, now: float, bins: int | None = None) -> list[float | None]:
         """Mean CPU percent of each bin (None where no sample came)."""
-        return _means(self._cpu.get(engine, {}), self._keys(now))
+        return _means(self._cpu.get(engine, {}), self._keys(now, bins))
 
-    def gpu(self, engine: int, now: float) -> list[float | None]:
+    def gpu(self, engine: int, now: float, bins: int | None = None) -> list[float | None]:
         """Mean GPU utilisation of each bin (None where the engine has no GPU or no sample)."""
-        return _means(self._gpu.get(engine, {}), self._keys(now))
+        return _means(self._gpu.get(engine, {}), self._keys(now, bins))
 
-    def rates(self, now: float) -> dict[str, list[float]]:
+    def rates(self, now: float, bins: int | None = None) -> dict[str, list[float]]:
         """Bytes per second of each flow in each bin."""
-        return {f: [self._bytes[f].get(k, 0.0) / self.step for k in self._keys(now)]
+        return {f: [self._bytes[f].get(k, 0.0) / self.step for k in self._keys(now, bins)]
                 for f in RATE_FLOWS}
 
     def has_gpu(self) -> bool:

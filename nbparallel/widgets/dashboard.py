@@ -93,6 +93,7 @@ class Dashboard:
         self._finished = False
         self._widgets: dict[str, Any] = {}
         self._root: Any = None
+        self._panel: Any = None  # the side panel it is shown in, if any
         if live and _in_kernel():
             self._build_widgets()
 
@@ -179,7 +180,7 @@ class Dashboard:
         lines += _columns(rows)
         chart = _history_rows(self, now)
         if chart is not None:
-            lines.append(f"over the last {self.telemetry.history.span / 60:g} minutes")
+            lines.append(f"over the last {_window(self, now)}")
             lines += history_text(*chart)
         lines.append("bytes moved")
         lines += _columns([_VOLUME_HEAD] + _volume_rows(self, html=False), left=(4,))
@@ -194,9 +195,18 @@ class Dashboard:
             lines += _timeline_text(view, names=_names(view, info))
         return "\n".join(lines)
 
-    def show(self) -> None:
+    def show(self, side: bool = False) -> None:
         """Display the dashboard: live widgets in a kernel, static HTML in a kernel when not live,
-        else print the text."""
+        else print the text. ``side``: in a JupyterLab side panel (the ``sidecar`` package, the
+        ``nbparallel[monitor]`` extra), beside the notebook rather than under the cell."""
+        if side and self._root is not None:
+            panel = _side_panel(self.title)
+            if panel is not None:
+                self._redraw(self._clock())
+                with panel:
+                    _display(self._root)
+                self._panel = panel
+                return
         if self._root is not None:
             self._redraw(self._clock())
             self._handles.append(_display(self._root))
@@ -262,6 +272,18 @@ class Dashboard:
         self._root.add_class("nbp-dashboard")
 
 
+def _side_panel(title: str) -> Any:
+    """A JupyterLab side panel to display into, or None (said) when ``sidecar`` is missing."""
+    try:
+        from sidecar import Sidecar
+    except ImportError:
+        print("nbparallel: the side panel needs the sidecar package (`pip install "
+              "\"nbparallel[monitor]\"`, then reload JupyterLab); showing the monitor under the "
+              "cell instead.")
+        return None
+    return Sidecar(title=title, anchor="split-right")
+
+
 def _display(obj: Any, **kwargs: Any) -> Any:
     from IPython.display import display
 
@@ -320,8 +342,10 @@ def _history_rows(d: Dashboard, now: float) -> tuple[list[Any], dict[str, list[f
     """What the charts over time draw: per engine (label, busy, CPU, GPU) and the byte rates;
     None before anything happened in the window."""
     h = d.telemetry.history
-    rows = [(f"engine {e}", h.busy(e, now), h.cpu(e, now), h.gpu(e, now)) for e in d._engines()]
-    rates = h.rates(now)
+    n = h.shown(now)
+    rows = [(f"engine {e}", h.busy(e, now, n), h.cpu(e, now, n), h.gpu(e, now, n))
+            for e in d._engines()]
+    rates = h.rates(now, n)
     if not any(any(b) or any(v is not None for v in c) for _, b, c, _ in rows) and \
             not any(any(r) for r in rates.values()):
         return None
@@ -334,8 +358,14 @@ def _history_html(d: Dashboard, now: float) -> str:
         return ""
     h = d.telemetry.history
     return (f'<div class="nbp-history-section" style="{_FONT}"><div>over the last '
-            f'{h.span / 60:g} minutes: busy share (area), CPU % (line), bytes per second by '
+            f'{_window(d, now)}: busy share (area), CPU % (line), bytes per second by '
             f'kind</div>{history_svg(*chart, h.step)}</div>')
+
+
+def _window(d: Dashboard, now: float) -> str:
+    h = d.telemetry.history
+    secs = h.shown(now) * h.step
+    return f"{secs:.0f} s" if secs < 120 else f"{secs / 60:.0f} minutes"
 
 
 _VOLUME_HEAD = ["engine", "to engine", "from engine", "engine to engine", "by kind"]
