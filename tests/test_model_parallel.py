@@ -10,6 +10,8 @@ import nbparallel
 from nbparallel import pipeline
 from nbparallel.errors import RemoteError, UsageError
 
+from test_pipeline import reference  # the unsplit model in one process (same sizes, N and lr)
+
 pytestmark = pytest.mark.cluster
 
 SIZES = [6, 16, 16, 16, 3]  # four layers; tanh after all but the last
@@ -97,32 +99,6 @@ def data(dtype=np.float64):
     rng = np.random.default_rng(1)
     return (rng.standard_normal((N, SIZES[0])).astype(dtype),
             rng.standard_normal((N, SIZES[-1])).astype(dtype))
-
-
-def reference(params, x, t, steps):
-    """The unsplit model, one process, full batch."""
-    params = [(W.copy(), b.copy()) for W, b in params]
-    losses = []
-    for _ in range(steps):
-        acts, h = [x], x
-        for k, (W, b) in enumerate(params):
-            h = h @ W + b
-            h = np.tanh(h) if k < len(params) - 1 else h
-            acts.append(h)
-        d = h - t
-        losses.append(0.5 * float((d * d).sum()) / N)
-        g = d / N
-        grads = []
-        for k in reversed(range(len(params))):
-            W, b = params[k]
-            if k < len(params) - 1:
-                g = g * (1 - acts[k + 1] ** 2)
-            grads.append((acts[k].T @ g, g.sum(axis=0)))
-            g = g @ W.T
-        for (W, b), (gW, gb) in zip(params, reversed(grads)):
-            W -= LR * gW
-            b -= LR * gb
-    return params, losses
 
 
 def define(pool, params, split, cell=LAYERS, engines=None, groups=None):
@@ -309,6 +285,18 @@ def test_tensor_parallel_stage_trains_like_one_process(pool4):
         assert_equal_layers(tp_trained(pool4, 1), want)
 
 
+def two_layer_stage(pool, group):
+    """Two layers (the model's first two, tanh between) as one stage over ``group``; its
+    parameters, input and a reachable target."""
+    params = model()[:2]
+    x, _ = data()
+    t = np.tanh(x @ np.ones((SIZES[0], SIZES[2])) / 4)
+    pool.pipeline.clear()
+    ns = {"np": np, "init": params, "N": N, "lr": LR, "acts": [True, False]}
+    pipeline.stage("s0", TP_LAYERS, engines=group, namespace=ns, pool=pool)
+    return params, x, t
+
+
 def _reference_two(params, x, t, steps):
     """One process: tanh(x W1 + b1) W2 + b2, squared error over N."""
     (W1, b1), (W2, b2) = [(W.copy(), b.copy()) for W, b in params]
@@ -341,12 +329,7 @@ def test_pipeline_times_tensor_trains_like_one_process(pool4):
 
 def test_tensor_times_data_trains_like_one_process(pool4):
     """One stage over 2 engines, 2 replicas: 4 engines."""
-    params = model()[:2]
-    x, t = data()
-    t = np.tanh(x @ np.ones((SIZES[0], SIZES[2])) / 4)
-    pool4.pipeline.clear()
-    ns = {"np": np, "init": params, "N": N, "lr": LR, "acts": [True, False]}
-    pipeline.stage("s0", TP_LAYERS, engines=(0, 1), namespace=ns, pool=pool4)
+    params, x, t = two_layer_stage(pool4, (0, 1))
     losses = pipeline.train(x, t, microbatches=2, steps=3, data_parallel=2, pool=pool4)
     want, want_losses = _reference_two(params, x, t, 3)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
@@ -492,12 +475,7 @@ def test_magics_stage_engines_train_data_parallel_and_show_the_layout(ip, pool, 
 
 
 def test_where_the_stages_arrays_live_by_replica_and_tensor_rank(pool4):
-    params = model()[:2]
-    x, t = data()
-    t = np.tanh(x @ np.ones((SIZES[0], SIZES[2])) / 4)
-    pool4.pipeline.clear()
-    ns = {"np": np, "init": params, "N": N, "lr": LR, "acts": [True, False]}
-    pipeline.stage("s0", TP_LAYERS, engines=(0, 1), namespace=ns, pool=pool4)
+    params, x, t = two_layer_stage(pool4, (0, 1))
     planned = pipeline.where(2, pool=pool4)
     assert [(r["engine"], r["replica"], r["tp_rank"]) for r in planned] == [
         (0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]

@@ -22,6 +22,7 @@ from nbparallel.controller import connection_file
 from nbparallel.errors import PoolError
 
 import slurmkit
+from test_pipeline import STAGE  # one linear layer a stage, tanh but on the last
 
 pytestmark = pytest.mark.cluster
 
@@ -166,34 +167,6 @@ def test_pmap_on_slurm_engines(slurm_cluster):
     assert {p for _, p in got} <= {"0", "1"}
 
 
-STAGE = """
-W = W_init.copy()
-b = b_init.copy()
-gW = np.zeros_like(W)
-gb = np.zeros_like(b)
-
-def forward(x, ctx):
-    y = x @ W + b
-    y = np.tanh(y) if act else y
-    ctx["x"], ctx["y"] = x, y
-    return y
-
-def backward(grad, ctx):
-    g = grad * (1 - ctx["y"] ** 2) if act else grad
-    gW[...] += ctx["x"].T @ g
-    gb[...] += g.sum(axis=0)
-    return g @ W.T
-
-def loss(y, t):
-    d = y - t
-    return 0.5 * float((d * d).sum()) / N, d / N
-
-def step():
-    W[...] -= lr * gW
-    b[...] -= lr * gb
-    gW[...] = 0
-    gb[...] = 0
-"""
 N, LR, STEPS = 16, 0.1, 3
 
 

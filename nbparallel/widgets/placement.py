@@ -198,8 +198,7 @@ class Placement(_Drawing):
         if self._by_rows and self and x - last_tick >= 7 * len(str(self.total_rows)) + 6:
             ticks.append(_tick(x, self.total_rows, "end"))
         height = _BLOCK + 16
-        defs = (f'<defs><pattern id="{hatch}" width="6" height="6" patternUnits="userSpaceOnUse" '
-                f'patternTransform="rotate(45)"><rect width="1.5" height="6" fill="#999"/></pattern></defs>')
+        defs = _hatch_defs(hatch)
         return (f'<svg class="nbp-placement-bar" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" '
                 f'height="{height}" viewBox="0 0 {SVG_WIDTH} {height}" style="font: 11px sans-serif;">'
                 f'{defs}{"".join(blocks)}{"".join(ticks)}</svg>')
@@ -322,8 +321,7 @@ class StageMap(_Drawing):
             rows.append(f'<g class="nbp-stage" data-stage="{_html.escape(str(st))}" '
                         f'transform="translate(0,{y})">{"".join(parts)}</g>')
         height = 16 + len(stages) * (_BLOCK + 4)
-        defs = (f'<defs><pattern id="{hatch}" width="6" height="6" patternUnits="userSpaceOnUse" '
-                f'patternTransform="rotate(45)"><rect width="1.5" height="6" fill="#999"/></pattern></defs>')
+        defs = _hatch_defs(hatch)
         return (f'<svg class="nbp-stage-map" xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" '
                 f'height="{height}" viewBox="0 0 {SVG_WIDTH} {height}" style="font: 11px sans-serif;">'
                 f'{defs}{head}{"".join(rows)}</svg>')
@@ -367,6 +365,12 @@ def stage_map(rows: Iterable[Mapping[str, Any]], title: str = "pipeline stages")
 
 # ----------------------------------------------------------------------------------------------------
 # Pieces
+
+
+def _hatch_defs(hatch: str) -> str:
+    """The diagonal hatching lost shards are drawn with, under the id ``hatch``."""
+    return (f'<defs><pattern id="{hatch}" width="6" height="6" patternUnits="userSpaceOnUse" '
+            f'patternTransform="rotate(45)"><rect width="1.5" height="6" fill="#999"/></pattern></defs>')
 
 
 def _color(engine: int) -> str:
