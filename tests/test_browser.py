@@ -483,8 +483,8 @@ def _save_screenshot(page: Any, tmp_path: Path) -> Path:
     page.evaluate("""() => {
         const app = window.jupyterapp;
         app.shell.collapseLeft(); app.shell.collapseRight();
-        const all = document.querySelectorAll(".nbp-dashboard");
-        const target = all.length ? all[all.length - 1]  // the pipeline run's, with its timeline
+        const all = document.querySelectorAll(".jp-Notebook .nbp-dashboard");
+        const target = all.length ? all[all.length - 1]  // the training run's, with its timeline
             : document.querySelectorAll(".jp-Notebook .jp-Cell")[2];
         if (target) target.scrollIntoView({block: "center"});
     }""")
