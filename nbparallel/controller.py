@@ -27,7 +27,8 @@ import psutil
 
 from .reaper import alive
 
-__all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags", "address_of"]
+__all__ = ["ControllerWatch", "controller_pids", "connection_file", "flags", "address_of",
+           "is_profile_dir"]
 
 PROBE_TIMEOUT = 1.0
 MISSES = 3
@@ -106,16 +107,28 @@ def controller_pids(cluster: Any) -> list[int]:
         return [pid]
 
 
+def is_profile_dir(profile: str | None) -> bool:
+    """Whether ``profile`` is a profile's folder (``ipcluster start --profile-dir=...``) rather
+    than a profile's name."""
+    return bool(profile) and ("/" in profile or profile.startswith(("~", ".")))
+
+
 def flags(profile: str | None, cluster_id: str | None) -> str:
     """The ``--profile``/``--cluster-id`` flags that name a cluster, for the commands we suggest."""
-    return (f" --profile={profile}" if profile else "") + (
-        f" --cluster-id={cluster_id}" if cluster_id else "")
+    named = ""
+    if profile:
+        named = f" --profile-dir={profile}" if is_profile_dir(profile) else f" --profile={profile}"
+    return named + (f" --cluster-id={cluster_id}" if cluster_id else "")
 
 
 def connection_file(profile: str | None, cluster_id: str | None) -> Path:
-    """Where ``ipcluster`` writes the client connection file of the cluster so named."""
+    """Where ``ipcluster`` writes the client connection file of the cluster so named; ``profile``
+    is a profile's name, or its folder (``ipcluster start --profile-dir=...``)."""
     from IPython.paths import get_ipython_dir
 
-    profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
+    if is_profile_dir(profile):
+        profile_dir = Path(profile).expanduser()
+    else:
+        profile_dir = Path(get_ipython_dir()) / f"profile_{profile or 'default'}"
     name = f"ipcontroller-{cluster_id}-client.json" if cluster_id else "ipcontroller-client.json"
     return profile_dir / "security" / name

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .controller import PROBE_TIMEOUT, address_of, connection_file
+from .controller import PROBE_TIMEOUT, address_of, connection_file, is_profile_dir
 from .errors import PoolError
 
 __all__ = ["Launched", "launched", "controller_down", "profiles", "job_states", "QUERY_TIMEOUT",
@@ -142,7 +142,7 @@ def no_cluster_advice(profile: str | None, named: str) -> str:
     """What to do when there is no connection file: name the profiles that exist when the one
     asked for does not, else say how to start a cluster."""
     known = profiles()
-    if profile and profile not in known:
+    if profile and not is_profile_dir(profile) and profile not in known:
         return (f"There is no IPython profile {profile!r} (the profiles here are: "
                 f"{', '.join(known) or 'none'}); `ipcluster start -n 4{named}` makes it and starts "
                 f"a cluster there.")

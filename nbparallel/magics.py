@@ -443,7 +443,9 @@ class NbparallelMagics(Magics):
                             "rank, before the next magic)"),
               _gpus_option)
     @_command("connect", "connect to a cluster started with ipcluster",
-              argument("--profile", default=None, metavar="P", help="its IPython profile"),
+              argument("--profile", default=None, metavar="P",
+                       help="its IPython profile: a name, or the folder given to ipcluster's "
+                            "--profile-dir"),
               argument("--cluster-id", default=None, metavar="ID", help="its cluster id"),
               argument("--wait", nargs="?", const=WAIT_DEFAULT, default=None, type=_seconds,
                        metavar="SECONDS", help=f"wait for the engines to come (a queued batch "

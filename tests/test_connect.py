@@ -62,6 +62,24 @@ def test_nbp_connect_runs_magics_on_the_ipcluster_and_leaves_it_running(ipcluste
     assert len(ipcluster.ids) == 2  # %nbp stop never stops a cluster it only connected to
 
 
+def test_connect_by_the_profiles_folder_as_ipcluster_start_profile_dir_names_it(ipcluster,
+                                                                              tmp_path):
+    import nbparallel
+    from IPython.paths import get_ipython_dir
+    from nbparallel.errors import PoolError
+
+    folder = str(Path(get_ipython_dir()) / "profile_default")
+    session = nbparallel.Session(nbparallel.Pool.connect(profile=folder, gpus="none"))
+    try:
+        assert len(session.ids) == 2
+    finally:
+        session.stop()
+    missing = tmp_path / "profile_elsewhere"
+    with pytest.raises(PoolError, match=rf"{missing}/security/ipcontroller-client.json does not "
+                                        rf"exist.*ipcluster start -n 4 --profile-dir={missing}"):
+        nbparallel.Pool.connect(profile=str(missing))
+
+
 def test_first_magic_without_a_pool_connects_to_the_running_default_cluster(ipcluster, tmp_path):
     out = _ipython("""
         ip.run_line_magic("load_ext", "nbparallel")
