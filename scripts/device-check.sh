@@ -93,7 +93,7 @@ why = \"needs two engines of this host bound to GPUs\"
 sys.exit(0 if rows and all(why in (r[\"error\"] or \"\") for r in rows) else 1)" "$1"' \
         "$PY" "$OUT/bench-gpu.json")
 fi
-step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_cudaipc.py
+step pytest-gpu 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py tests/test_cudaipc.py tests/test_tp.py tests/test_model_parallel.py
 step bench-gpu 150 "${bench[@]}"
 step notebook-05 100 "$PY" -m nbparallel demo -n 2 --notebook notebooks/05-gpu.ipynb \
     --output "$OUT/05-gpu.executed.ipynb"

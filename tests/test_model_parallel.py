@@ -503,3 +503,34 @@ def test_the_dashboard_labels_timeline_rows_by_the_layout(pool4):
     board.pipeline(run, *pool4.monitor._pipelines[run])
     text = board.text()
     assert "engine 2 d1 t0 |" in text and "engine 1 d0 t0 |" in text
+
+
+#: LAYERS on the engine's device: its arrays are CuPy's where the engine is bound to a GPU.
+GPU_LAYERS = ("init = [(xp.asarray(W), xp.asarray(b)) for W, b in init]\n"
+              + LAYERS.replace("hs = [x]", "hs = [xp.asarray(x)]")
+                      .replace("d = y - t", "d = y - xp.asarray(t)"))
+
+
+@pytest.mark.gpu
+def test_data_parallel_on_gpu_engines_sums_cupy_gradients_like_one_process(cuda, pool):
+    """The device path of the replicas' sum (CuPy gradients have no out= in comm) and of fp16
+    transfers, on the session's engines when they are bound to GPUs."""
+    gpus = [e for e in pool.ids if pool.info(e).get("gpu")]
+    if len(gpus) < 2:
+        pytest.skip("needs two engines bound to GPUs")
+    params = model()
+    x, t = data()
+    pool.pipeline.clear()
+    ns = {"np": np, "init": params, "N": N, "lr": LR, "acts": [True, True, True, False]}
+    try:
+        pipeline.stage("g0", GPU_LAYERS, engine=gpus[0], namespace=ns, pool=pool)
+        losses = pipeline.train(x, t, microbatches=2, steps=3, data_parallel=2, pool=pool)
+        want, want_losses = reference(params, x, t, 3)
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+        assert_equal_layers(trained(pool, [4], replica=1), want)
+        pool.pipeline.scaler = None
+        more = pipeline.train(x, t, microbatches=2, steps=5, data_parallel=2, precision="fp16",
+                              pool=pool)
+        assert more[-1] < more[0] and pool.pipeline.scaler.skipped == 0
+    finally:
+        pool.pipeline.clear()
