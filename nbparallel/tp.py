@@ -453,10 +453,8 @@ def _accumulate(layer: Any, x: Any, g: Any) -> None:
 
 
 def _allreduce(array: Any, comm: Any, xp: Any) -> Any:
-    """``array`` summed over the ranks: in place for NumPy (no copy); a CuPy array goes through
-    the host and comes back as a new device array (``out=`` takes NumPy arrays only)."""
-    if xp is np:
-        array = np.ascontiguousarray(array)  # a matmul's result already is: no copy
-        comm.allreduce(array, out=array)
-        return array
-    return comm.allreduce(array)
+    """``array`` summed over the ranks, in place (a matmul's result is contiguous already, so
+    the copy is rare; a CuPy array goes through the host)."""
+    array = xp.ascontiguousarray(array)
+    comm.allreduce(array, out=array)
+    return array

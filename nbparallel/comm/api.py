@@ -97,7 +97,7 @@ class Comm:
                   compress: str | None = None) -> Any:
         """``value`` of every rank combined by ``op`` (sum, prod, min, max), on every rank;
         elementwise for arrays. ``out`` (an array of the same shape and dtype, the input itself
-        for in place) receives the result.
+        for in place; a CuPy array too, filled from the host) receives the result.
 
         ``compress="bf16"`` or ``"fp16"`` (PyTorch DDP's ``bf16_compress_hook`` and
         ``fp16_compress_hook``): a floating-point array travels between the ranks in 16 bits,
@@ -111,6 +111,17 @@ class Comm:
             for g in grads:
                 comm.allreduce(g, out=g, compress="bf16")     # summed in place, 16 bits moved
         """
+        if out is not None and type(out).__module__.startswith("cupy"):
+            # A device out=: reduced through the host like any CuPy value, then copied in.
+            if tuple(out.shape) != tuple(getattr(value, "shape", ())) or out.dtype != getattr(
+                    value, "dtype", None):
+                raise CommError(f"comm.allreduce: out= must be a {getattr(value, 'dtype', '?')} "
+                                f"array of shape {tuple(getattr(value, 'shape', ()))}, but it is "
+                                f"{out.dtype} {tuple(out.shape)}.")
+            result = (self._compressed(value, op, None, compress, _line()) if compress is not None
+                      else self._reduce("allreduce", value, op, None, None, _line()))
+            out[...] = gpu.array_module().asarray(result)
+            return out
         if compress is not None:
             return self._compressed(value, op, out, compress, _line())
         return self._reduce("allreduce", value, op, None, out, _line())

@@ -254,13 +254,11 @@ def _sum_gradients(dp: Comm, grads: list[Any], precision: str) -> None:
             bucket.append(g)
             size += g.nbytes
             continue
-        if bucket and not isinstance(bucket[0], np.ndarray):  # CuPy: comm has no device out=
-            for b in bucket:
-                b[...] = dp.allreduce(b, compress=compress)
-        elif len(bucket) == 1 and bucket[0].flags.c_contiguous:
+        if len(bucket) == 1 and bucket[0].flags.c_contiguous:
             dp.allreduce(bucket[0], out=bucket[0], compress=compress)
         elif bucket:
-            flat = np.concatenate([b.reshape(-1) for b in bucket])
+            xp = np if isinstance(bucket[0], np.ndarray) else gpu.array_module()
+            flat = xp.concatenate([b.reshape(-1) for b in bucket])
             dp.allreduce(flat, out=flat, compress=compress)
             at = 0
             for b in bucket:

@@ -271,14 +271,17 @@ class Pipeline:
 
     def layout(self, replicas: int = 1) -> Layout:
         """Where each stage, replica and tensor rank runs (``%pipeline show`` draws it)."""
-        ranks, _, _ = self.placement()
+        self.placement()  # the stages' engines are alive and in an order a schedule can run
+        return self._layout(replicas)
+
+    def _layout(self, replicas: int) -> Layout:
         return Layout.build([i.engines for i in self.stages.values()], self.pool.ids, replicas)
 
     # -- running -------------------------------------------------------------------------------
     def run(self, x: Any, microbatches: int, dashboard: bool | None = None) -> Any:
         ranks, v, vee = self.placement()
         s = _forward_only(len(ranks), microbatches, v, vee)
-        result = self._execute(s, self.layout(), _split(x, microbatches, "--input"), {}, False,
+        result = self._execute(s, self._layout(1), _split(x, microbatches, "--input"), {}, False,
                                dashboard)
         return _join(result["outputs"], microbatches)
 
@@ -307,7 +310,7 @@ class Pipeline:
         ranks, v, vee = self.placement()
         precision = mixed.check_precision(precision)
         folder = checkpoint.check(checkpoint_every, checkpoint_dir)
-        layout = self.layout(data_parallel)
+        layout = self._layout(data_parallel)
         auto = sched.canonical(schedule) == "auto"
         if max_stash is not None and not 0 < max_stash < float("inf"):
             raise UsageError(f"--max-stash must be a number of micro-batches above 0, not {max_stash:g}.")

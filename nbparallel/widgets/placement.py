@@ -54,15 +54,10 @@ _ids = itertools.count()  # each SVG's hatch pattern gets its own id: several sh
 
 
 class _Drawing(list):
-    """A list of row dicts that draws itself: HTML in a notebook, text in a terminal."""
+    """A list of row dicts that draws itself: HTML in a notebook, text in a terminal. Its
+    subclasses define ``html()`` and ``text()``."""
 
     title: str
-
-    def html(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
-
-    def text(self) -> str:  # pragma: no cover - overridden
-        raise NotImplementedError
 
     def _repr_html_(self) -> str:
         return self.html()
