@@ -10,8 +10,9 @@ user wants: they are told to ``--broadcast`` or scatter it instead.
 from __future__ import annotations
 
 import ast
-import symtable
 import builtins
+import functools
+import symtable
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
@@ -21,8 +22,8 @@ from .errors import UsageError
 from . import format as fmt
 
 __all__ = [
-    "AUTO_SEND_LIMIT", "CellCode", "parse_cell", "compile_cell", "free_names", "pack_names",
-    "unpack_names",
+    "AUTO_SEND_LIMIT", "CellCode", "analyse", "parse_cell", "compile_cell", "free_names",
+    "pack_names", "unpack_names",
 ]
 
 #: Bytes above which a notebook value read by a cell is not sent automatically (10 MiB).
@@ -60,11 +61,22 @@ def parse_cell(source: str, kind: str, *, result: bool = False) -> tuple[CellCod
     return CellCode(source, f"<{kind}>", result_expr), tree
 
 
+@functools.lru_cache(maxsize=256)
+def analyse(source: str, kind: str, result: bool = False) -> tuple[CellCode, frozenset[str]]:
+    """:func:`parse_cell` and :func:`free_names` of one cell, remembered: a notebook runs the
+    same cell again and again (a loop, a re-run), and the analysis costs a millisecond or two,
+    about what the engines take to run a small cell."""
+    cell, tree = parse_cell(source, kind, result=result)
+    return cell, frozenset(free_names(tree, source))
+
+
 RESULT_NAME = "__nbparallel_result__"
 
 
+@functools.lru_cache(maxsize=256)
 def compile_cell(cell: CellCode) -> Any:
-    """Compile on the engine; a last expression is assigned to ``RESULT_NAME``."""
+    """Compile on the engine; a last expression is assigned to ``RESULT_NAME`` (remembered,
+    since the same cell comes again: each chunk of a map, each step of a loop)."""
     tree = ast.parse(cell.source, filename=cell.filename, mode="exec")
     if cell.result_expr:
         last = tree.body[-1]
@@ -74,14 +86,16 @@ def compile_cell(cell: CellCode) -> Any:
     return compile(tree, cell.filename, "exec")
 
 
-def free_names(tree: ast.AST) -> set[str]:
+def free_names(tree: ast.AST, source: str | None = None) -> set[str]:
     """Names a cell reads that it might not define itself (an over-approximation is harmless).
 
     Scopes are Python's own (``symtable``): a function's parameters and locals are not the
-    notebook's, so ``def forward(x, ctx)`` does not ship the notebook's ``x``.
+    notebook's, so ``def forward(x, ctx)`` does not ship the notebook's ``x``. ``source``, when
+    given, is the text ``tree`` was parsed from (saves writing it out again).
     """
     names: set[str] = set()
-    tables = [symtable.symtable(ast.unparse(tree), "<cell>", "exec")]
+    text = ast.unparse(tree) if source is None else source
+    tables = [symtable.symtable(text, "<cell>", "exec")]
     while tables:
         table = tables.pop()
         tables.extend(table.get_children())

@@ -11,27 +11,26 @@ messages while slow items go one at a time and still end up balanced across engi
 from __future__ import annotations
 
 import ast
+import functools
 import math
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import cloudpickle
 import numpy as np
 
-from .cellcode import free_names, pack_names, parse_cell
+from .cellcode import analyse, pack_names
 from .dataplane import transport
-from .engine.runner import run_pmap_chunk
-from .errors import PmapError, RemoteFailure, UsageError
+from .errors import PmapError, UsageError
+from .feed import Feed
 from .session import Session, resolve
-from .widgets.progress import progress
 
 __all__ = ["Chunker", "PmapSpec", "pmap", "run", "target_names"]
 
 GUIDED_FACTOR = 4  # a chunk takes at most 1/(factor * engines) of the items still to hand out
-TARGET_SECONDS = 0.05  # engine time per chunk: large against the ~2 ms a task costs to send
+TARGET_SECONDS = 0.1  # engine time per chunk: large against the ~0.2 ms a chunk costs to hand over
 TAIL_SECONDS = 0.005  # chunks shorter than this gain no balance, only messages
-WINDOW = 2  # chunks in flight per engine, so an engine never waits for its next chunk
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,8 @@ class PmapSpec:
             raise UsageError(f"--retries must be 0 or more, not {self.retries}.")
 
 
-def target_names(target: str) -> set[str]:
+@functools.lru_cache(maxsize=256)
+def target_names(target: str) -> frozenset[str]:
     """Names bound by a loop target such as ``x`` or ``i, (a, b)``; raises UsageError if invalid."""
     try:
         node = ast.parse(f"for {target} in (): pass").body[0]
@@ -69,7 +69,7 @@ def target_names(target: str) -> set[str]:
             f"{target!r} is not a loop variable; write it as in a for loop, like "
             f"`%%pmap x in items -> out` or `%%pmap i, row in enumerate(rows) -> out`."
         ) from None
-    return {n.id for n in ast.walk(node.target) if isinstance(n, ast.Name)}
+    return frozenset(n.id for n in ast.walk(node.target) if isinstance(n, ast.Name))
 
 
 class Chunker:
@@ -171,8 +171,7 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     """Shared by the magic and :func:`pmap`."""
     spec.check()
     bound = target_names(spec.target)
-    cell, tree = parse_cell(body, "%%pmap cell", result=True)
-    free = free_names(tree)
+    cell, free = analyse(body, "%%pmap cell", result=True)
     if "comm" in free and "comm" not in namespace and "comm" not in bound:
         raise UsageError(
             "`comm` is not defined in %%pmap: items run one at a time on whichever engine is "
@@ -195,32 +194,12 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
         return []
 
     chunker = Chunker(len(items), len(ids), spec.chunksize)
-    payloads = _Payloads(session.plane, ids, spec.transport)
-    # A chunk lost with its engine comes back under the engine's identity only: name it by id.
-    idents = {session.info(e)["ident"]: e for e in ids if session.info(e).get("ident")}
-
-    def submit() -> tuple[Any, range] | None:
-        r = chunker.next()
-        if r is None:
-            return None
-        chunk = [(i, items[i]) for i in r]
-        size = sum(transport.nbytes_of(item) for _, item in chunk)
-        note = payloads.place(chunk, size)
-        fut = session.pool.balanced(run_pmap_chunk, cell, spec.target, names_blob, note,
-                                    engines=ids, retries=spec.retries)
-        payloads.sent(fut, note, size)
-        return fut, r
-
-    in_flight: dict[Any, range] = {}
-    try:
-        with session.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
-            return _collect(session, spec, chunker, submit, in_flight, ids, len(items),
-                            payloads, watch, idents)
-    except KeyboardInterrupt:
-        session.pool.interrupt(list(in_flight), ids)
-        raise
-    finally:
-        payloads.close()
+    with session.monitor.watch("%%pmap", ids, spec.dashboard) as watch:
+        results, arrival, failures = Feed(session, spec, cell, names_blob, items, ids, chunker,
+                                          watch).run()
+    if failures:
+        raise PmapError(failures, results, len(items))
+    return results if spec.ordered else arrival
 
 
 #: Item types that always pickle, checked without pickling them.
@@ -241,85 +220,3 @@ def _check_items(items: list[Any]) -> None:
                 f"{type(exc).__name__}: {exc}. Iterate over what the item holds instead (for "
                 f"example file names rather than open files), or build it inside the cell."
             ) from None
-
-
-class _Payloads:
-    """The chunks in flight and what carries each (the data plane chooses: shared memory when
-    every engine is local and the chunk holds large arrays, else the message)."""
-
-    def __init__(self, plane: Any, ids: list[int], transport_name: str):
-        self.plane = plane
-        self.ids = ids
-        self.transport = transport_name
-        self._notes: dict[Any, tuple[Any, int]] = {}
-
-    def place(self, chunk: list[tuple[int, Any]], size: int) -> Any:
-        return self.plane.place_chunk(self.ids, chunk, size, self.transport)
-
-    def sent(self, fut: Any, note: Any, size: int) -> None:
-        self._notes[fut] = (note, size)
-
-    def finished(self, fut: Any, engine: int, held: Sequence[str] | None) -> None:
-        note, size = self._notes.pop(fut)
-        self.plane.chunk_done(engine, note, size, held)
-
-    def close(self) -> None:
-        for note, size in self._notes.values():
-            self.plane.chunk_done(-1, note, size, None, account=False)
-        self._notes.clear()
-
-
-def _collect(session: Session, spec: PmapSpec, chunker: Chunker,
-             submit: Callable[[], tuple[Any, range] | None], in_flight: dict[Any, range],
-             ids: list[int], total: int, payloads: "_Payloads", watch: Any,
-             idents: Mapping[Any, int]) -> list[Any]:
-    pool = session.pool
-    results: list[Any] = [None] * total
-    arrival: list[Any] = []
-    failures: list[RemoteFailure] = []
-    bar = progress(total, "%%pmap", spec.progress)
-    done = 0
-    while True:
-        while len(in_flight) < WINDOW * len(ids) and (job := submit()) is not None:
-            in_flight[job[0]] = job[1]
-        if not in_flight:
-            if chunker.exhausted:
-                break
-            continue
-        pool.wait(list(in_flight), ids, tick=watch.tick, first=True)
-        for fut in [f for f in in_flight if f.done()]:
-            r = in_flight.pop(fut)
-            engine = pool.engine_of(fut, idents)
-            pool.relay_output(fut, engine)
-            reply, lost = pool.outcome(fut, engine)
-            if lost is not None:  # the whole chunk was lost: engine died, retries exhausted
-                payloads.finished(fut, engine, None)
-                if engine >= 0 and not pool.alive([engine]):
-                    session.plane.engine_gone(engine)  # what it held of our segments is free
-                if lost.ename == "EngineDied":
-                    hint = (f"The items it held were retried {spec.retries} time(s) and lost each "
-                            f"time." if spec.retries else
-                            "`--retries 1` (retries=1) re-runs the items of an engine that stops "
-                            "on the other engines.")
-                    lost = replace(lost, traceback=f"{lost.traceback.rstrip()} {hint}\n")
-                failures.extend(replace(lost, item=i) for i in r)
-                chunker.record(len(r), None)
-                done += len(r)
-                continue
-            payloads.finished(fut, engine, reply.held)
-            outcomes = reply.results()
-            chunker.record(len(outcomes), reply.seconds)
-            session.monitor.span(engine, "pmap", reply.started, reply.started + reply.seconds,
-                                 items=len(outcomes))
-            for index, ok, value in outcomes:
-                if ok:
-                    results[index] = value
-                    arrival.append(value)
-                else:
-                    failures.append(replace(value, engine=engine))
-            done += len(outcomes)
-        bar.update(done)
-    bar.close(done)
-    if failures:
-        raise PmapError(failures, results, total)
-    return results if spec.ordered else arrival

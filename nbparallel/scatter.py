@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 from . import partition, tables
-from .cellcode import free_names, pack_names, parse_cell
+from .cellcode import analyse, pack_names
 from .comm.setup import check_backend, check_timeout, open_comm
 from .dataplane import transport
 from .dataplane.plane import Here, Job
@@ -267,9 +267,8 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
         pool: Session | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Shared by the magic and :func:`scatter`: check, plan, send, wait, combine."""
     spec.check()
-    cell, tree = parse_cell(code, "%%scatter cell")
+    cell, free = analyse(code, "%%scatter cell")
     skip = set(spec.scatter) | set(spec.broadcast) | set(RUNNER_NAMES) | set(hidden)
-    free = free_names(tree)
     names_blob = pack_names(free, namespace, skip=skip)
     session = resolve(pool, echo)
     ids = session.pool.select(engines if engines is not None else spec.engines)

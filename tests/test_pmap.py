@@ -42,8 +42,8 @@ def test_chunker_covers_every_item_once_with_tiny_items_in_few_chunks():
     sizes = _drain(Chunker(2000, 2), 2e-6)
     assert sum(sizes) == 2000
     assert sizes == [1, 1999]  # measured on one item, then 4 ms of work is not worth splitting
-    mid = _drain(Chunker(2000, 2), 1e-3)  # 1 ms items: 50 a chunk, shrinking to the 5 ms floor
-    assert sum(mid) == 2000 and max(mid) == 50 and mid[-1] <= 5
+    mid = _drain(Chunker(2000, 2), 1e-3)  # 1 ms items: 100 a chunk, shrinking to the 5 ms floor
+    assert sum(mid) == 2000 and max(mid) == 100 and mid[-1] <= 5
 
 
 def test_chunker_sends_slow_items_one_at_a_time_and_honours_chunksize():

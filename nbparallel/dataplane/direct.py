@@ -267,6 +267,11 @@ class Channel:
     wait for the server's answer to a put, and the extra time a get allows, beyond its own wait,
     for the answer to arrive. After a timeout the channel reconnects, so a late answer cannot be
     mistaken for the answer to the next request.
+
+    Requests may be pipelined: ``put(..., wait=False)`` returns once the message is queued (its
+    acknowledgement is checked when a later call reads the socket, and a refusal raises there),
+    and :meth:`ask` sends a get whose answer :meth:`get` collects later, so a worker can fetch
+    its next input while it computes.
     """
 
     def __init__(self, endpoint: str, key: bytes, timeout: float = 30.0,
@@ -284,6 +289,9 @@ class Channel:
         self._limit = 0 if self._address.startswith("ipc://") else FRAME_LIMIT
         self._session = os.urandom(16)
         self._counter = 0
+        self._unacked: dict[bytes, bytes] = {}  # tid -> signature of a put not waited for
+        self._asked: dict[bytes, float] = {}  # tid -> wait of a get sent by ask()
+        self._answers: dict[bytes, tuple[bytes, bytes, list[memoryview]]] = {}
         self._ctx = zmq.Context()
         self._sock: zmq.Socket | None = None
         self._connect()
@@ -297,13 +305,18 @@ class Channel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def put(self, tid: str, header: bytes, buffers: Sequence[Any]) -> int:
+    def put(self, tid: str, header: bytes, buffers: Sequence[Any], wait: bool = True) -> int:
         """Store transfer ``tid`` in the server and wait for its signed acknowledgement.
 
         Buffers (any contiguous buffer, numpy arrays included) are sent without copying; since
         put returns only once the server has received everything, the caller may reuse them
         afterwards. Returns the number of payload bytes sent (header plus buffers). Raises
         :class:`ChannelError` when the server refuses the transfer or does not answer in time.
+
+        With ``wait=False`` it returns once the message is queued: the buffers must then stay
+        unchanged until a later waiting call (ZeroMQ holds them, not a copy), which also raises
+        if the server refused this put. A waiting call answered means every earlier put of
+        this channel arrived: the server answers in order.
         """
         key = tid_bytes(tid)
         header = bytes(header)
@@ -312,12 +325,29 @@ class Channel:
         sig = sign(self._key, [MAGIC, PUT, key, self._server, pieced, *frames])
         what = f"put of transfer {tid!r}"
         self._send([MAGIC, PUT, key, sig, pieced, *frames], what)
-        op, answer, _ = self._answer(key, self.timeout, what)
+        if wait:
+            op, answer, _ = self._answer(key, self.timeout, what)
+            self._check_ack(op, answer, sig, what)
+        else:
+            self._unacked[key] = sig
+        return len(header) + sum(v.nbytes for v in views)
+
+    def _check_ack(self, op: bytes, answer: bytes, sig: bytes, what: str) -> None:
         if op == ERR:
             raise ChannelError(f"{self.endpoint} refused the {what}: {answer.decode('utf-8', 'replace')}.")
         if not hmac.compare_digest(answer, sig):
             raise ChannelError(f"{self.endpoint} acknowledged another message than the {what}; put it again.")
-        return len(header) + sum(v.nbytes for v in views)
+
+    def ask(self, tid: str, timeout: float | None = None) -> None:
+        """Send a get of ``tid`` now (the server may wait ``timeout`` for it to be offered);
+        :meth:`get` of the same ``tid`` returns its answer."""
+        key = tid_bytes(tid)
+        self._asked[key] = self._send_get(key, tid, timeout)
+
+    @property
+    def outstanding(self) -> int:
+        """Requests sent whose answer has not been read: asked gets, unacknowledged puts."""
+        return len(self._asked) + len(self._unacked)
 
     def get(self, tid: str, timeout: float | None = None) -> tuple[bytes, list[memoryview]]:
         """Fetch transfer ``tid`` from the server, waiting up to ``timeout`` seconds for it to be offered.
@@ -328,20 +358,43 @@ class Channel:
         signed with this channel's key.
         """
         key = tid_bytes(tid)
-        wait = self.timeout if timeout is None else float(timeout)
-        if not 0 <= wait <= MAX_GET_WAIT:
-            raise ValueError(f"timeout must be between 0 and {MAX_GET_WAIT:g} seconds, not {timeout!r}.")
-        request = struct.pack(">d", wait) + self._stamp() + _PIECE.pack(self._limit)
-        sig = sign(self._key, [MAGIC, GET, key, self._server, b"", request])
         what = f"get of transfer {tid!r}"
-        self._send([MAGIC, GET, key, sig, b"", request], what)
-        op, header, buffers = self._answer(key, wait + self.timeout, what)
+        if key in self._answers:
+            self._asked.pop(key, None)
+            op, header, buffers = self._answers.pop(key)
+        else:
+            wait = self._asked[key] if key in self._asked else self._send_get(key, tid, timeout)
+            op, header, buffers = self._answer(key, wait + self.timeout, what)
+            self._asked.pop(key, None)
         if op == ERR:
             raise ChannelError(
                 f"the {what} from {self.endpoint} failed: {header.decode('utf-8', 'replace')}; check that "
                 "the sender offers this transfer id, or allow a longer timeout."
             )
         return header, buffers
+
+    def _send_get(self, key: bytes, tid: str, timeout: float | None) -> float:
+        wait = self.timeout if timeout is None else float(timeout)
+        if not 0 <= wait <= MAX_GET_WAIT:
+            raise ValueError(f"timeout must be between 0 and {MAX_GET_WAIT:g} seconds, not {timeout!r}.")
+        request = struct.pack(">d", wait) + self._stamp() + _PIECE.pack(self._limit)
+        sig = sign(self._key, [MAGIC, GET, key, self._server, b"", request])
+        self._send([MAGIC, GET, key, sig, b"", request], f"get of transfer {tid!r}")
+        return wait
+
+    def reset(self) -> None:
+        """Drop every request still awaiting an answer and start on a fresh connection (a late
+        answer to them cannot reach this channel)."""
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+        self._forget()
+        self._connect()
+
+    def _forget(self) -> None:
+        self._unacked.clear()
+        self._asked.clear()
+        self._answers.clear()
 
     def _stamp(self) -> bytes:
         self._counter += 1
@@ -417,13 +470,20 @@ class Channel:
                 parts = parts_of(pieced.bytes, [f.buffer for f in rest])
                 if magic.bytes != MAGIC or op.bytes not in (OK, ERR) or not parts:
                     raise ChannelError(f"the answer from {self.endpoint} to the {what} is malformed.")
-                if tid.bytes != key:
-                    continue  # answer to an earlier, abandoned request
-                return op.bytes, bytes(parts[0]), parts[1:]
+                answer = op.bytes, bytes(parts[0]), parts[1:]
+                if tid.bytes == key:
+                    return answer
+                if tid.bytes in self._unacked:
+                    self._check_ack(*answer[:2], self._unacked.pop(tid.bytes),
+                                    f"put of transfer {tid.bytes.decode('utf-8', 'replace')!r}")
+                elif tid.bytes in self._asked:
+                    self._answers[tid.bytes] = answer  # for the get() that collects it
+                # else: the answer to an earlier, abandoned request
         except BaseException:
             # Whatever went wrong (timeout, bad answer, Ctrl-C), start afresh so a late answer
             # to this request cannot be read as the answer to the next one.
             self._sock = None
             sock.close(linger=0)
+            self._forget()
             self._connect()
             raise

@@ -24,7 +24,9 @@ from ..reaper import alive, remove_segments
 from ..telemetry.records import Ring, Transfer, transfer
 from .. import gpu
 from . import parcel, remote
+from .addresses import route_address
 from .direct import Channel
+from .server import Server
 from .shm import Arena, NoRoom, Segment
 from .transport import (ANY_ENGINE, CUDA_IPC, DIRECT, INLINE, INLINE_LIMIT, SHM, Full, Hop,
                         choose, registered)
@@ -86,6 +88,9 @@ class DataPlane:
         self._endpoints: dict[tuple[int, str], str] = {}
         self._free: dict[int, list[str]] = {}
         self._abandoned: dict[int, list[str]] = {}  # engine -> offered transfers to drop
+        self._server: Server | None = None
+        self._server_endpoints: dict[str, str] = {}
+        self._lingering: list[tuple[str, Any]] = []
         self.closed = False
 
     # -- engines -------------------------------------------------------------------------------
@@ -264,6 +269,42 @@ class DataPlane:
         for name, t in self.transports.items():
             t.release([n for n in notes if n.transport == name])
         out.notes = [[] for _ in out.notes]
+
+    # -- the notebook's own channel server (a map's engines take chunks from it) -----------------
+    def server(self) -> Server:
+        """The notebook's channel server, started on first use (loopback only until an engine
+        of another host needs it)."""
+        if self._server is None:
+            self._server = Server(self.pool.key, "127.0.0.1")
+            self._server_endpoints["127.0.0.1"] = self._server.endpoint
+        return self._server
+
+    def server_endpoint(self, engine: int) -> str:
+        """Where ``engine`` reaches :meth:`server`: loopback from this host; from another, this
+        machine's address on the route to that engine, and only there."""
+        server = self.server()
+        host = "127.0.0.1"
+        if not self.is_local(engine):
+            address = self.pool.info(engine).get("address", "127.0.0.1")
+            host = route_address(address) if address not in ("0.0.0.0", "") else "127.0.0.1"
+        if host not in self._server_endpoints:
+            self._server_endpoints[host] = server.listen(host)
+        return self._server_endpoints[host]
+
+    def linger(self, prefix: str, future: Any) -> None:
+        """A map's task that may still take what is offered under ``prefix``: dropped once it
+        has ended (:meth:`sweep_feeds`)."""
+        self._lingering.append((prefix, future))
+
+    def sweep_feeds(self) -> None:
+        """Forget what ended maps left on the server (offers nobody took, late results)."""
+        keep = []
+        for prefix, future in self._lingering:
+            if future.done():
+                self.server().discard_prefix(prefix)
+            else:
+                keep.append((prefix, future))
+        self._lingering = keep
 
     # -- a load-balanced map's chunks ------------------------------------------------------------
     def place_chunk(self, engines: Sequence[int], items: list[Any], nbytes: int,
@@ -493,6 +534,9 @@ class DataPlane:
         for ch in self._channels.values():
             ch.close()
         self._channels.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
         for t in self.transports.values():
             t.close()
         self._at_exit()

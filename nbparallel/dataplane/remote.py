@@ -29,7 +29,7 @@ from .shm import Segment
 
 __all__ = ["Source", "Request", "Chores", "Kept", "CollectReply", "token", "stored", "keep", "resident_keys",
            "stash", "take_stash", "clear_stash", "held", "chores", "open_payload", "collect",
-           "reset", "probe", "serve", "server", "send", "receive", "discard_run",
+           "reset", "probe", "serve", "server", "connect", "send", "receive", "discard_run",
            "channel_stats"]
 
 
@@ -302,11 +302,15 @@ def channel_stats() -> dict[str, int]:
 
 
 # -- engine to engine ----------------------------------------------------------------------------
-def _peer(endpoint: str) -> Any:
+def connect(endpoint: str, what: str = "the channel of a neighbouring stage",
+            timeout: float = PEER_TIMEOUT, gone: Any = None) -> Any:
+    """This engine's (kept) channel to the server at ``endpoint``: another engine's, or the
+    notebook's. ``what`` names it in the error when it cannot be reached; ``gone`` is the
+    channel's check on whether the server's process has stopped."""
     if endpoint not in _peers:
-        # A put waits PEER_TIMEOUT for its acknowledgement: find an unreachable stage now.
-        check_reachable(endpoint, "the channel of a neighbouring stage")
-        _peers[endpoint] = Channel(endpoint, _key(), timeout=PEER_TIMEOUT)
+        # A put waits ``timeout`` for its acknowledgement: find an unreachable server now.
+        check_reachable(endpoint, what)
+        _peers[endpoint] = Channel(endpoint, _key(), timeout=timeout, gone=gone)
     return _peers[endpoint]
 
 
@@ -335,7 +339,7 @@ def send(endpoint: str, tid: str, value: Any, owner: str | None,
         except transport.Full:
             full.append(name)  # no room, or too small to be worth it: the next one then
             continue
-        sent = _peer(endpoint).put(tid, transport.wire(name, header), frames)
+        sent = connect(endpoint).put(tid, transport.wire(name, header), frames)
         return (nbytes if nbytes else sent), name
 
 

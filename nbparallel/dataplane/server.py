@@ -207,6 +207,30 @@ class Server:
                 self._arrived.wait(left)
             return key in self._inbox
 
+    def take_first(self, tids: Sequence[str], timeout: float = 0.0
+                   ) -> tuple[str, bytes, list[memoryview]] | None:
+        """Take whichever of ``tids`` arrives first, waiting up to ``timeout`` seconds:
+        ``(tid, header, buffers)``, or None when none came (or the server is closed). For one
+        consumer of several senders (a map's engines); never raises."""
+        keys = {tid_bytes(t): t for t in tids}
+        deadline = time.monotonic() + timeout
+        with self._arrived:
+            while not self._closed:
+                for key, tid in keys.items():
+                    if key in self._inbox:
+                        return (tid, *self._inbox.pop(key))
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._arrived.wait(left)
+        return None
+
+    def withdraw(self, tid: str) -> bool:
+        """Take back offered transfer ``tid`` if no GET was served it yet: True when it was
+        still here (it is now forgotten), False when it had been served (or never offered)."""
+        with self._lock:
+            return self._offered.pop(tid_bytes(tid), None) is not None
+
     def offer(self, tid: str, header: bytes, buffers: Sequence[Any]) -> None:
         """Keep ``(header, buffers)`` so that one GET of ``tid`` is answered with them.
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import RemoteFailure
 
-__all__ = ["ScatterReply", "ChunkReply", "StageReply", "RankReply"]
+__all__ = ["ScatterReply", "FeedReply", "StageReply", "RankReply"]
 
 
 @dataclass(frozen=True)
@@ -38,22 +38,11 @@ class ScatterReply:
 
 
 @dataclass(frozen=True)
-class ChunkReply:
-    """One ``%%pmap`` chunk: ``packed`` is the cloudpickled list of ``(index, ok, value)`` per
-    item (:meth:`results`), the value being a :class:`RemoteFailure` when ``ok`` is false
-    (tuples: a chunk may hold thousands; cloudpickled, since results may be of classes the cell
-    defined, which ipyparallel's serializer cannot carry). ``seconds`` of engine time size the
-    next chunks; ``started`` is the wall-clock start."""
+class FeedReply:
+    """One engine's part of a ``%%pmap``, once the notebook said stop: how many ``chunks`` it
+    ran (their results went back over the notebook's channel as each finished)."""
 
-    packed: bytes
-    seconds: float
-    started: float
-    held: tuple[str, ...] | None = None
-
-    def results(self) -> list[tuple[int, bool, Any]]:
-        import cloudpickle
-
-        return cloudpickle.loads(self.packed)
+    chunks: int
 
 
 @dataclass(frozen=True)

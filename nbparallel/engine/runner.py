@@ -17,20 +17,17 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
-import cloudpickle
-
 from .. import gpu, tables
 from ..cores import THREAD_VARS, usable_cores
-from ..cellcode import RESULT_NAME, CellCode, compile_cell, unpack_names
+from ..cellcode import CellCode, compile_cell, unpack_names
 from ..comm import Comm, CommSpec
 from ..comm.mpi import mpi_rank
 from ..dataplane import parcel, remote
 from ..dataplane.addresses import route_address
-from ..dataplane.transport import INLINE
 from ..errors import NbparallelError, RemoteFailure
-from .replies import ChunkReply, ScatterReply
+from .replies import ScatterReply
 
-__all__ = ["run_scatter", "run_pmap_chunk", "engine_info", "cluster_address", "probe_gpus",
+__all__ = ["run_scatter", "base_namespace", "engine_info", "cluster_address", "probe_gpus",
            "bind_gpu", "limit_threads", "register_source", "failure"]
 
 
@@ -70,7 +67,8 @@ def _summary(exc: BaseException, filename: str) -> str:
     return f"{type(exc).__name__}: {exc}"[:500] + at
 
 
-def _base_namespace(names_blob: bytes) -> dict[str, Any]:
+def base_namespace(names_blob: bytes) -> dict[str, Any]:
+    """A cell's globals: builtins, the notebook names it uses, and ``xp``."""
     ns: dict[str, Any] = {"__builtins__": builtins, "__name__": "__nbparallel_cell__"}
     ns.update(unpack_names(names_blob))
     ns["xp"] = gpu.array_module()
@@ -104,7 +102,7 @@ def _scatter_once(cell: CellCode, names_blob: bytes, payload: list[Any], rank: i
     try:
         if spec is not None:  # first: the other ranks learn of any failure below through it
             comm = Comm(spec, rank)
-        ns = _base_namespace(names_blob)
+        ns = base_namespace(names_blob)
         ns.update(gpu.to_device(remote.open_payload(payload)))  # shards go to the GPU once
     except Exception as exc:  # a resident value that is gone, or a payload that did not arrive
         if comm is not None:
@@ -157,60 +155,6 @@ def _meta(value: Any) -> tuple[Any, Any]:
     if shape is None or dtype is None:
         return None, type(value).__name__
     return tuple(shape), dtype  # the dtype itself: the .str of a record dtype is only "|V8"
-
-
-def run_pmap_chunk(cell: CellCode, target: str, names_blob: bytes, note: Any) -> ChunkReply:
-    """Run a ``%%pmap`` body once per ``(index, item)`` of the chunk ``note`` stands for.
-
-    A failing item does not stop the chunk: its value is the failure record instead. The seconds
-    the chunk took come back too, so the notebook can size the next chunks, and the segments
-    still held when the chunk came through shared memory.
-    """
-    started, t0 = time.time(), time.perf_counter()
-    items = remote.open_payload(note)["items"]
-    out = _pmap_items(cell, target, names_blob, items)
-    del items
-    held = tuple(remote.held()) if note.transport != INLINE else None
-    return ChunkReply(_pack_results(out), time.perf_counter() - t0, started, held)
-
-
-def _pack_results(out: list[tuple[int, bool, Any]]) -> bytes:
-    """The chunk's results, cloudpickled; a result that cannot be becomes its item's failure."""
-    try:
-        return cloudpickle.dumps(out)
-    except Exception:
-        pass
-    checked = []
-    for index, ok, value in out:
-        try:
-            cloudpickle.dumps(value)
-            checked.append((index, ok, value))
-        except Exception as exc:
-            why = (f"the result (a {type(value).__name__}) cannot be sent back to the notebook: "
-                   f"{type(exc).__name__}: {exc}. Return plain data (numbers, arrays, lists, "
-                   f"dicts) instead.")
-            checked.append((index, False, RemoteFailure(-1, "UsageError", why, why, item=index)))
-    return cloudpickle.dumps(checked)
-
-
-def _pmap_items(cell: CellCode, target: str, names_blob: bytes,
-                items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
-    register_source(cell)
-    base = _base_namespace(names_blob)
-    body = compile_cell(cell)
-    bind = compile(f"{target} = __nbparallel_item__", "<%%pmap target>", "exec")
-    out: list[tuple[int, bool, Any]] = []
-    for index, item in items:
-        ns = dict(base)
-        ns["__nbparallel_item__"] = item
-        try:
-            exec(bind, ns)
-            exec(body, ns)
-        except Exception as exc:  # recorded per item, the rest of the chunk still runs
-            out.append((index, False, failure(exc, cell.filename, item=index)))
-            continue
-        out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
-    return out
 
 
 def limit_threads(engines_on_host: int) -> int | None:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import config
 from .. import precision as mixed
-from ..cellcode import free_names, pack_names, parse_cell
+from ..cellcode import analyse, pack_names
 from ..comm.setup import open_comm
 from ..dataplane import remote
 from ..engine import stages as engine_stages
@@ -141,8 +141,7 @@ class Pipeline:
         if not name.isidentifier():
             raise UsageError(f"stage name {name!r} is not a valid Python name; try `%%stage l1`.")
         group = self._group(name, engine, engines)
-        cell, tree = parse_cell(code, f"%%stage {name} cell")
-        free = free_names(tree)
+        cell, free = analyse(code, f"%%stage {name} cell")
         if "comm" in free and "comm" not in namespace and len(group) == 1:
             raise UsageError(
                 f"`comm` is not defined in %%stage {name}: a stage on one engine has no other "

@@ -1,0 +1,191 @@
+"""The engine's half of a ``%%pmap``: one task per engine per map, pulling chunks until told to stop.
+
+The notebook offers chunk ``<prefix><seq>`` on its own channel server for each engine (two
+ahead); the engine gets them in order, asking for the next before it runs one, runs every item,
+and puts the results back under ``<prefix><seq>/r`` without waiting for the acknowledgement, so
+on busy cores an engine never waits for the notebook between two chunks. One ipyparallel task per engine starts the map;
+the chunks and results never pass the controller or the scheduler, which is what made a chunk
+cost a round trip of about 2 ms. The notebook's half is ``nbparallel/feed.py``.
+
+Message bodies (signed, so unpickled only after the channel checked them):
+
+* a chunk: header ``CHUNK`` + the cloudpickled payload note (its items, or where they lie in
+  shared memory); ``STOP`` alone ends the map for this engine;
+* a result: header, a pickle of ``(seconds running the items, seconds in all, wall-clock start,
+  segments still held, failure)``; one buffer, the chunk's cloudpickled ``(index, ok, value)``
+  list.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+import time
+from typing import Any
+
+import cloudpickle
+
+from .. import gpu
+from ..cellcode import RESULT_NAME, CellCode, compile_cell
+from ..dataplane import remote
+from ..dataplane.direct import Channel, ChannelError
+from ..dataplane.transport import INLINE
+from ..errors import RemoteFailure
+from .replies import FeedReply
+from .runner import base_namespace, failure, register_source
+
+__all__ = ["CHUNK", "STOP", "run_pmap_feed"]
+
+CHUNK, STOP = b"C", b"S"
+#: The longest one wait for the next chunk may take: the notebook offers it (or STOP) as soon as
+#: it knows, so waiting this long means the notebook is gone or something is wrong.
+IDLE_LIMIT = 3600.0
+#: A result's put is acknowledged by the notebook's server thread; it may be busy, not this busy.
+PUT_TIMEOUT = 120.0
+
+def run_pmap_feed(cell: CellCode, target: str, names_blob: bytes, endpoint: str, prefix: str,
+                  notebook_pid: int | None) -> FeedReply:
+    """Run the chunks the notebook offers under ``prefix`` until it offers STOP.
+
+    ``notebook_pid`` is given when the notebook shares this host, so a wait for the next chunk
+    ends at once if its process has gone.
+    """
+    register_source(cell)
+    base = base_namespace(names_blob)  # once per map, not once per chunk
+    body = compile_cell(cell)
+    bind = compile(f"{target} = __nbparallel_item__", "<%%pmap target>", "exec")
+    channel = _channel(endpoint, notebook_pid)
+    if channel.outstanding:  # an interrupted map's requests: their answers must not come here
+        channel.reset()
+    seq = 0
+    try:
+        with _Printed() as printed:
+            channel.ask(f"{prefix}0", timeout=IDLE_LIMIT)
+            while True:
+                header, _ = _next(channel, f"{prefix}{seq}")
+                if header[:1] != CHUNK:
+                    break
+                # Asked before this chunk runs, so its answer is here when the chunk is done:
+                # on two busy cores the notebook may not get a core for milliseconds.
+                channel.ask(f"{prefix}{seq + 1}", timeout=IDLE_LIMIT)
+                _run_chunk(channel, f"{prefix}{seq}/r", header, base, body, bind, cell.filename)
+                seq += 1
+        # Told before this task's reply, which takes milliseconds more through the controller:
+        # the notebook waits for that reply only to show what the items printed. Waited for,
+        # so every result put before it has arrived too.
+        channel.put(f"{prefix}end", pickle.dumps(printed.any), [])
+    except BaseException:
+        channel.reset()
+        raise
+    return FeedReply(seq)
+
+
+def _run_chunk(channel: Channel, tid: str, header: bytes, base: dict[str, Any], body: Any,
+               bind: Any, filename: str) -> None:
+    started, t0 = time.time(), time.perf_counter()
+    out, lost, held, run = [], None, None, 0.0
+    try:
+        note = cloudpickle.loads(header[1:])
+        items = remote.open_payload(note)["items"]
+    except Exception as exc:  # a payload that did not open: the notebook fails its items
+        lost = failure(exc, "")
+    else:
+        t1 = time.perf_counter()
+        out = _run_items(base, body, bind, filename, items)
+        run = time.perf_counter() - t1
+        del items
+        if note.transport != INLINE:
+            held = tuple(remote.held())
+    meta = pickle.dumps((run, time.perf_counter() - t0, started, held, lost))
+    channel.put(tid, meta, [_packed(out)], wait=False)
+
+
+class _Printed:
+    """Whether anything this task printed went out as output messages: counted by a hook on
+    ipykernel's streams, after flushing them (a C library's writes to the file descriptors
+    pass through the same streams). Where the streams are not ipykernel's, assume it did."""
+
+    def __init__(self) -> None:
+        self.any = False
+        self._streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "register_hook")]
+        if len(self._streams) < 2:
+            self.any = True
+
+    def _hook(self, msg: Any) -> Any:
+        self.any = True
+        return msg
+
+    def __enter__(self) -> "_Printed":
+        for stream in self._streams:
+            stream.register_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            for stream in self._streams:
+                stream.flush()
+        finally:
+            for stream in self._streams:
+                stream.unregister_hook(self._hook)
+
+
+def _next(channel: Channel, tid: str) -> tuple[bytes, list[memoryview]]:
+    try:
+        return channel.get(tid)
+    except ChannelError as exc:
+        raise ChannelError(
+            f"this engine waited for the next %%pmap chunk ({tid}) and got none: {exc}"
+        ) from None
+
+
+def _channel(endpoint: str, notebook_pid: int | None) -> Channel:
+    return remote.connect(endpoint, "the notebook's channel", PUT_TIMEOUT,
+                          gone=lambda: _notebook_gone(notebook_pid))
+
+
+def _run_items(base: dict[str, Any], body: Any, bind: Any, filename: str,
+               items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
+    out: list[tuple[int, bool, Any]] = []
+    for index, item in items:
+        ns = dict(base)
+        ns["__nbparallel_item__"] = item
+        try:
+            exec(bind, ns)
+            exec(body, ns)
+        except Exception as exc:  # recorded per item, the rest of the chunk still runs
+            out.append((index, False, failure(exc, filename, item=index)))
+            continue
+        out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
+    return out
+
+
+def _packed(out: list[tuple[int, bool, Any]]) -> bytes:
+    """The chunk's results, cloudpickled; a result that cannot be becomes its item's failure."""
+    try:
+        return cloudpickle.dumps(out)
+    except Exception:
+        pass
+    checked = []
+    for index, ok, value in out:
+        try:
+            cloudpickle.dumps(value)
+            checked.append((index, ok, value))
+        except Exception as exc:
+            why = (f"the result (a {type(value).__name__}) cannot be sent back to the notebook: "
+                   f"{type(exc).__name__}: {exc}. Return plain data (numbers, arrays, lists, "
+                   f"dicts) instead.")
+            checked.append((index, False, RemoteFailure(-1, "UsageError", why, why, item=index)))
+    return cloudpickle.dumps(checked)
+
+
+def _notebook_gone(pid: int | None) -> str | None:
+    if pid is None:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"the notebook's process {pid} has stopped"
+    except OSError:
+        pass
+    return None
