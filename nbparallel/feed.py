@@ -35,7 +35,6 @@ __all__ = ["Feed", "WINDOW"]
 WINDOW = 2  # chunks offered per engine: the one it runs and the next, so it never waits
 LOOK = 0.1  # seconds between looks at engines, the controller, the dashboard and output
 FINISH_GRACE = 10.0  # seconds a told-to-stop engine gets to end its task
-UNSTARTED_GRACE = 0.5  # ... and one that never picked up a chunk (it may be busy elsewhere)
 DEATH_GRACE = 2.0  # seconds for ipyparallel to fail a dead engine's task, for its message
 
 
@@ -91,8 +90,7 @@ class Feed:
         self.plane.sweep_feeds()
         bar = progress(len(self.items), "%%pmap", self.spec.progress)
         try:
-            for r in self.ranks.values():
-                self._fill(r)  # offered before the tasks start: no engine waits for its first
+            self._fill_all()  # offered before the tasks start: no engine waits for its first
             self._start()
             self._loop(bar)
             self._finish()
@@ -144,13 +142,13 @@ class Feed:
         for r in self._live():
             if r.state == "working":
                 self._stop(r)
-        ends = {f"{r.prefix}end": r for r in self._live() if r.future is not None}
-        start = time.monotonic()
+        # One that ran no chunk printed nothing of the map's (it may still be queued behind
+        # another client's work, and finds its STOP when it starts).
+        ends = {f"{r.prefix}end": r for r in self._live() if r.future is not None and r.ran}
+        deadline = time.monotonic() + FINISH_GRACE
         printed = [r for r in self.ranks.values() if r.state == "gone" and r.future is not None]
         while ends:
-            # One that never took a chunk may be queued behind another client's work.
-            grace = FINISH_GRACE if any(r.ran for r in ends.values()) else UNSTARTED_GRACE
-            left = start + grace - time.monotonic()
+            left = deadline - time.monotonic()
             if left <= 0:
                 break
             got = self.server.take_first(list(ends), timeout=min(left, LOOK))
@@ -189,18 +187,16 @@ class Feed:
         return [r for r in self.ranks.values() if r.state != "gone"]
 
     def _fill_all(self) -> None:
-        for r in self._live():
-            if r.state == "working":
-                self._fill(r)
-
-    def _fill(self, r: _Rank) -> None:
-        while r.high - r.low < WINDOW:
-            chunk = self._next_chunk()
-            if chunk is None:
-                break
-            self._offer(r, chunk)
-        if not r.busy and not self._steal_for(r) and self._nothing_left():
-            self._stop(r)
+        """Top every working engine up to the window, one chunk each in turn (the first
+        chunks, one item each while no timing is known, go one to an engine)."""
+        working = [r for r in self._live() if r.state == "working"]
+        for depth in range(1, WINDOW + 1):
+            for r in working:
+                if r.high - r.low < depth and (chunk := self._next_chunk()) is not None:
+                    self._offer(r, chunk)
+        for r in working:
+            if not r.busy and not self._steal_for(r) and self._nothing_left():
+                self._stop(r)
 
     def _next_chunk(self) -> _Chunk | None:
         if self.retry:
@@ -220,7 +216,11 @@ class Feed:
         r.high += 1
 
     def _steal_for(self, r: _Rank) -> bool:
-        """Give idle ``r`` the last chunk offered to a busier engine that has not taken it."""
+        """Give idle ``r`` the last chunk offered to a busier engine that has not taken it
+        (only once ``r`` has sent a result: an engine whose task has not started yet, busy with
+        other work, would only hold it up)."""
+        if not r.ran:
+            return False
         for other in sorted(self._live(), key=lambda o: o.low - o.high):
             if other is r or not other.busy:
                 continue

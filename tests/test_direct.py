@@ -277,6 +277,56 @@ def test_duplicate_put_is_refused(server, channel):
     assert server.take("dup", timeout=1)[0] == b"h1"
 
 
+def test_asked_gets_are_collected_later_in_any_order(server, channel):
+    # A worker asks for its next input before it computes; the answer waits in the socket.
+    channel.ask("a", timeout=2)
+    channel.ask("b", timeout=2)
+    assert channel.outstanding == 2
+    server.offer("b", b"hb", [b"2"])
+    server.offer("a", b"ha", [b"1"])
+    assert channel.get("a") == (b"ha", [memoryview(b"1")])
+    assert channel.get("b")[0] == b"hb"
+    assert channel.outstanding == 0 and server.pending() == 0
+
+
+def test_a_put_not_waited_for_arrives_and_a_refusal_surfaces_at_the_next_waiting_call(
+        server, channel):
+    data = np.arange(10_000, dtype=np.float64)
+    channel.put("r0", b"h", [data], wait=False)
+    channel.put("r1", b"h", [b"x"], wait=False)
+    assert channel.outstanding == 2
+    channel.put("sync", b"h", [])  # answered in order: both puts above have arrived
+    assert channel.outstanding == 0
+    assert np.array_equal(np.frombuffer(server.take("r0", timeout=1)[1][0]), data)
+    channel.put("dup", b"h", [b"a"])
+    channel.put("dup", b"h", [b"b"], wait=False)  # refused: one is already waiting
+    server.offer("next", b"n", [])
+    with pytest.raises(ChannelError, match="refused the put of transfer 'dup'.*already waiting"):
+        channel.get("next", timeout=1)
+
+
+def test_reset_forgets_requests_whose_answers_must_not_arrive(server, channel):
+    channel.ask("old", timeout=2)
+    channel.reset()
+    assert channel.outstanding == 0
+    server.offer("old", b"stale", [])
+    server.offer("new", b"fresh", [])
+    assert channel.get("new", timeout=1)[0] == b"fresh"
+    assert server.pending() == 1  # the old get went with the old connection: still offered
+
+
+def test_take_first_takes_whichever_arrives_and_withdraw_only_what_was_not_served(server, channel):
+    assert server.take_first(["x", "y"], timeout=0.05) is None
+    threading.Timer(0.1, channel.put, args=("y", b"hy", [b"1"])).start()
+    tid, header, buffers = server.take_first(["x", "y"], timeout=2)
+    assert (tid, header, bytes(buffers[0])) == ("y", b"hy", b"1")
+    server.offer("kept", b"k", [])
+    server.offer("served", b"s", [])
+    channel.get("served", timeout=1)
+    assert server.withdraw("kept") is True and server.withdraw("served") is False
+    assert server.withdraw("kept") is False and server.pending() == 0
+
+
 def tcp_only(endpoint: str) -> str:
     """``endpoint`` without its Unix socket: what a client that cannot see the file uses."""
     return direct.endpoint_of(direct.addresses_of(endpoint)[-1:], split_endpoint(endpoint)[1])

@@ -151,3 +151,85 @@ def test_an_item_that_cannot_travel_is_named_before_anything_runs(ip, pool):
         ip.run_cell_magic("pmap", "x in items -> r", "x")
     assert ip.user_ns["r"] == "before"
     assert len(pool.pool.client.history) == sent
+
+
+def test_a_map_is_one_ipyparallel_task_per_engine_whatever_its_chunks(pool):
+    # Chunks go over the notebook's own channel: the controller sees one task per engine.
+    nbparallel.pmap("x", "x", range(4), engines=[0, 1], show_progress=False)  # warm
+    client = pool.pool.client
+    before = len(client.history)
+    out = nbparallel.pmap("x * 2", "x", range(500), chunksize=10, engines=[0, 1],
+                          show_progress=False)
+    assert out == [x * 2 for x in range(500)]
+    assert len(client.history) - before == 2  # 50 chunks, 2 tasks
+
+
+def test_what_items_print_is_shown_once_labelled_by_engine(pool, capsys):
+    body = "import sys\nprint(f'item {x}')\nprint(f'warn {x}', file=sys.stderr)\nx"
+    out = nbparallel.pmap(body, "x", range(12), chunksize=3, engines=[0, 1],
+                          show_progress=False)
+    assert out == list(range(12))
+    captured = capsys.readouterr()
+    for x in range(12):
+        assert len([ln for ln in captured.out.splitlines() if ln.endswith(f"] item {x}")]) == 1
+        assert len([ln for ln in captured.err.splitlines() if ln.endswith(f"] warn {x}")]) == 1
+    assert all(ln.startswith("[engine ") for ln in captured.out.splitlines())
+
+
+RAW_OUTPUT = """
+import nbparallel
+nbparallel.start(2)
+body = "import os\\nos.write(2, f'raw {x}\\\\n'.encode())\\nx"
+assert nbparallel.pmap(body, "x", range(8), chunksize=2, show_progress=False) == list(range(8))
+nbparallel.stop()
+"""
+
+
+def test_what_a_c_library_writes_to_the_file_descriptors_is_shown_too(tmp_path):
+    # Engines started under pytest do not read their file descriptors (ipykernel leaves them
+    # to pytest's capture), so this map runs in a process of its own.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    done = subprocess.run([sys.executable, "-c", RAW_OUTPUT], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    for x in range(8):
+        assert len([ln for ln in lines if ln.startswith("[engine ") and ln.endswith(f"] raw {x}")]) == 1, done.stderr
+
+
+def test_an_engine_busy_with_other_work_is_worked_around(pool):
+    busy = pool.pool.apply(1, time.sleep, 3)  # another cell's (or client's) long task
+    t0 = time.perf_counter()
+    out = nbparallel.pmap("import os, time\ntime.sleep(0.01)\n(x, os.getpid())", "x",
+                          range(40), engines=[0, 1], show_progress=False)
+    took = time.perf_counter() - t0
+    busy.result(timeout=10)
+    assert [x for x, _ in out] == list(range(40))
+    assert {pid for _, pid in out} == {pool.info(0)["pid"]}  # engine 0 did them all
+    assert took < 2.5  # not held until engine 1 was free at 3 s
+    # Engine 1's task found its stop when it started: the next map uses both, and nothing
+    # of either map is left on the notebook's channel.
+    again = nbparallel.pmap("import os, time\ntime.sleep(0.05)\nos.getpid()", "x", range(20),
+                            engines=[0, 1], show_progress=False)
+    assert set(again) == {pool.info(0)["pid"], pool.info(1)["pid"]}
+    assert pool.plane.server().pending() == 0
+
+
+def test_chunks_and_results_are_accounted_and_the_channel_stays_on_loopback(pool):
+    from nbparallel.dataplane.direct import addresses_of
+
+    cursor = pool.transfers.cursor
+    nbparallel.pmap("x + 1", "x", range(300), chunksize=50, engines=[0, 1], show_progress=False)
+    moved = pool.transfers.since(cursor)[0]
+    out = [t for t in moved if t.kind == "payload"]
+    back = [t for t in moved if t.kind == "result"]
+    assert len(out) == len(back) == 6
+    assert {t.transport for t in out + back} == {"direct"}
+    assert {t.direction for t in out} == {"out"} and {t.direction for t in back} == {"in"}
+    assert all(t.nbytes > 0 for t in back)
+    unix, tcp = addresses_of(pool.plane.server().endpoint)
+    assert unix.startswith("ipc://") and tcp.startswith("tcp://127.0.0.1:")

@@ -73,8 +73,10 @@ def run_pmap_feed(cell: CellCode, target: str, names_blob: bytes, endpoint: str,
                 seq += 1
         # Told before this task's reply, which takes milliseconds more through the controller:
         # the notebook waits for that reply only to show what the items printed. Waited for,
-        # so every result put before it has arrived too.
-        channel.put(f"{prefix}end", pickle.dumps(printed.any), [])
+        # so every result put before it has arrived too. An engine that ran no chunk has
+        # nothing to tell (it may start long after the map, behind other work).
+        if seq:
+            channel.put(f"{prefix}end", pickle.dumps(printed.any), [])
     except BaseException:
         channel.reset()
         raise
@@ -102,32 +104,38 @@ def _run_chunk(channel: Channel, tid: str, header: bytes, base: dict[str, Any], 
 
 
 class _Printed:
-    """Whether anything this task printed went out as output messages: counted by a hook on
-    ipykernel's streams, after flushing them (a C library's writes to the file descriptors
-    pass through the same streams). Where the streams are not ipykernel's, assume it did."""
+    """Whether this task wrote anything to stdout or stderr: their ``write`` is wrapped on the
+    stream objects themselves, where both ``print`` and ipykernel's reader of the file
+    descriptors (a C library's output) call it. Where a stream cannot be wrapped, assume it
+    did, so the notebook waits for the output."""
 
     def __init__(self) -> None:
         self.any = False
-        self._streams = [s for s in (sys.stdout, sys.stderr) if hasattr(s, "register_hook")]
-        if len(self._streams) < 2:
-            self.any = True
-
-    def _hook(self, msg: Any) -> Any:
-        self.any = True
-        return msg
+        self._wrapped: list[Any] = []
 
     def __enter__(self) -> "_Printed":
-        for stream in self._streams:
-            stream.register_hook(self._hook)
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.write = self._counting(stream.write)
+            except (AttributeError, TypeError):  # a built-in stream: no instance attributes
+                self.any = True
+            else:
+                self._wrapped.append(stream)
         return self
 
+    def _counting(self, write: Any) -> Any:
+        def counted(text: str) -> Any:
+            self.any = True
+            return write(text)
+        return counted
+
     def __exit__(self, *exc: object) -> None:
-        try:
-            for stream in self._streams:
+        for stream in self._wrapped:
+            try:
+                del stream.write  # the class's method again
                 stream.flush()
-        finally:
-            for stream in self._streams:
-                stream.unregister_hook(self._hook)
+            except Exception:  # a stream the cell replaced or closed
+                self.any = True
 
 
 def _next(channel: Channel, tid: str) -> tuple[bytes, list[memoryview]]:
