@@ -25,7 +25,7 @@ import cloudpickle
 
 from .dataplane import transport
 from .engine.feed import CHUNK, STOP, run_pmap_feed
-from .errors import PoolError, RemoteFailure
+from .errors import ControllerLost, PoolError, RemoteFailure
 from .relay import Relay
 from .telemetry.records import transfer
 from .widgets.progress import progress
@@ -94,8 +94,9 @@ class Feed:
             self._start()
             self._loop(bar)
             self._finish()
-        except BaseException:
-            self._abandon()
+        except BaseException as exc:
+            # Without a controller no signal can reach the engines (and asking would hang).
+            self._abandon(interrupt=not isinstance(exc, ControllerLost))
             raise
         finally:
             bar.close(self.done)
@@ -167,10 +168,11 @@ class Feed:
             elif r.future is not None:
                 self.plane.linger(r.prefix, r.future)
 
-    def _abandon(self) -> None:
+    def _abandon(self, interrupt: bool = True) -> None:
         """Ctrl-C or an error: stop every engine and leave nothing offered behind."""
-        futures = [r.future for r in self.ranks.values() if r.future is not None]
-        self.pool.interrupt(futures, [r.engine for r in self.ranks.values() if r.future is not None])
+        if interrupt:
+            started = [r for r in self.ranks.values() if r.future is not None]
+            self.pool.interrupt([r.future for r in started], [r.engine for r in started])
         for r in self.ranks.values():
             for chunk in r.chunks.values():
                 self._release(r.engine, chunk, None)

@@ -190,6 +190,7 @@ class Watch:
         self.engines = engines
         self.show = show and _in_kernel()
         self.t0 = time.monotonic()
+        self.wall0 = time.time()  # samples are stamped with the wall clock
         self.last = 0.0
         self.board: Any = None
         self._cursors = [r.cursor for r in (monitor.transfers, monitor.spans, monitor.samples)]
@@ -200,7 +201,9 @@ class Watch:
 
     def __exit__(self, *exc: object) -> None:
         self.monitor._queued = {}  # before the last sample: nothing is queued any more
-        self.tick(force=True)
+        # A last sample only to replace one taken while this ran (engines shown queued): a
+        # run of a few ms would pay a /proc read per engine for a CPU share of nothing.
+        self.tick(force=True, sample=self.monitor._sampled >= self.wall0)
         if self.board is not None:
             self.board.finish()
             self.monitor._detach(self.board)
@@ -214,8 +217,9 @@ class Watch:
         stage to its engine, for the receiving end of the bytes it sends."""
         self._followed[future] = _Followed(engine, run, dict(stage_engines))
 
-    def tick(self, force: bool = False) -> None:
-        """Pull, sample and redraw, at most every :data:`TICK` seconds unless ``force``."""
+    def tick(self, force: bool = False, sample: bool | None = None) -> None:
+        """Pull, sample and redraw, at most every :data:`TICK` seconds unless ``force``;
+        ``sample`` forces (or skips forcing) the CPU sample alone."""
         now = time.monotonic()
         if not self.enabled or not force and now - self.last < TICK:
             return
@@ -228,7 +232,7 @@ class Watch:
                 if key not in f.seen_keys:
                     f.seen_keys.add(key)
                     self._ingest(f, batch["spans"], batch["k"], batch.get("sent", {}))
-        self.monitor.sample(force)
+        self.monitor.sample(force if sample is None else sample)
         if self.board is None and self.show and now - self.t0 >= SHOW_AFTER:
             from .widgets.dashboard import Dashboard
 

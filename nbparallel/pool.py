@@ -30,12 +30,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import cloudpickle
+
 from . import gpu, ipcluster
 from .controller import ControllerWatch, connection_file, controller_pids, flags
 from .relay import Relay
 from . import reaper
 from .cores import thread_limits, usable_cores
-from .engine.runner import bind_gpu, limit_threads, probe_gpus
+from .engine.runner import bind_gpu, limit_threads, probe_gpus, run_packed
 from .errors import ControllerLost, PoolError, RemoteError, RemoteFailure, UsageError
 from .format import ranges
 from .partition import parse_engines
@@ -488,26 +490,12 @@ class Pool:
             ) from None
         return view.apply_async(fn, *args)
 
-    def balanced(self, fn: Callable[..., Any], *args: Any, engines: Sequence[int],
-                 retries: int = 0) -> Any:
-        """Run ``fn(*args)`` on whichever of ``engines`` is free first; returns a future."""
-        self.check_controller()
-        gone: set[Any] = set()
-        while alive := [e for e in self.alive(engines) if e not in gone]:
-            view = self.client.load_balanced_view(alive)
-            try:
-                with view.temp_flags(retries=retries):
-                    return view.apply_async(fn, *args)
-            except KeyError as exc:
-                # An engine that just died was still in client.ids but no longer in the table
-                # ipyparallel addresses engines by (the two are updated one after the other).
-                if not exc.args or exc.args[0] in gone:
-                    raise
-                gone.add(exc.args[0])
-        raise PoolError(
-            f"every engine this work was sent to ({ranges(engines)}) has stopped. "
-            f"`%nbp status` shows the engines left; `%nbp start` starts a fresh pool."
-        )
+    def apply_packed(self, engine: int, fn: Callable[..., Any], *args: Any) -> Any:
+        """:meth:`apply` with ``fn`` and its arguments in one cloudpickled buffer: ipyparallel's
+        serializer walks every argument and container (a quarter of a small cell's notebook
+        time), one pickle costs a fraction of that. For small arguments: big buffers are
+        copied into the pickle, where ``apply`` would send them as they are."""
+        return self.apply(engine, run_packed, cloudpickle.dumps((fn, args)))
 
     def interrupt(self, futures: Sequence[Any], engines: Sequence[int]) -> None:
         """Stop work after Ctrl-C: drop what is queued, interrupt what runs (SIGINT on engines)."""
@@ -617,23 +605,6 @@ class Pool:
                 continue
             out[eid] = reply
         return out
-
-    def engine_of(self, future: Any, idents: dict[Any, int]) -> int:
-        """The engine that ran (or lost) a load-balanced ``future``; -1 if it is unknown.
-
-        ``idents`` maps engine identities to ids (from :meth:`info`): an engine that died is
-        dropped from the client's table before its lost tasks are failed, so their replies
-        carry only its identity.
-        """
-        engine_id = getattr(future, "engine_id", None)
-        if isinstance(engine_id, int):
-            return engine_id
-        try:
-            md = future.metadata
-            ident = (md[0] if isinstance(md, list) and md else md or {}).get("engine_uuid")
-        except Exception:
-            return -1
-        return idents.get(ident, -1)
 
     def failure(self, exc: BaseException, engine: int | None, **where: Any) -> RemoteFailure:
         """Describe a future's exception: an engine that died, or an error outside the cell."""

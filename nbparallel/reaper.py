@@ -27,7 +27,17 @@ GRACE_SECONDS = 3.0
 
 def alive(pid: int) -> bool:
     """Whether process ``pid`` still runs: a killed one that nobody has reaped yet (a zombie,
-    which ``os.kill(pid, 0)`` still reaches) counts as gone."""
+    which ``os.kill(pid, 0)`` still reaches) counts as gone.
+
+    Asked once per magic (is the controller there?): Linux's ``/proc/<pid>/stat`` answers in
+    microseconds, a tenth of what building a ``psutil.Process`` costs; psutil elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rpartition(b")")[2].split()[:1] != [b"Z"]
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.Error:

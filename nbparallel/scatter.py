@@ -285,7 +285,7 @@ def run(spec: ScatterSpec, code: str, values: Mapping[str, Any], namespace: Mapp
     try:
         out = plane.send(ids, plan.per_rank, plan.shared, transport=spec.transport)
         futures = [
-            session.pool.apply(eid, run_scatter, cell, names_blob,
+            session.pool.apply_packed(eid, run_scatter, cell, names_blob,
                                [*out.notes[rank], Kept(plan.stored[rank])], rank, len(ids),
                                plan.halos[rank], outputs, keys, plane.chores(eid),
                                comm.spec if comm else None)

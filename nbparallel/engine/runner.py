@@ -17,6 +17,8 @@ from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
+import cloudpickle
+
 from .. import gpu, tables
 from ..cores import THREAD_VARS, usable_cores
 from ..cellcode import CellCode, compile_cell, unpack_names
@@ -27,7 +29,7 @@ from ..dataplane.addresses import route_address
 from ..errors import NbparallelError, RemoteFailure
 from .replies import ScatterReply
 
-__all__ = ["run_scatter", "base_namespace", "engine_info", "cluster_address", "probe_gpus",
+__all__ = ["run_scatter", "run_packed", "base_namespace", "engine_info", "cluster_address", "probe_gpus",
            "bind_gpu", "limit_threads", "register_source", "failure"]
 
 
@@ -65,6 +67,12 @@ def _summary(exc: BaseException, filename: str) -> str:
     lines = [f.lineno for f in traceback.extract_tb(exc.__traceback__) if f.filename == filename]
     at = f" (line {lines[-1]})" if lines else ""
     return f"{type(exc).__name__}: {exc}"[:500] + at
+
+
+def run_packed(blob: bytes) -> Any:
+    """``fn(*args)`` of ``blob = cloudpickle.dumps((fn, args))`` (``Pool.apply_packed``)."""
+    fn, args = cloudpickle.loads(blob)
+    return fn(*args)
 
 
 def base_namespace(names_blob: bytes) -> dict[str, Any]:
@@ -182,15 +190,13 @@ def engine_info() -> dict[str, Any]:
 
     ``gpu`` describes the bound CUDA device (index, uuid, pci, name, total) or is None.
     ``address`` is where the rest of the cluster reaches it (:func:`cluster_address`).
-    ``ident`` is the engine's identity with the controller: a load-balanced task lost with its
-    engine is reported under it alone, after the client has forgotten the engine's id.
     ``mpi`` is the engine's ``rank`` in its MPI ``world`` (an id shared by the ranks of one
     launch) when it is an MPI rank (``ipengine --mpi``), else None.
     """
     import socket
 
     return {"host": socket.gethostname(), "pid": os.getpid(), "device": gpu.device_name(),
-            "gpu": gpu.bound(), "ident": _ident(), "address": cluster_address(),
+            "gpu": gpu.bound(), "address": cluster_address(),
             "mpi": mpi_rank()}
 
 
@@ -218,13 +224,6 @@ def cluster_address() -> str:
     except (ImportError, OSError, ValueError):
         pass
     return "0.0.0.0"  # not an ipyparallel engine (or no route): every interface
-
-
-def _ident() -> str | None:
-    from IPython import get_ipython
-
-    ident = getattr(getattr(get_ipython(), "kernel", None), "ident", None)
-    return ident.decode() if isinstance(ident, bytes) else ident
 
 
 def probe_gpus() -> dict[str, Any]:
