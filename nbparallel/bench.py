@@ -289,6 +289,12 @@ def _pmap_group(pool: Session, n: int, items: int, repeat: int,
     def mine() -> list[int]:
         return nbparallel.pmap("x + 1", "x", range(items), pool=pool, show_progress=False)
 
+    listed = list(range(items))
+
+    def mine_listed() -> list[int]:
+        # A range travels as slices; a list's items are pickled one by one.
+        return nbparallel.pmap("x + 1", "x", listed, pool=pool, show_progress=False)
+
     @contextmanager
     def no_telemetry() -> Iterator[Trial]:
         # What recording spans costs: the same map with nbparallel.config.telemetry off.
@@ -301,6 +307,7 @@ def _pmap_group(pool: Session, n: int, items: int, repeat: int,
     # A cost of a few percent hides in run-to-run noise: these two compare medians of 15 runs.
     return (case(NB, _ready(_one("map", mine, want)), max(repeat, TELEMETRY_RUNS))
             + case(NO_TELEMETRY, no_telemetry, max(repeat, TELEMETRY_RUNS))
+            + case(f"{NB}, a list of items", _ready(_one("map", mine_listed, want)))
             + case("ipyparallel chunksize=1", ipp(1)) + case("ipyparallel chunksize=100", ipp(100))
             + case("dask", dask if _dask_importable() else None)
             + case("joblib (loky)", loky if _importable("joblib") else None)

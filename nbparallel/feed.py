@@ -206,10 +206,13 @@ class Feed:
         span = self.chunker.next()
         if span is None:
             return None
-        part = [(i, self.items[i]) for i in span]
-        size = sum(transport.nbytes_of(item) for _, item in part)
+        part = self.items[span.start:span.stop]  # a list, a range or an array's view
+        if isinstance(part, list):
+            size = sum(transport.nbytes_of(item) for item in part)
+        else:
+            size = transport.nbytes_of(part)
         live = [r.engine for r in self._live()]
-        note = self.plane.place_chunk(live, part, size, self.spec.transport)
+        note = self.plane.place_chunk(live, (span.start, part), size, self.spec.transport)
         return _Chunk(span, note, size)
 
     def _offer(self, r: _Rank, chunk: _Chunk) -> None:
@@ -256,19 +259,19 @@ class Feed:
         if lost is not None:
             self._fail(chunk, replace(lost, engine=r.engine))
             return
-        outcomes = cloudpickle.loads(buffers[0])
+        values, failed = cloudpickle.loads(buffers[0])
         self.plane.transfers.append(transfer(r.engine, "result", "in", transport.DIRECT,
                                              buffers[0].nbytes))
-        self.chunker.record(len(outcomes), seconds)
-        self.session.monitor.span(r.engine, "pmap", started, started + total,
-                                  items=len(outcomes))
-        for index, ok, value in outcomes:
-            if ok:
-                self.results[index] = value
-                self.arrival.append(value)
-            else:
-                self.failures.append(replace(value, engine=r.engine))
-        self.done += len(outcomes)
+        self.chunker.record(len(values), seconds)
+        self.session.monitor.span(r.engine, "pmap", started, started + total, items=len(values))
+        start = chunk.span.start
+        self.results[start:start + len(values)] = values
+        if failed:
+            self.arrival.extend(v for k, v in enumerate(values, start) if k not in failed)
+            self.failures.extend(replace(f, engine=r.engine) for f in failed.values())
+        else:
+            self.arrival.extend(values)
+        self.done += len(values)
 
     def _release(self, engine: int, chunk: _Chunk, held: Any, delivered: bool = False) -> None:
         self.plane.chunk_done(engine, chunk.note, chunk.size, held, account=False)

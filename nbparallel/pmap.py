@@ -180,17 +180,10 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     names_blob = pack_names(free, namespace, skip=bound | {"xp"} | set(hidden),
                             too_big="Make `{name}` the iterable of items, or build it inside "
                                     "the cell (for example load it from a file there).")
-    try:
-        items = list(items)
-    except TypeError:
-        raise UsageError(
-            f"%%pmap needs something to iterate over, but got a {type(items).__name__}; write "
-            f"`%%pmap x in <list, range or other iterable> -> out`."
-        ) from None
-    _check_items(items)
+    items = _sequence(items)
     session = resolve(pool, echo)
     ids = session.pool.select(engines if engines is not None else spec.engines)
-    if not items:
+    if not len(items):
         return []
 
     chunker = Chunker(len(items), len(ids), spec.chunksize)
@@ -202,8 +195,25 @@ def run(spec: PmapSpec, body: str, items: Iterable[Any], namespace: Mapping[str,
     return results if spec.ordered else arrival
 
 
+def _sequence(items: Iterable[Any]) -> Sequence[Any]:
+    """What chunks are cut from: a range or a NumPy array as it is (a chunk of one is a slice,
+    sent as a range or one buffer, and the engine iterates it as this process would), anything
+    else as a list, checked item by item."""
+    if isinstance(items, range) or isinstance(items, np.ndarray) and items.ndim >= 1:
+        return items
+    try:
+        items = list(items)
+    except TypeError:
+        raise UsageError(
+            f"%%pmap needs something to iterate over, but got a {type(items).__name__}; write "
+            f"`%%pmap x in <list, range or other iterable> -> out`."
+        ) from None
+    _check_items(items)
+    return items
+
+
 #: Item types that always pickle, checked without pickling them.
-_PLAIN = (int, float, complex, str, bytes, bool, type(None), np.ndarray)
+_PLAIN = (int, float, complex, str, bytes, bool, type(None), np.ndarray, np.generic)
 
 
 def _check_items(items: list[Any]) -> None:

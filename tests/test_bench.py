@@ -21,7 +21,8 @@ from nbparallel import bench
 pytestmark = pytest.mark.cluster
 
 HAVE_DASK = importlib.util.find_spec("distributed") is not None
-PMAP_CASES = ["nbparallel", "nbparallel, telemetry off", "ipyparallel chunksize=1",
+PMAP_CASES = ["nbparallel", "nbparallel, telemetry off", "nbparallel, a list of items",
+              "ipyparallel chunksize=1",
               "ipyparallel chunksize=100", "dask", "joblib (loky)", "multiprocessing",
               # the efficiency case, 1000 items of 2 ms of CPU each
               "nbparallel", "joblib (loky)", "multiprocessing", "ideal ({n} engines, no dispatch)"]

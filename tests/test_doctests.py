@@ -13,6 +13,7 @@ import pytest
 MODULES = [
     "nbparallel.format",
     "nbparallel.dataplane.transport",
+    "nbparallel.dataplane.parcel",
     "nbparallel.errors",
     "nbparallel.partition",
     "nbparallel.gpu",

@@ -233,3 +233,21 @@ def test_chunks_and_results_are_accounted_and_the_channel_stays_on_loopback(pool
     assert all(t.nbytes > 0 for t in back)
     unix, tcp = addresses_of(pool.plane.server().endpoint)
     assert unix.startswith("ipc://") and tcp.startswith("tcp://127.0.0.1:")
+
+
+def test_arrays_and_ranges_travel_as_slices_and_iterate_as_here(pool):
+    import numpy as np
+
+    grid = np.arange(12.0).reshape(6, 2)
+    out = nbparallel.pmap("(type(x).__name__, x.tolist())", "x", grid, chunksize=4,
+                          engines=[0, 1], show_progress=False)
+    assert out == [("ndarray", row.tolist()) for row in grid]  # rows, as `for x in grid`
+    flat = np.arange(10_000, dtype=np.float32)
+    kinds = nbparallel.pmap("type(x).__name__", "x", flat, engines=[0, 1], show_progress=False)
+    assert set(kinds) == {"float32"}
+    assert nbparallel.pmap("x * 3", "x", range(5, 5000, 7), engines=[0, 1],
+                           show_progress=False) == [x * 3 for x in range(5, 5000, 7)]
+    with pytest.raises(UsageError, match="needs something to iterate over"):
+        nbparallel.pmap("x", "x", np.float64(3.0), show_progress=False)
+    with pytest.raises(UsageError, match="needs something to iterate over"):
+        nbparallel.pmap("x", "x", np.array(3.0), show_progress=False)

@@ -26,7 +26,7 @@ from .shm import Segment, align
 from .transport import INLINE_LIMIT
 
 __all__ = ["Inline", "ArraySlot", "BufferSlot", "Pickled", "Entry", "INLINE_LIMIT", "Layout",
-           "is_plain_array", "dumps", "loads", "raw", "buffer_nbytes", "open_entry"]
+           "is_plain_array", "pickled", "dumps", "loads", "raw", "buffer_nbytes", "open_entry"]
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,52 @@ def is_plain_array(value: Any) -> bool:
     return isinstance(value, np.ndarray) and not value.dtype.hasobject and type(value) is np.ndarray
 
 
+#: Values the standard pickler writes by value all by itself.
+_ATOMS = frozenset([int, float, complex, str, bytes, bool, type(None), range])
+_PLAIN_WALK = 100_000  # containers' elements looked at before giving up on the fast path
+
+
+def pickled(value: Any) -> bytes:
+    """``value`` pickled: with the standard C pickler when it holds only numbers, strings,
+    NumPy scalars and arrays (without objects) in tuples, lists and dicts, else cloudpickle,
+    which calls back into Python for every object that is not a built-in one: a chunk of a
+    million NumPy scalars (``%%pmap x in array``) pickles in 0.2 s instead of 5 s.
+
+    >>> import pickle, numpy as np
+    >>> pickle.loads(pickled([np.float64(2.5), (1, "a")])) == [2.5, (1, "a")]
+    True
+    """
+    if _plain(value, [_PLAIN_WALK]):
+        return pickle.dumps(value, protocol=5)
+    return cloudpickle.dumps(value)
+
+
+def _plain(value: Any, budget: list[int]) -> bool:
+    stack = [value]
+    while stack:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        v = stack.pop()
+        t = type(v)
+        if t in _ATOMS:
+            continue
+        if t is tuple or t is list:
+            stack.extend(v)
+        elif t is dict:
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, np.generic) and t.__module__ == "numpy" and not isinstance(v, np.void):
+            continue
+        elif t is np.ndarray and not v.dtype.hasobject and v.dtype.fields is None and (
+                v.nbytes < INLINE_LIMIT
+                or v.dtype.kind not in "mM" and (v.flags.c_contiguous or v.flags.f_contiguous)):
+            continue  # (a large strided or datetime array needs _Pickler's placeholder)
+        else:
+            return False
+    return True
+
+
 def dumps(value: Any) -> tuple[bytes, list[Any]]:
     """Pickle with large buffers kept out of band (small ones stay in the stream).
 
@@ -92,7 +138,10 @@ def dumps(value: Any) -> tuple[bytes, list[Any]]:
         return False
 
     stream = io.BytesIO()
-    _Pickler(stream, strided, protocol=5, buffer_callback=out_of_band).dump(value)
+    if _plain(value, [_PLAIN_WALK]):
+        pickle.Pickler(stream, protocol=5, buffer_callback=out_of_band).dump(value)
+    else:
+        _Pickler(stream, strided, protocol=5, buffer_callback=out_of_band).dump(value)
     return stream.getvalue(), buffers
 
 

@@ -11,9 +11,10 @@ Message bodies (signed, so unpickled only after the channel checked them):
 
 * a chunk: header ``CHUNK`` + the cloudpickled payload note (its items, or where they lie in
   shared memory); ``STOP`` alone ends the map for this engine;
+* a chunk's payload holds ``(index of its first item, its items)``: a list, a range or a slice
+  of a NumPy array, iterated here as the notebook would;
 * a result: header, a pickle of ``(seconds running the items, seconds in all, wall-clock start,
-  segments still held, failure)``; one buffer, the chunk's cloudpickled ``(index, ok, value)``
-  list.
+  segments still held, failure)``; one buffer, the pickled ``(values, failures by index)``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import cloudpickle
 
 from .. import gpu
 from ..cellcode import RESULT_NAME, CellCode, compile_cell
-from ..dataplane import remote
+from ..dataplane import parcel, remote
 from ..dataplane.direct import Channel, ChannelError
 from ..dataplane.transport import INLINE
 from ..errors import RemoteFailure
@@ -86,21 +87,21 @@ def run_pmap_feed(cell: CellCode, target: str, names_blob: bytes, endpoint: str,
 def _run_chunk(channel: Channel, tid: str, header: bytes, base: dict[str, Any], body: Any,
                bind: Any, filename: str) -> None:
     started, t0 = time.time(), time.perf_counter()
-    out, lost, held, run = [], None, None, 0.0
+    values, failed, start, lost, held, run = [], {}, 0, None, None, 0.0
     try:
         note = cloudpickle.loads(header[1:])
-        items = remote.open_payload(note)["items"]
+        start, part = remote.open_payload(note)["items"]
     except Exception as exc:  # a payload that did not open: the notebook fails its items
         lost = failure(exc, "")
     else:
         t1 = time.perf_counter()
-        out = _run_items(base, body, bind, filename, items)
+        values, failed = _run_items(base, body, bind, filename, start, part)
         run = time.perf_counter() - t1
-        del items
+        del part
         if note.transport != INLINE:
             held = tuple(remote.held())
     meta = pickle.dumps((run, time.perf_counter() - t0, started, held, lost))
-    channel.put(tid, meta, [_packed(out)], wait=False)
+    channel.put(tid, meta, [_packed(values, failed, start)], wait=False)
 
 
 class _Printed:
@@ -152,39 +153,42 @@ def _channel(endpoint: str, notebook_pid: int | None) -> Channel:
                           gone=lambda: _notebook_gone(notebook_pid))
 
 
-def _run_items(base: dict[str, Any], body: Any, bind: Any, filename: str,
-               items: list[tuple[int, Any]]) -> list[tuple[int, bool, Any]]:
-    out: list[tuple[int, bool, Any]] = []
-    for index, item in items:
+def _run_items(base: dict[str, Any], body: Any, bind: Any, filename: str, start: int,
+               part: Any) -> tuple[list[Any], dict[int, RemoteFailure]]:
+    """The results of ``part`` (items ``start``, ``start + 1``, ...), None where an item
+    failed, and the failures by item index."""
+    values: list[Any] = []
+    failed: dict[int, RemoteFailure] = {}
+    for index, item in enumerate(part, start):
         ns = dict(base)
         ns["__nbparallel_item__"] = item
         try:
             exec(bind, ns)
             exec(body, ns)
         except Exception as exc:  # recorded per item, the rest of the chunk still runs
-            out.append((index, False, failure(exc, filename, item=index)))
+            failed[index] = failure(exc, filename, item=index)
+            values.append(None)
             continue
-        out.append((index, True, gpu.to_host(ns.get(RESULT_NAME))))
-    return out
+        values.append(gpu.to_host(ns.get(RESULT_NAME)))
+    return values, failed
 
 
-def _packed(out: list[tuple[int, bool, Any]]) -> bytes:
-    """The chunk's results, cloudpickled; a result that cannot be becomes its item's failure."""
+def _packed(values: list[Any], failed: dict[int, RemoteFailure], start: int) -> bytes:
+    """A chunk's results, pickled; a result that cannot be becomes its item's failure."""
     try:
-        return cloudpickle.dumps(out)
+        return parcel.pickled((values, failed))
     except Exception:
         pass
-    checked = []
-    for index, ok, value in out:
+    for index, value in enumerate(values, start):
         try:
             cloudpickle.dumps(value)
-            checked.append((index, ok, value))
         except Exception as exc:
             why = (f"the result (a {type(value).__name__}) cannot be sent back to the notebook: "
                    f"{type(exc).__name__}: {exc}. Return plain data (numbers, arrays, lists, "
                    f"dicts) instead.")
-            checked.append((index, False, RemoteFailure(-1, "UsageError", why, why, item=index)))
-    return cloudpickle.dumps(checked)
+            failed[index] = RemoteFailure(-1, "UsageError", why, why, item=index)
+            values[index - start] = None
+    return cloudpickle.dumps((values, failed))
 
 
 def _notebook_gone(pid: int | None) -> str | None:

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import cloudpickle
 
 from ...errors import UsageError
+from ..parcel import pickled
 from ..transport import ANY_ENGINE, INLINE, INLINE_LIMIT, Hop, Transport
 
 __all__ = ["Inline", "InlineNote", "InReply"]
@@ -63,7 +64,7 @@ class Inline(Transport):
 
 def _dumps(values: dict[str, Any]) -> bytes:
     try:
-        return cloudpickle.dumps(values)
+        return pickled(values)
     except Exception as exc:  # a lock, an open socket, a generator: say which value
         for name, value in values.items():
             try:
