@@ -309,17 +309,20 @@ def test_reset_forgets_requests_whose_answers_must_not_arrive(server, channel):
     channel.ask("old", timeout=2)
     channel.reset()
     assert channel.outstanding == 0
-    server.offer("old", b"stale", [])
+    server.offer("old", b"stale", [])  # may go to the old connection, which is gone
     server.offer("new", b"fresh", [])
     assert channel.get("new", timeout=1)[0] == b"fresh"
-    assert server.pending() == 1  # the old get went with the old connection: still offered
+    channel.put("sync", b"", [])  # every answer the server sent this channel has come in
+    assert channel.outstanding == 0 and channel._answers == {}  # the stale one never did
 
 
 def test_take_first_takes_whichever_arrives_and_withdraw_only_what_was_not_served(server, channel):
     assert server.take_first(["x", "y"], timeout=0.05) is None
-    threading.Timer(0.1, channel.put, args=("y", b"hy", [b"1"])).start()
+    timer = threading.Timer(0.1, channel.put, args=("y", b"hy", [b"1"]))
+    timer.start()
     tid, header, buffers = server.take_first(["x", "y"], timeout=2)
     assert (tid, header, bytes(buffers[0])) == ("y", b"hy", b"1")
+    timer.join()  # the put's acknowledgement read: the channel is this thread's again
     server.offer("kept", b"k", [])
     server.offer("served", b"s", [])
     channel.get("served", timeout=1)
