@@ -2,14 +2,14 @@
 
 A map starts one ipyparallel task per engine (``engine/feed.py``); from then on chunks and
 results travel over the notebook's own signed channel server, never through the controller or
-its scheduler. Each engine has up to :data:`WINDOW` chunks offered ahead, so it starts its next
-chunk the moment it sends a result; an engine with nothing left to do takes back the last chunk
-offered to a busier one that has not picked it up yet, so the map balances by itself to the end
-(and an engine still busy with another client's work is simply worked around).
+its scheduler. Each engine has up to :data:`WINDOW` chunks offered ahead (and fetches the next
+before it runs one), so it starts its next chunk the moment it sends a result; an engine with
+nothing left to do takes back the last chunk offered to a busier one that has not fetched it
+yet, so an engine still busy with another client's work is worked around.
 
-Engine death: a dead engine's chunks that it never picked up go to the others; the one it was
-running is re-run elsewhere up to ``retries`` times, else its items fail as ``EngineDied``.
-Ctrl-C interrupts every engine and leaves nothing offered behind.
+Engine death: a dead engine's chunks that it never fetched go to the others; those it fetched
+(the one it ran, the next) are re-run elsewhere up to ``retries`` times, else their items fail
+as ``EngineDied``. Ctrl-C interrupts every engine and leaves nothing offered behind.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pickle
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Sequence
 
 import cloudpickle
 
@@ -68,7 +68,7 @@ class _Rank:
 class Feed:
     """One map's chunks, offered and collected (``run`` returns results and failures)."""
 
-    def __init__(self, session: Any, spec: Any, cell: Any, names_blob: bytes, items: list[Any],
+    def __init__(self, session: Any, spec: Any, cell: Any, names_blob: bytes, items: Sequence[Any],
                  ids: list[int], chunker: Any, watch: Any):
         self.session, self.spec, self.items, self.chunker, self.watch = (
             session, spec, items, chunker, watch)
@@ -111,7 +111,7 @@ class Feed:
                                            self.names_blob, self.plane.server_endpoint(r.engine),
                                            r.prefix, pid if local else None)
             except PoolError as exc:  # it stopped after the engines were chosen
-                self._lose(r, RemoteFailure(r.engine, "EngineDied", str(exc), f"{exc}\n"))
+                self._lose(r, self.pool.died(r.engine, f" (it stopped before the map: {exc})"))
 
     def _loop(self, bar: Any) -> None:
         last = 0.0
@@ -308,10 +308,8 @@ class Feed:
 
     def _why(self, r: _Rank) -> RemoteFailure:
         _, why = self.pool.outcome(r.future, r.engine) if r.future.done() else (None, None)
-        if why is None:
-            why = RemoteFailure(r.engine, "EngineDied", "the engine stopped while running this "
-                                "work", "The engine process exited (killed, crashed or out of "
-                                "memory). `%nbp status` shows the engines still alive.\n")
+        if why is None:  # the controller dropped it before ipyparallel failed its task
+            why = self.pool.died(r.engine)
         if why.ename == "EngineDied":
             hint = (f"The items it held were retried {self.spec.retries} time(s) and lost each "
                     f"time." if self.spec.retries else

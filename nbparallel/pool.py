@@ -612,10 +612,7 @@ class Pool:
 
         # A dead engine arrives as EngineError, or as a RemoteError that wraps one.
         if isinstance(exc, ipp.error.EngineError) or getattr(exc, "ename", "") == "EngineError":
-            return RemoteFailure(engine if engine is not None else -1, "EngineDied",
-                                 f"the engine stopped while running this work ({exc})",
-                                 "The engine process exited (killed, crashed or out of memory). "
-                                 "`%nbp status` shows the engines still alive.\n", **where)
+            return self.died(engine if engine is not None else -1, f" ({exc})", **where)
         if isinstance(exc, ipp.error.RemoteError):
             info = getattr(exc, "engine_info", None) or {}
             eid = info.get("engine_id", engine if engine is not None else -1)
@@ -623,6 +620,14 @@ class Pool:
                                  "\n".join(exc.render_traceback()), **where)
         return RemoteFailure(engine if engine is not None else -1, type(exc).__name__, str(exc),
                              "", **where)
+
+    @staticmethod
+    def died(engine: int, detail: str = "", **where: Any) -> RemoteFailure:
+        """The failure of work lost because ``engine`` stopped; ``detail`` follows the reason."""
+        return RemoteFailure(engine, "EngineDied",
+                             f"the engine stopped while running this work{detail}",
+                             "The engine process exited (killed, crashed or out of memory). "
+                             "`%nbp status` shows the engines still alive.\n", **where)
 
     def published(self, future: Any) -> dict[str, Any]:
         """What the task behind ``future`` published so far (``engine/live.py``), by key."""

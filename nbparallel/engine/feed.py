@@ -3,9 +3,10 @@
 The notebook offers chunk ``<prefix><seq>`` on its own channel server for each engine (two
 ahead); the engine gets them in order, asking for the next before it runs one, runs every item,
 and puts the results back under ``<prefix><seq>/r`` without waiting for the acknowledgement, so
-on busy cores an engine never waits for the notebook between two chunks. One ipyparallel task per engine starts the map;
-the chunks and results never pass the controller or the scheduler, which is what made a chunk
-cost a round trip of about 2 ms. The notebook's half is ``nbparallel/feed.py``.
+on busy cores an engine never waits for the notebook between two chunks. One ipyparallel task
+per engine starts the map; the chunks and results never pass the controller or the scheduler,
+which is what made a chunk cost a round trip of about 2 ms. The notebook's half is
+``nbparallel/feed.py``.
 
 Message bodies (signed, so unpickled only after the channel checked them):
 
@@ -19,7 +20,6 @@ Message bodies (signed, so unpickled only after the channel checked them):
 
 from __future__ import annotations
 
-import os
 import pickle
 import sys
 import time
@@ -33,6 +33,7 @@ from ..dataplane import parcel, remote
 from ..dataplane.direct import Channel, ChannelError
 from ..dataplane.transport import INLINE
 from ..errors import RemoteFailure
+from ..reaper import alive
 from .replies import FeedReply
 from .runner import base_namespace, failure, register_source
 
@@ -44,6 +45,7 @@ CHUNK, STOP = b"C", b"S"
 IDLE_LIMIT = 3600.0
 #: A result's put is acknowledged by the notebook's server thread; it may be busy, not this busy.
 PUT_TIMEOUT = 120.0
+
 
 def run_pmap_feed(cell: CellCode, target: str, names_blob: bytes, endpoint: str, prefix: str,
                   notebook_pid: int | None) -> FeedReply:
@@ -149,6 +151,10 @@ def _next(channel: Channel, tid: str) -> tuple[bytes, list[memoryview]]:
 
 
 def _channel(endpoint: str, notebook_pid: int | None) -> Channel:
+    # Watched only if this engine can see it: a shared /dev/shm does not mean a shared pid
+    # namespace (containers), and a pid seen gone from the start would fail every map.
+    if notebook_pid is not None and not alive(notebook_pid):
+        notebook_pid = None
     return remote.connect(endpoint, "the notebook's channel", PUT_TIMEOUT,
                           gone=lambda: _notebook_gone(notebook_pid))
 
@@ -192,12 +198,6 @@ def _packed(values: list[Any], failed: dict[int, RemoteFailure], start: int) -> 
 
 
 def _notebook_gone(pid: int | None) -> str | None:
-    if pid is None:
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if pid is not None and not alive(pid):
         return f"the notebook's process {pid} has stopped"
-    except OSError:
-        pass
     return None
