@@ -373,6 +373,16 @@ def _segments(pool):
     return {eid: sorted(pool.pool.apply(eid, outbox_segments).get()) for eid in pool.ids}
 
 
+def _empty_outboxes(pool):
+    """Start from no hand-off segments: earlier tests on this session's pool leave some (free ones
+    of other sizes, or ones a value an engine kept still holds), and those are not this test's."""
+    from nbparallel.dataplane.transports.shm import SharedMemory
+
+    for eid in pool.ids:
+        pool.pool.apply(eid, SharedMemory.reset).get()
+    return {eid: len(names) for eid, names in _segments(pool).items()}
+
+
 def test_large_activations_hand_off_through_shared_memory(pool):
     """Wide layers (512 KB per micro-batch each way) train exactly, through reused segments."""
     rng = np.random.default_rng(3)
@@ -381,6 +391,7 @@ def test_large_activations_hand_off_through_shared_memory(pool):
               for i, o in zip(sizes, sizes[1:])]
     x, t = data()
     define(pool, params, [0, 1])
+    assert _empty_outboxes(pool) == {eid: 0 for eid in pool.ids}
     cursor = pool.transfers.cursor
     losses = pipeline.train(x, t, 4, schedule="1f1b", steps=2, pool=pool)
     assert_like_one_process(pool, params, x, t, losses, 2)

@@ -16,6 +16,7 @@ the backward pass holds the segment until then.
 from __future__ import annotations
 
 import pickle
+import time
 import weakref
 from typing import Any, Sequence
 
@@ -27,6 +28,7 @@ __all__ = ["MARK", "THRESHOLD", "Outbox", "is_handoff", "receive", "forget"]
 MARK = b"NBP-SHM\0"  # a parcel header is a pickle and starts with b"\x80"; this cannot clash
 THRESHOLD = 256 << 10  # below this the signed socket is as fast and needs no segment
 FREE, BUSY = 0, 1
+IDLE = 60.0  # seconds a free segment is kept for the next value of its size
 
 
 class Outbox:
@@ -34,13 +36,17 @@ class Outbox:
     so that its reaper, and the pool when it stops, find them.
 
     ``budget`` caps the bytes of all segments together; when it is reached and none is free,
-    :meth:`send` raises :class:`~nbparallel.dataplane.shm.NoRoom` and the caller sends inline.
+    :meth:`pack` raises :class:`~nbparallel.dataplane.shm.NoRoom` and the caller sends inline.
+    A free segment not written for ``idle`` seconds is dropped at the next :meth:`pack`, so the
+    sizes of last hour's values do not keep holding ``/dev/shm``.
     """
 
-    def __init__(self, owner: int | str, budget: int | None = None):
+    def __init__(self, owner: int | str, budget: int | None = None, idle: float = IDLE):
         self.owner = owner
         self.budget = default_budget() // 4 if budget is None else budget
+        self.idle = idle
         self.segments: list[Segment] = []
+        self._written: dict[str, float] = {}
 
     def pack(self, header: bytes, buffers: Sequence[pickle.PickleBuffer]) -> bytes:
         """Write ``buffers`` into a free segment; returns the message that points the receiver at it."""
@@ -49,7 +55,12 @@ class Outbox:
         for raw in raws:
             spans.append((end, raw.nbytes))
             end = align(end + raw.nbytes)
+        now = time.monotonic()
+        for stale in [s for s in self.segments
+                      if s.mm[0] == FREE and now - self._written[s.name] > self.idle]:
+            self._drop(stale)
         seg = self._free(end)
+        self._written[seg.name] = now
         for (offset, n), raw in zip(spans, raws):
             seg.mm[offset:offset + n] = raw
         seg.mm[0] = BUSY
@@ -76,6 +87,7 @@ class Outbox:
 
     def _drop(self, seg: Segment) -> None:
         self.segments.remove(seg)
+        self._written.pop(seg.name, None)
         seg.unlink()
         seg.close()
 
