@@ -388,13 +388,10 @@ class Channel:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
-        self._forget()
-        self._connect()
-
-    def _forget(self) -> None:
         self._unacked.clear()
         self._asked.clear()
         self._answers.clear()
+        self._connect()
 
     def _stamp(self) -> bytes:
         self._counter += 1
@@ -482,8 +479,5 @@ class Channel:
         except BaseException:
             # Whatever went wrong (timeout, bad answer, Ctrl-C), start afresh so a late answer
             # to this request cannot be read as the answer to the next one.
-            self._sock = None
-            sock.close(linger=0)
-            self._forget()
-            self._connect()
+            self.reset()
             raise
